@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - the main job: the trainer on the embedded tiny default (2 CPU ranks)
+#   make test   - the test suite
+# Both create .venv if missing and install torch==2.14.1 torchvision==0.29.1 first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mogan_installed
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m mogan_ds demo
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests -m "not slow"
+
+bench: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/motion_path.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/data.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf .cache runs

@@ -1,0 +1,389 @@
+"""The one typed config tree of mogan_ds.
+
+A recipe is a YAML file whose nesting mirrors these dataclasses; `key.sub=value`
+arguments override it. Every field carries its documentation in
+``field(metadata={"help": ...})`` so that `python -m mogan_ds info` and error messages
+can show it. Loading rejects unknown keys, wrong types and impossible combinations with
+a message that names the offending key.
+
+DeepSpeed's own settings (ZeRO stage, precision, bucket sizes) live in
+``ds_configs/*.json`` and are never duplicated here; `mogan_ds.engines.ds_config_for`
+merges the per-role values below (optimiser, batch sizes, clipping) into that JSON.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+def F(default: Any, help: str):  # noqa: N802 - a field constructor, named like one
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelsConfig:
+    root: str = F("", "Diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/): the teacher, VAE and text encoder.")
+    generator: str = F("", "Folder of the few-step (DMD-distilled) generator transformer in diffusers format. Empty: start from the teacher's transformer (the DMD warm-up stage).")
+    raft: str = F("", "Path of a torchvision RAFT state dict (.pth).")
+    raft_arch: Literal["raft_large", "raft_small"] = F("raft_large", "torchvision RAFT architecture the .pth belongs to.")
+    frozen_dtype: Literal["bf16", "fp32"] = F("bf16", "Precision of the frozen replicas (teacher, VAE, RAFT).")
+    attention_backend: Literal["auto", "flash", "native"] = F("auto", "Attention kernel: flash-attn when installed (auto), or torch SDPA (native).")
+    gradient_checkpointing: bool = F(True, "Activation checkpointing of the trainable DiT blocks (generator, fake score, discriminator).")
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int = F(49, "Pixel frames per clip (4k+1 for the Wan VAE).")
+    height: int = F(480, "Clip height in pixels (multiple of 16).")
+    width: int = F(832, "Clip width in pixels (multiple of 16).")
+    fps: float = F(16.0, "Frame rate real clips are resampled to.")
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = F(1000, "Length of the teacher's discrete timestep grid.")
+    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma) used by the generator and DMD.")
+    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps, highest first (before the shift).")
+    min_timestep: int = F(20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).")
+    max_timestep: int = F(980, "Highest timestep DMD and the fake-score loss draw.")
+    teacher_steps: int = F(50, "Steps of the teacher's CFG sampler (evaluation / reference samples).")
+    teacher_shift: float = F(3.0, "Timestep shift of the teacher's multi-step sampler (3.0 for 480p Wan2.1).")
+
+
+@dataclass
+class TextConfig:
+    max_length: int = F(512, "Tokens per prompt embedding (Wan: 512, zero-padded past the prompt).")
+    disc_prompt: str = F("a video with good motion", "Fixed prompt of the motion discriminator (paper, section 4.3).")
+
+
+@dataclass
+class DMDConfig:
+    enabled: bool = F(True, "Phase 1: the DMD generator loss. false = the paper's 'w/o DMD' row.")
+    weight: float = F(1.0, "lambda_DMD, weight of the DMD generator loss.")
+    guidance_scale: float = F(3.5, "Teacher CFG scale s in x0_real = cond + s*(cond - uncond).")
+    interval: int = F(1, "Run the DMD generator phase every N iterations.")
+    critic_updates: int = F(5, "Phase 2: fake-score updates per iteration (k).")
+
+
+@dataclass
+class GANConfig:
+    enabled: bool = F(True, "Phases 3 and 4: the motion GAN. false = the DMD-only baseline / warm-up.")
+    space: Literal["flow", "latent"] = F("flow", "Discriminator input: RAFT flow of decoded clips, or the video latents ('w/o optical flow').")
+    weight_g: float = F(1.0, "lambda_G, weight of the generator's GAN loss (value lost in the paper text).")
+    weight_d: float = F(1.0, "lambda_D, weight of the discriminator's logistic loss.")
+    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). 0 disables it.")
+    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7). 0 disables it.")
+    sigma: float = F(0.01, "Noise std of the approximate R1/R2 perturbation (0.01 public Wan GAN code, 0.1 Seaweed APT).")
+    interval: int = F(1, "Run the GAN phases every N iterations.")
+    window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).")
+    window_start: str = F("random", "'random' (drawn per step) or an integer chunk index.")
+    raft_iters: int = F(12, "RAFT flow-update iterations.")
+    flow_scale: float = F(20.0, "Motion normalisation: flow (pixels) / flow_scale, then tanh-free clamp-free scaling to about [-1, 1].")
+    raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).")
+    disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).")
+    head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.")
+    head_dim: int = F(256, "Hidden width of each prediction head's MLP.")
+    disc_timestep: int = F(0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(2e-6, "AdamW learning rate.")
+    betas: list[float] = F([0.0, 0.999], "AdamW betas.")
+    weight_decay: float = F(0.01, "AdamW weight decay.")
+    eps: float = F(1e-8, "AdamW epsilon.")
+    grad_clip: float = F(10.0, "Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables it.")
+    warmup_steps: int = F(0, "Linear learning-rate warm-up steps (DeepSpeed WarmupLR).")
+
+
+@dataclass
+class OptimizersConfig:
+    generator: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Generator optimiser."})
+    fake_score: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Fake-score (DMD critic) optimiser."})
+    discriminator: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Motion discriminator optimiser."})
+
+
+@dataclass
+class DataConfig:
+    shards: str = F("", "Motion-video webdataset shards: a local path, directory, brace pattern or URL list.")
+    prompts: str = F("", "Prompt-embedding shards written by data_tools/encode_prompts.py.")
+    num_workers: int = F(2, "Loader worker processes per rank.")
+    shuffle_buffer: int = F(64, "webdataset shuffle buffer (samples).")
+    epoch_samples: int = F(100000, "Nominal samples per rank per epoch of the resampled stream.")
+    min_motion: float = F(0.0, "Skip corpus clips whose stored motion score is below this.")
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = F(1, "Ulysses sequence-parallel group size (divides the head count and the world size).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = F(2000, "Training iterations.")
+    batch_size: int = F(8, "Global generator batch (clips per iteration over all data-parallel ranks).")
+    micro_batch_size: int = F(1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).")
+    seed: int = F(0, "Global seed (per-rank streams derive from it).")
+    ema_decay: float = F(0.0, "Generator EMA decay; 0 disables the EMA.")
+    max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = F(1, "Write metrics every N iterations.")
+    sample_every: int = F(500, "Write sample videos with their flow every N iterations; 0 disables.")
+    num_samples: int = F(2, "Prompts rendered at each sample interval.")
+    wandb_mode: Literal["offline", "online", "disabled"] = F("offline", "wandb mode; offline unless you configure a project.")
+    wandb_project: str = F("mogan_ds", "wandb project.")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = F("runs/mogan", "Run directory: resolved config, logs, checkpoints, samples.")
+    checkpoint_every: int = F(500, "Checkpoint every N iterations.")
+    keep_checkpoints: int = F(2, "Complete checkpoints kept (older ones are deleted after a new one is complete).")
+
+
+@dataclass
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Weights to load."})
+    video: VideoConfig = field(default_factory=VideoConfig, metadata={"help": "Clip shape."})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Flow-matching schedule."})
+    text: TextConfig = field(default_factory=TextConfig, metadata={"help": "Prompt embeddings."})
+    dmd: DMDConfig = field(default_factory=DMDConfig, metadata={"help": "DMD regularisation (phases 1-2)."})
+    gan: GANConfig = field(default_factory=GANConfig, metadata={"help": "Motion GAN (phases 3-4)."})
+    optim: OptimizersConfig = field(default_factory=OptimizersConfig, metadata={"help": "Per-role optimisers."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data streams."})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallelism."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics and samples."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Run directory and checkpoints."})
+
+    # Derived quantities -------------------------------------------------------------
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of a clip: 1 + (F - 1) / 4 for the Wan VAE."""
+        return 1 + (self.video.num_frames - 1) // 4
+
+
+# --------------------------------------------------------------------------- loading
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (`tiny`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(shipped)})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value to the annotated type, naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}")
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}'; known keys under {prefix.rstrip('.') or '<root>'}: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r} is not of the form key.sub=value")
+    key, raw = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_nested(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a leaf, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Recipe YAML + `key.sub=value` overrides -> validated Config.
+
+    Relative model/data paths in a recipe resolve against the current directory, so a
+    recipe is reusable across checkouts; the resolved config is what a run records.
+    """
+    tree: dict = {}
+    if recipe is not None:
+        path = recipe_path(str(recipe))
+        with open(path) as fh:
+            tree = yaml.safe_load(fh) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {path}: top level must be a mapping")
+    for arg in overrides:
+        keys, value = _parse_override(arg)
+        _set_nested(tree, keys, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_help(cfg_cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Flat {dotted.key: help} of the whole tree (documentation, `info --help-keys`)."""
+    out = {}
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        out[key] = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            out.update(field_help(tp, key + "."))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config, num_heads: int | None = None, world_size: int | None = None) -> None:
+    """Cross-field checks. `num_heads`/`world_size` are checked when known (model loaded, launcher started)."""
+    v, s, g = cfg.video, cfg.schedule, cfg.gan
+    _require((v.num_frames - 1) % 4 == 0 and v.num_frames >= 1, "video.num_frames", f"must be 4k+1 for the Wan VAE, got {v.num_frames}")
+    _require(v.height % 16 == 0 and v.height > 0, "video.height", f"must be a positive multiple of 16, got {v.height}")
+    _require(v.width % 16 == 0 and v.width > 0, "video.width", f"must be a positive multiple of 16, got {v.width}")
+    _require(v.fps > 0, "video.fps", "must be positive")
+    _require(len(s.denoising_timesteps) >= 1, "schedule.denoising_timesteps", "needs at least one entry")
+    _require(all(0 < t <= s.num_train_timesteps for t in s.denoising_timesteps), "schedule.denoising_timesteps", f"entries must lie in (0, {s.num_train_timesteps}]")
+    _require(list(s.denoising_timesteps) == sorted(s.denoising_timesteps, reverse=True), "schedule.denoising_timesteps", "must be in decreasing order")
+    _require(0 <= s.min_timestep < s.max_timestep <= s.num_train_timesteps, "schedule.min_timestep", f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}")
+    _require(s.shift > 0, "schedule.shift", "must be positive")
+    _require(cfg.text.max_length > 0, "text.max_length", "must be positive")
+    _require(cfg.dmd.critic_updates >= 0, "dmd.critic_updates", "must be >= 0")
+    _require(cfg.dmd.interval >= 1, "dmd.interval", "must be >= 1")
+    _require(cfg.gan.interval >= 1, "gan.interval", "must be >= 1")
+    _require(cfg.dmd.enabled or g.enabled, "dmd.enabled", "DMD and the GAN are both disabled: nothing would train the generator")
+    _require(g.window >= 1, "gan.window", "must be >= 1")
+    _require(g.window <= cfg.latent_frames, "gan.window", f"{g.window} latent chunks exceed the clip's {cfg.latent_frames}")
+    if g.window_start != "random":
+        try:
+            start = int(g.window_start)
+        except ValueError:
+            raise ConfigError(f"gan.window_start: expected 'random' or an integer, got {g.window_start!r}") from None
+        _require(0 <= start and start + g.window <= cfg.latent_frames, "gan.window_start", f"window [{start}, {start + g.window}) does not fit {cfg.latent_frames} latent chunks")
+    _require(g.r1 >= 0 and g.r2 >= 0, "gan.r1", "R1/R2 weights must be >= 0")
+    _require(g.sigma > 0, "gan.sigma", "must be positive")
+    _require(g.raft_iters >= 1, "gan.raft_iters", "must be >= 1")
+    _require(g.flow_scale > 0, "gan.flow_scale", "must be positive")
+    _require(g.raft_pairs_per_chunk >= 1, "gan.raft_pairs_per_chunk", "must be >= 1")
+    _require(g.disc_blocks >= 1, "gan.disc_blocks", "must be >= 1")
+    _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
+    _require(all(0 <= b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
+    _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
+    if g.space == "flow":
+        _require(v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)")
+    for role in ("generator", "fake_score", "discriminator"):
+        o: OptimConfig = getattr(cfg.optim, role)
+        _require(o.lr > 0, f"optim.{role}.lr", "must be positive")
+        _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.{role}.betas", "two values in [0, 1)")
+        _require(o.grad_clip >= 0, f"optim.{role}.grad_clip", "must be >= 0")
+    t = cfg.train
+    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _require(t.batch_size % t.micro_batch_size == 0, "train.batch_size", f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
+    _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _require(cfg.parallel.sp_size >= 1, "parallel.sp_size", "must be >= 1")
+    _require(cfg.output.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1")
+    _require(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if num_heads is not None:
+        _require(num_heads % cfg.parallel.sp_size == 0, "parallel.sp_size", f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads")
+    if world_size is not None:
+        sp = cfg.parallel.sp_size
+        _require(world_size % sp == 0, "parallel.sp_size", f"{sp} does not divide the world size {world_size}")
+        dp = world_size // sp
+        _require(t.batch_size % (t.micro_batch_size * dp) == 0, "train.batch_size", f"{t.batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")

@@ -1,0 +1,158 @@
+"""Load every network of MoGAN from local folders; nothing is downloaded.
+
+The layout is the public Wan2.1-T2V-1.3B-Diffusers release::
+
+    <root>/transformer/   WanTransformer3DModel   (teacher; fake-score init; D init)
+    <root>/vae/           AutoencoderKLWan
+    <root>/text_encoder/  UMT5EncoderModel        (offline prompt encoding only)
+    <root>/tokenizer/     any AutoTokenizer
+
+plus a generator transformer folder (the DMD-distilled 3-step model) and a torchvision
+RAFT state dict. Every loader checks the path first and says what it expected where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weights folder or file is missing; the message says what was expected where."""
+
+
+def _expect_folder(path: str | os.PathLike, what: str, marker: str = "config.json") -> Path:
+    p = Path(path)
+    if not str(path):
+        raise MissingWeightsError(f"{what}: no path configured")
+    if not p.is_dir():
+        raise MissingWeightsError(f"{what}: expected a diffusers-format folder at {p}, found nothing there")
+    if marker and not (p / marker).is_file():
+        raise MissingWeightsError(f"{what}: expected {p / marker} (a diffusers/transformers folder written by save_pretrained)")
+    return p
+
+
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.float32, num_layers: int | None = None):
+    """A `WanTransformer3DModel` from a diffusers folder.
+
+    `num_layers` keeps only the first N blocks (the discriminator's backbone): the model
+    is built with N blocks and the checkpoint's later blocks are never instantiated.
+    """
+    from diffusers import WanTransformer3DModel
+
+    p = _expect_folder(path, "Wan transformer")
+    if num_layers is None:
+        return WanTransformer3DModel.from_pretrained(p, torch_dtype=dtype)
+    config = dict(WanTransformer3DModel.load_config(p))
+    if num_layers > config["num_layers"]:
+        raise ValueError(f"asked for {num_layers} blocks of {p}, which has only {config['num_layers']}")
+    config["num_layers"] = num_layers
+    model = WanTransformer3DModel.from_config(config)
+    state = _read_safetensors_folder(p, keep=lambda k: not _is_block_at_or_after(k, num_layers))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p}: truncated load mismatched, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _cast_keeping_fp32(model, dtype)
+    return model
+
+
+def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
+    """Cast like diffusers' from_pretrained(torch_dtype=...): `_keep_in_fp32_modules` stay fp32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point():
+                t.data = t.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+
+
+def _is_block_at_or_after(key: str, n: int) -> bool:
+    m = re.match(r"blocks\.(\d+)\.", key)
+    return bool(m) and int(m.group(1)) >= n
+
+
+def _read_safetensors_folder(folder: Path, keep) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors folder whose key passes `keep`."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MissingWeightsError(f"{folder}: no *.safetensors weights found next to config.json")
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if keep(k):
+                    state[k] = fh.get_tensor(k)
+    return state
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKLWan
+
+    p = _expect_folder(path, "Wan VAE")
+    vae = AutoencoderKLWan.from_pretrained(p, torch_dtype=dtype)
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    from transformers import UMT5EncoderModel
+
+    p = _expect_folder(path, "UMT5 text encoder")
+    enc = UMT5EncoderModel.from_pretrained(p, dtype=dtype)
+    enc.requires_grad_(False).eval()
+    return enc
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    p = _expect_folder(path, "tokenizer", marker="tokenizer_config.json")
+    return AutoTokenizer.from_pretrained(p)
+
+
+def build_raft(arch: str):
+    """An untrained torchvision RAFT of the given architecture (weights=None: no download)."""
+    from torchvision.models.optical_flow import raft_large, raft_small
+
+    builders = {"raft_large": raft_large, "raft_small": raft_small}
+    if arch not in builders:
+        raise ValueError(f"unknown RAFT architecture {arch!r}; choose one of {sorted(builders)}")
+    return builders[arch](weights=None, progress=False)
+
+
+def load_raft(path: str | os.PathLike, arch: str = "raft_large", dtype: torch.dtype = torch.float32):
+    """torchvision RAFT with a local state dict, frozen and in eval mode (BatchNorm in raft_large)."""
+    p = Path(path)
+    if not str(path) or not p.is_file():
+        raise MissingWeightsError(
+            f"RAFT weights: expected a torchvision {arch} state dict (.pth) at {p}; "
+            "torchvision's Raft_Large_Weights/Raft_Small_Weights files work as they are"
+        )
+    model = build_raft(arch)
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"RAFT weights at {p} do not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(dtype=dtype).requires_grad_(False).eval()
+    return model
+
+
+def wan_paths(root: str | os.PathLike) -> dict[str, Path]:
+    """The sub-folders of a Wan diffusers release."""
+    r = Path(root)
+    return {k: r / k for k in ("transformer", "vae", "text_encoder", "tokenizer")}
+
+
+def read_transformer_config(path: str | os.PathLike) -> dict:
+    p = _expect_folder(path, "Wan transformer")
+    with open(p / "config.json") as fh:
+        return json.load(fh)
