@@ -40,6 +40,7 @@ def F(default: Any, help: str):  # noqa: N802 - a field constructor, named like 
 
 @dataclass
 class ModelsConfig:
+    arch: str = F("auto", "Architecture preset (wan2.1-t2v-1.3b, tiny) used to plan a job before weights exist; 'auto' reads the folders' config.json. A folder that exists always wins.")
     root: str = F("", "Diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/): the teacher, VAE and text encoder.")
     generator: str = F("", "Folder of the few-step (DMD-distilled) generator transformer in diffusers format. Empty: start from the teacher's transformer (the DMD warm-up stage).")
     raft: str = F("", "Path of a torchvision RAFT state dict (.pth).")
@@ -229,6 +230,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

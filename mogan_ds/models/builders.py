@@ -139,7 +139,10 @@ def load_raft(path: str | os.PathLike, arch: str = "raft_large", dtype: torch.dt
     state = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise ValueError(f"RAFT weights at {p} do not match {arch}: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise ValueError(f"RAFT weights at {p} do not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(dtype=dtype).requires_grad_(False).eval()

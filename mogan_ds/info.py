@@ -1,0 +1,133 @@
+"""`python -m mogan_ds info`: the resolved config and a meta-device plan of every network.
+
+Networks are built on the meta device (no memory, no weights) from the folders'
+config.json when they exist, else from the recipe's `models.arch` preset, so a job can
+be sized before its weights are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, dump_yaml
+from .models.builders import DTYPES, build_raft
+from .models.presets import PRESETS
+
+# Mixed-precision AdamW under DeepSpeed: bf16 weight + bf16 grad + fp32 master + 2 fp32
+# moments = 2 + 2 + 4 + 4 + 4 bytes per trainable parameter (ZeRO-3 splits it over DP).
+TRAIN_STATE_BYTES = 16
+
+
+@dataclass
+class NetworkPlan:
+    name: str
+    params: int
+    dtype: str
+    trainable: bool
+    source: str
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * torch.finfo(DTYPES[self.dtype]).bits // 8
+
+    @property
+    def train_state_bytes(self) -> int:
+        return self.params * TRAIN_STATE_BYTES if self.trainable else 0
+
+
+def _folder_config(path: str) -> dict | None:
+    p = Path(path) / "config.json"
+    if path and p.is_file():
+        with open(p) as fh:
+            return json.load(fh)
+    return None
+
+
+def architecture(cfg: Config) -> tuple[dict, str]:
+    """{'transformer','vae','text_encoder','raft_arch'} configs and where they came from."""
+    root = Path(cfg.models.root) if cfg.models.root else None
+    found = {k: _folder_config(str(root / k)) if root else None for k in ("transformer", "vae", "text_encoder")}
+    if all(v is not None for v in found.values()):
+        arch = {**found, "raft_arch": cfg.models.raft_arch}
+        return arch, f"folder {root}"
+    if cfg.models.arch == "auto":
+        missing = [k for k, v in found.items() if v is None]
+        raise FileNotFoundError(
+            f"models.arch=auto needs {', '.join(str((root or Path('<models.root unset>')) / m / 'config.json') for m in missing)}; "
+            f"give the weights folder or a preset ({', '.join(PRESETS)})"
+        )
+    if cfg.models.arch not in PRESETS:
+        raise ValueError(f"models.arch: unknown preset {cfg.models.arch!r}; known: {sorted(PRESETS)} or 'auto'")
+    preset = PRESETS[cfg.models.arch]
+    return {**preset, "raft_arch": cfg.models.raft_arch}, f"preset {cfg.models.arch}"
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _strip_meta_keys(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[NetworkPlan], str]:
+    """Every network of a MoGAN run, built on the meta device."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    arch, source = architecture(cfg)
+    tcfg = _strip_meta_keys(arch["transformer"])
+    frozen = cfg.models.frozen_dtype
+    with torch.device("meta"):
+        dit = _count(WanTransformer3DModel.from_config(tcfg))
+        vae = _count(AutoencoderKLWan.from_config(_strip_meta_keys(arch["vae"])))
+        enc_cfg = {k: v for k, v in _strip_meta_keys(arch["text_encoder"]).items() if k in UMT5Config().to_dict()}
+        text = _count(UMT5EncoderModel(UMT5Config(**enc_cfg)))
+        raft = _count(build_raft(arch["raft_arch"]))
+        disc = _count(_meta_discriminator(cfg, tcfg))
+    plans = [
+        NetworkPlan("generator", dit, trainable_dtype, True, source),
+        NetworkPlan("fake_score", dit, trainable_dtype, cfg.dmd.enabled, source),
+        NetworkPlan("teacher", dit, frozen, False, source),
+        NetworkPlan("discriminator", disc, trainable_dtype, cfg.gan.enabled, f"{source}, first {cfg.gan.disc_blocks} blocks + heads"),
+        NetworkPlan("vae", vae, frozen, False, source),
+        NetworkPlan("raft", raft, frozen, False, arch["raft_arch"]),
+        NetworkPlan("text_encoder", text, frozen, False, f"{source} (offline: data_tools/encode_prompts.py only)"),
+    ]
+    return plans, source
+
+
+def _meta_discriminator(cfg: Config, tcfg: dict) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    from .motion.discriminator import MotionDiscriminator
+
+    backbone = WanTransformer3DModel.from_config({**tcfg, "num_layers": cfg.gan.disc_blocks})
+    prompt = torch.zeros(1, cfg.text.max_length, tcfg["text_dim"])
+    return MotionDiscriminator(backbone, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep, prompt)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(plans: list[NetworkPlan]) -> str:
+    rows = [f"{'network':<14} {'parameters':>15} {'dtype':>5} {'weights':>11} {'train state':>12}  source"]
+    for p in plans:
+        state = _gib(p.train_state_bytes) if p.trainable else "frozen"
+        rows.append(f"{p.name:<14} {p.params:>15,} {p.dtype:>5} {_gib(p.weight_bytes):>11} {state:>12}  {p.source}")
+    resident = [p for p in plans if p.name != "text_encoder"]
+    total = sum(p.weight_bytes + p.train_state_bytes for p in resident)
+    rows.append(
+        f"training job total (text encoder excluded; ZeRO-3 divides train state by the DP size): {_gib(total)}"
+    )
+    return "\n".join(rows)
+
+
+def run_info(cfg: Config, trainable_dtype: str = "bf16") -> str:
+    plans, _ = plan_networks(cfg, trainable_dtype)
+    return f"# resolved config\n{dump_yaml(cfg)}\n# networks (meta device)\n{format_plan(plans)}"

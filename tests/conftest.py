@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny models are written once per test session (same loading path as real weights)."""
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep each test process from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folder with wan/ (WanPipeline layout), generator/ and raft_small.pth."""
+    from mogan_ds.models.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
