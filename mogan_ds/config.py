@@ -61,12 +61,14 @@ class VideoConfig:
 @dataclass
 class ScheduleConfig:
     num_train_timesteps: int = F(1000, "Length of the teacher's discrete timestep grid.")
-    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma) used by the generator and DMD.")
-    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps, highest first (before the shift).")
+    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma): shapes the DMD / fake-score timestep draw (and warps denoising_timesteps when warp_denoising_timesteps=true).")
+    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps on the 0..1000 model grid, highest first. Used as given (sigma = t/1000) unless warp_denoising_timesteps=true.")
+    warp_denoising_timesteps: bool = F(False, "Self-Forcing convention: treat denoising_timesteps as positions on the shift-warped grid, t' = 1000*shift_sigma(t/1000). false = CausVid/FastWan convention of the [1000, 757, 522] 3-step Wan DMD models.")
     min_timestep: int = F(20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).")
     max_timestep: int = F(980, "Highest timestep DMD and the fake-score loss draw.")
     teacher_steps: int = F(50, "Steps of the teacher's CFG sampler (evaluation / reference samples).")
     teacher_shift: float = F(3.0, "Timestep shift of the teacher's multi-step sampler (3.0 for 480p Wan2.1).")
+    teacher_guidance_scale: float = F(5.0, "CFG scale of the teacher's sampler in WanPipeline's form v = v_u + g*(v_c - v_u) (Wan2.1 T2V default 5.0; 1.0 = no CFG).")
 
 
 @dataclass
