@@ -1,0 +1,142 @@
+"""DeepSpeed engines, built per role in one place (as DeepSpeed-Chat builds actor/critic/ref).
+
+Trainable roles — generator, fake score, discriminator — each get their own ZeRO engine
+from the same `ds_configs/*.json`, with the role's optimiser, clipping and batch sizes
+merged in by `ds_config_for`. Every engine receives the same topology object as `mpu`,
+so ZeRO partitions and reduces over the data-parallel group while sequence-parallel
+peers share one replica's work. Frozen networks (teacher, VAE, RAFT) are plain modules:
+replicated, in `models.frozen_dtype`, without grads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, OptimConfig
+
+ROLES = ("generator", "fake_score", "discriminator")
+
+# Keys the recipe owns: a ds_config that sets them would silently disagree with it.
+RECIPE_OWNED_KEYS = (
+    "optimizer",
+    "scheduler",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
+
+
+def load_ds_config(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds_config: no DeepSpeed JSON at {p}")
+    with open(p) as fh:
+        try:
+            ds = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--ds_config {p}: not valid JSON ({e})") from None
+    clash = [k for k in RECIPE_OWNED_KEYS if k in ds]
+    if clash:
+        raise ConfigError(
+            f"--ds_config {p} sets {clash}: these come from the recipe (optim.<role>.*, train.batch_size, "
+            "train.micro_batch_size); remove them from the DeepSpeed JSON"
+        )
+    return ds
+
+
+def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_size
+    if t.batch_size % per_step:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size*dp = {per_step}")
+    return t.batch_size // per_step
+
+
+def _on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
+    """The final DeepSpeed dict of one role: the JSON + the recipe's optimiser/batch values."""
+    from .parallel import zero_config_fixups
+
+    o: OptimConfig = getattr(cfg.optim, role)
+    ds = copy.deepcopy(base)
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size)
+    ds["train_batch_size"] = cfg.train.batch_size
+    ds["gradient_clipping"] = o.grad_clip
+    params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if _on_cpu():
+        # FusedAdam is a CUDA kernel; on the CPU accelerator use torch's AdamW (same maths).
+        params["torch_adam"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    if o.warmup_steps > 0:
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps, "warmup_type": "linear"},
+        }
+    return zero_config_fixups(ds, topo)
+
+
+@dataclass
+class Engines:
+    generator: object
+    fake_score: object | None
+    discriminator: object | None
+
+    def items(self):
+        return [(r, getattr(self, r)) for r in ROLES if getattr(self, r) is not None]
+
+
+def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, topo):
+    import deepspeed
+
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{role}: no trainable parameters")
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=trainable, config=ds_config_for(role, cfg, base, topo), mpu=topo
+    )
+    return engine
+
+
+def build_engines(cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None]) -> Engines:
+    """One engine per trainable role that is in use; a disabled role gets None."""
+    return Engines(**{role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()})
+
+
+def freeze(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A frozen replica: eval mode, no grads, in `dtype` on `device`."""
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+class no_param_grads:  # noqa: N801 - used as a context manager
+    """Let gradients flow *through* a ZeRO-3 module without touching its parameters.
+
+    The generator's GAN loss backpropagates through the discriminator. If D's parameters
+    kept requires_grad, D's ZeRO-3 hooks would accumulate their grads during G's backward
+    and D's next backward would assert in stage3.py. Only parameters that were trainable
+    at `deepspeed.initialize` are toggled back on.
+    """
+
+    def __init__(self, engine):
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+        return False

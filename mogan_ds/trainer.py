@@ -1,0 +1,338 @@
+"""The MoGAN trainer: DMD + motion GAN on three DeepSpeed engines (paper sec. 4, appendix B).
+
+One iteration runs the paper's four phases in order:
+    (1) generator      <- DMD loss                      (teacher CFG vs fake score)
+    (2) fake score     <- flow-matching loss, k times   (on detached generator samples)
+    (3) generator      <- motion-GAN loss               (chunked decode -> RAFT -> D)
+    (4) discriminator  <- logistic loss + approx. R1/R2 (real clips vs phase 3's fakes)
+
+Randomness is drawn from generators seeded by (seed, step, phase, micro step[, data-
+parallel rank]): noise differs across data-parallel ranks and agrees across sequence-
+parallel peers, choices that change the number of network calls (the distilled entry,
+the decode window) agree across all ranks (ZeRO-3's collectives need the same call
+sequence everywhere), and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager
+from .config import Config, dump_yaml, to_dict, validate
+from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
+from .losses.dmd import dmd_loss
+from .losses.flow_matching import flow_matching_loss
+from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
+from .metrics import MetricsLogger, peak_memory_gib
+from .schedule import FlowMatchSchedule, randn
+from .sampling import latent_shape, transformer_velocity_fn
+
+log = logging.getLogger("mogan_ds")
+PHASES = ("generator_dmd", "fake_score", "generator_gan", "discriminator")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last complete checkpoint is untouched."""
+
+
+def _seed(*key) -> int:
+    # hashlib, not hash(): Python's str hash differs between processes.
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _mean_logs(rows: list[dict]) -> dict:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+class MoGANTrainer:
+    def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False):
+        from deepspeed.accelerator import get_accelerator
+
+        from .data.corpus import MotionClipStream
+        from .data.prompts import PromptEmbeddings, load_special_embeddings
+        from .ema import ShardedEMA
+        from .motion.pipeline import MotionPath
+        from .networks import build_networks
+        from .parallel import Topology, init_distributed
+
+        init_distributed()
+        self.cfg = cfg
+        self.topo = Topology.from_world(cfg.parallel.sp_size)
+        validate(cfg, world_size=self.topo.world_size)
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.rank0 = self.topo.rank == 0
+        self.run_dir = Path(cfg.output.run_dir)
+        base_ds = load_ds_config(ds_config)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+        special = load_special_embeddings(cfg.data.prompts)
+        self.negative = special["negative"].to(self.device)
+        nets = build_networks(cfg, self.topo, self.device, special["disc"])
+        validate(cfg, num_heads=nets.generator.config.num_attention_heads, world_size=self.topo.world_size)
+        self.engines = build_engines(cfg, base_ds, self.topo, {
+            "generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator})
+        self.teacher, self.vae = nets.teacher, nets.vae
+        self.gen_fn = transformer_velocity_fn(self.engines.generator)
+        self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
+        self.teacher_fn = transformer_velocity_fn(self.teacher) if cfg.dmd.enabled else None
+        self.motion = MotionPath(self.vae, nets.raft, cfg.gan) if cfg.gan.enabled else None
+        self.schedule = FlowMatchSchedule.from_config(cfg)
+        self.gas = gradient_accumulation_steps(cfg, self.topo.dp_size)
+        self.micro = cfg.train.micro_batch_size
+        dp_rank, dp_size = self.topo.dp_rank, self.topo.dp_size
+        self.prompts = PromptEmbeddings(cfg.data.prompts, dp_rank, dp_size, cfg.train.seed, self.micro)
+        self.clips = None
+        if cfg.gan.enabled:
+            d = cfg.data
+            self.clips = MotionClipStream(
+                d.shards, cfg.video.num_frames, cfg.video.fps, cfg.video.height, cfg.video.width, dp_rank, dp_size,
+                cfg.train.seed, d.num_workers, self.micro, d.shuffle_buffer, d.epoch_samples, d.min_motion)
+        self.ema = ShardedEMA(self.engines.generator.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ckpt = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
+        self.step, self.nonfinite_streak, self.nonfinite_total = 0, 0, 0
+        if resume:
+            self._resume()
+        self._prompt_iter = iter(self.prompts)
+        self._clip_iter = iter(self.clips) if self.clips is not None else None
+        self.metrics = MetricsLogger(self.run_dir, to_dict(cfg), self.rank0, cfg.train.max_steps, self.step,
+                                     cfg.logging.wandb_mode, cfg.logging.wandb_project)
+
+    # ================================================================== the iteration
+    def train_step(self, step: int) -> dict:
+        """One MoGAN iteration: the paper's four phases, each switchable with its own interval."""
+        cfg, logs, self._times = self.cfg, {}, {}
+        if cfg.dmd.enabled and step % cfg.dmd.interval == 0:
+            logs |= self._timed("generator_dmd", self.generator_dmd_update, step)                   # (1)
+        if cfg.dmd.enabled:
+            for k in range(cfg.dmd.critic_updates):
+                logs |= self._timed("fake_score", self.fake_score_update, step, k)                   # (2)
+        if cfg.gan.enabled and step % cfg.gan.interval == 0:
+            g_logs, fakes, start = self._timed("generator_gan", self.generator_gan_update, step)     # (3)
+            logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, start)  # (4)
+        return logs | {f"time_{k}": v for k, v in self._times.items()}
+
+    # ------------------------------------------------------------------ (1) G <- DMD
+    def generator_dmd_update(self, step: int) -> dict:
+        rows = []
+        for micro in range(self.gas):
+            shared, local = self._rngs(step, "dmd", micro)
+            embeds = self._next_prompts()
+            x0 = self._generate(embeds, shared, local, grad=True)
+            x_t, t, sigma, _ = self._noise(x0.detach(), local)
+            with torch.no_grad():
+                x0_real = self._teacher_cfg_x0(x_t, t, sigma, embeds)
+                x0_fake = self.schedule.velocity_to_x0(x_t, self.fake_fn(x_t, t, embeds), sigma)
+            loss, logs = dmd_loss(x0, x0_real, x0_fake, self.cfg.dmd.weight)
+            self._backward_step("generator", loss)
+            rows.append(logs)
+        return _mean_logs(rows)
+
+    # ------------------------------------------------------------------ (2) f_fake <- FM
+    def fake_score_update(self, step: int, k: int) -> dict:
+        rows = []
+        for micro in range(self.gas):
+            shared, local = self._rngs(step, "fake_score", k, micro)
+            embeds = self._next_prompts()
+            with torch.no_grad():
+                x0 = self._generate(embeds, shared, local, grad=False)
+            x_t, t, _, eps = self._noise(x0, local)
+            loss, logs = flow_matching_loss(self.fake_fn(x_t, t, embeds), x0, eps)
+            self._backward_step("fake_score", loss)
+            rows.append(logs)
+        return _mean_logs(rows)
+
+    # ------------------------------------------------------------------ (3) G <- motion GAN
+    def generator_gan_update(self, step: int) -> tuple[dict, list[torch.Tensor], int]:
+        """Also returns the detached discriminator inputs of the fakes (phase 4 reuses them: no second decode)."""
+        rows, fakes = [], []
+        shared, _ = self._rngs(step, "gan_window")
+        start = self.motion.draw_start(self.cfg.latent_frames, shared)
+        disc = self.engines.discriminator
+        # D is a path for the gradient, not a learner, during G's update.
+        with no_param_grads(disc):
+            for micro in range(self.gas):
+                shared, local = self._rngs(step, "gan_g", micro)
+                embeds = self._next_prompts()
+                x0 = self._generate(embeds, shared, local, grad=True)
+                d_in = self.motion.fake_inputs(x0, start)
+                loss, logs = g_logistic_loss(disc.module(d_in))
+                self._backward_step("generator", self.cfg.gan.weight_g * loss)
+                rows.append(logs)
+                fakes.append(d_in.detach())
+        return _mean_logs(rows) | {"gan_window_start": start}, fakes, start
+
+    # ------------------------------------------------------------------ (4) D <- logistic + R1/R2
+    def discriminator_update(self, step: int, fakes: list[torch.Tensor], start: int) -> dict:
+        rows, g = [], self.cfg.gan
+        disc = self.engines.discriminator
+        for micro, d_fake in enumerate(fakes):
+            _, local = self._rngs(step, "gan_d", micro)
+            clip = next(self._clip_iter)["video"].to(self.device)
+            with torch.no_grad():
+                d_real = self.motion.real_inputs(clip, start)
+            real_logits, fake_logits = disc(torch.cat([d_real, d_fake])).split([len(d_real), len(d_fake)])
+            loss, logs = d_logistic_loss(real_logits, fake_logits)
+            reg, reg_logs = approx_r1r2(disc, d_real, d_fake, g.sigma, g.r1, g.r2, generator=local)
+            self._backward_step("discriminator", g.weight_d * loss + reg)
+            rows.append(logs | reg_logs)
+        return _mean_logs(rows)
+
+    # ================================================================== helpers of the phases
+    def _rngs(self, step: int, *phase) -> tuple[torch.Generator, torch.Generator]:
+        """(shared by all ranks, local to this data-parallel rank) CPU generators for this draw site."""
+        seed = self.cfg.train.seed
+        shared = torch.Generator().manual_seed(_seed(seed, step, *phase))
+        local = torch.Generator().manual_seed(_seed(seed, step, *phase, "dp", self.topo.dp_rank))
+        return shared, local
+
+    def _next_prompts(self) -> torch.Tensor:
+        return next(self._prompt_iter)["embeds"].to(self.device)
+
+    def _generate(self, embeds: torch.Tensor, shared: torch.Generator, local: torch.Generator, grad: bool) -> torch.Tensor:
+        """The generator's x0 at a distilled entry drawn identically on every rank (backward simulation)."""
+        noise = randn(latent_shape(self.cfg.video, len(embeds)), local, self.device)
+        with torch.set_grad_enabled(grad):
+            return self.schedule.backward_simulation(self.gen_fn, noise, embeds, generator=shared, noise_generator=local).x0
+
+    def _noise(self, x0: torch.Tensor, local: torch.Generator):
+        """x_t at a DMD timestep: (x_t, t [B], sigma [B,1,1,1,1], eps)."""
+        t, sigma = self.schedule.sample_dmd_timestep(len(x0), local, self.device)
+        sigma = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        eps = randn(x0.shape, local, self.device, x0.dtype)
+        return self.schedule.add_noise(x0, eps, sigma), t, sigma, eps
+
+    def _teacher_cfg_x0(self, x_t, t, sigma, embeds) -> torch.Tensor:
+        """x0_real = cond + s (cond - uncond) (DMD's CFG form; s = dmd.guidance_scale), one batched call."""
+        b = len(x_t)
+        neg = self.negative.expand(b, *self.negative.shape[1:])
+        v = self.teacher_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([embeds, neg.to(embeds.dtype)]))
+        x0_cond, x0_uncond = self.schedule.velocity_to_x0(torch.cat([x_t, x_t]), v, torch.cat([sigma, sigma])).chunk(2)
+        return x0_cond + self.cfg.dmd.guidance_scale * (x0_cond - x0_uncond)
+
+    def _backward_step(self, role: str, loss: torch.Tensor) -> bool:
+        """backward + step, unless the loss is non-finite on any rank (then every rank skips it).
+
+        The check is all-reduced so all ranks take the same branch (ZeRO's collectives).
+        With gradient accumulation, a skipped micro step's siblings still form the update.
+        """
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: non-finite %s loss (%s); update skipped (%d in a row)", self.step, role,
+                        loss.detach().float().item(), self.nonfinite_streak)
+            if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_streak} consecutive non-finite losses (last: {role}) at step {self.step}; "
+                    f"stopping (train.max_nonfinite={self.cfg.train.max_nonfinite}). "
+                    f"The newest complete checkpoint is {self.ckpt.latest()}")
+            return False
+        self.nonfinite_streak = 0
+        engine = getattr(self.engines, role)
+        engine.backward(loss)
+        engine.step()
+        if role == "generator" and self.ema is not None and engine.was_step_applied():
+            self.ema.update()
+        return True
+
+    def _timed(self, phase: str, fn, *args):
+        """Run one phase and add its wall time (after an accelerator sync) to this iteration's."""
+        from deepspeed.accelerator import get_accelerator
+
+        t0 = time.perf_counter()
+        result = fn(*args)
+        get_accelerator().synchronize()
+        self._times[phase] = self._times.get(phase, 0.0) + time.perf_counter() - t0
+        return result
+
+    # ================================================================== the loop
+    def fit(self) -> None:
+        cfg = self.cfg
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                logs = self.train_step(self.step)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
+                    self.metrics.log(self.step, self._scalars(logs, dt))
+                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                    self.write_samples()
+                if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                    self.save_checkpoint()
+            self.export()
+        finally:
+            self.metrics.close()
+
+    def _scalars(self, logs: dict, dt: float) -> dict:
+        # Losses are averaged over data-parallel ranks so the log describes the global batch.
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)))
+        vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and keys:
+            dist.all_reduce(vals)
+            vals /= dist.get_world_size()
+        out = dict(zip(keys, vals.tolist()))
+        for role, engine in self.engines.items():
+            out[f"lr_{role}"] = engine.get_lr()[0]
+        out.update(step_time=dt, samples_per_s=self.cfg.train.batch_size / dt,
+                   peak_mem_gib=peak_memory_gib(self.device), nonfinite_total=self.nonfinite_total)
+        return out
+
+    # ================================================================== checkpoints, samples, export
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "prompts": self.prompts.state_dict(),
+            "clips": self.clips.state_dict() if self.clips is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "nonfinite_total": self.nonfinite_total,
+            "layout": {"dp": self.topo.dp_size, "sp": self.topo.sp_size},
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.ckpt.save(self.step, self.engines, self._trainer_state())
+        if self.rank0:
+            log.info("checkpoint %s", path)
+        return path
+
+    def _resume(self) -> None:
+        path = self.ckpt.latest()
+        if path is None:
+            log.info("--resume: no complete checkpoint under %s; starting from step 0", self.ckpt.root)
+            return
+        state = self.ckpt.load(path, self.engines)
+        layout = {"dp": self.topo.dp_size, "sp": self.topo.sp_size}
+        if state["layout"] != layout:
+            raise RuntimeError(f"{path} was written with layout {state['layout']}, this run has {layout}")
+        self.step = state["step"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.prompts.load_state_dict(state["prompts"])
+        if self.clips is not None:
+            self.clips.load_state_dict(state["clips"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.rank0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """Few-step samples of fixed prompts with their RAFT flow side by side. Collective (ZeRO-3)."""
+        from .samples import render_samples
+
+        render_samples(self, self.run_dir / "samples", self.step)
+
+    def export(self) -> Path | None:
+        from .export import export_generator
+
+        return export_generator(self.engines.generator.module, self.cfg.models.root, self.run_dir / "export", self.ema)
