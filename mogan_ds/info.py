@@ -108,7 +108,7 @@ def _meta_discriminator(cfg: Config, tcfg: dict) -> torch.nn.Module:
 
     backbone = WanTransformer3DModel.from_config({**tcfg, "num_layers": cfg.gan.disc_blocks})
     prompt = torch.zeros(1, cfg.text.max_length, tcfg["text_dim"])
-    return MotionDiscriminator(backbone, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep, prompt)
+    return MotionDiscriminator(backbone, prompt, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep)
 
 
 def _gib(n: int) -> str:
@@ -121,7 +121,8 @@ def format_plan(plans: list[NetworkPlan]) -> str:
         state = _gib(p.train_state_bytes) if p.trainable else "frozen"
         rows.append(f"{p.name:<14} {p.params:>15,} {p.dtype:>5} {_gib(p.weight_bytes):>11} {state:>12}  {p.source}")
     resident = [p for p in plans if p.name != "text_encoder"]
-    total = sum(p.weight_bytes + p.train_state_bytes for p in resident)
+    # train state already includes the trainable weights (TRAIN_STATE_BYTES)
+    total = sum(p.train_state_bytes if p.trainable else p.weight_bytes for p in resident)
     rows.append(
         f"training job total (text encoder excluded; ZeRO-3 divides train state by the DP size): {_gib(total)}"
     )

@@ -1,0 +1,36 @@
+"""Start a script under DeepSpeed's own launcher on this machine (demo, tests, benchmarks).
+
+The same `deepspeed` command a cluster run uses; here with `--num_gpus N` local ranks.
+Without an accelerator DeepSpeed picks its CPU accelerator and gloo by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_command(num_ranks: int, script: str | Path, args: list[str], master_port: int | None = None) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(master_port or free_port()), str(script), *args]
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    # One intra-op thread per rank: the ranks share the machine's cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.update(extra or {})
+    return env
