@@ -18,7 +18,7 @@ from mogan_ds.sampling import decode_to_uint8, encode_prompts, latent_shape, sam
 from mogan_ds.schedule import FlowMatchSchedule
 from mogan_ds.video_io import read_mp4, write_mp4
 
-SHAPE = (1, 16, 3, 8, 8)  # tiny latents: 9 frames of 64x64
+SHAPE = (1, 16, 2, 8, 8)  # tiny latents: 5 frames of 64x64
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_decode_to_uint8_matches_wanpipeline(tiny_models):
     vae = load_vae(tiny_models / "wan" / "vae")
     latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
     video = decode_to_uint8(vae, latents)
-    assert video.dtype == torch.uint8 and video.shape == (1, 9, 64, 64, 3)
+    assert video.dtype == torch.uint8 and video.shape == (1, 5, 64, 64, 3)
     # WanPipeline: latents / (1/std) + mean -> vae.decode -> postprocess to [0, 1]
     mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
@@ -139,6 +139,11 @@ def test_write_mp4_roundtrip(tmp_path):
         write_mp4(tmp_path / "b.mp4", frames.astype(np.float32), fps=8)
 
 
+# 5 frames of 64x64 keep the CLI runs to seconds; below RAFT's 128 px minimum the config
+# validator wants the latent-space discriminator, which sampling never builds anyway.
+SMALL = ["video.num_frames=5", "video.height=64", "video.width=64", "gan.space=latent"]
+
+
 def _load_cli(repo_root):
     spec = importlib.util.spec_from_file_location("mogan_sample_cli", os.path.join(repo_root, "launch", "sample.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -155,29 +160,25 @@ def test_sample_cli_deterministic_for_a_seed(tiny_models, repo_root, tmp_path):
     cli = _load_cli(repo_root)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red ball bouncing\n\na cat chasing a dog\n")
-    common = ["--config", "tiny", "--prompts", str(prompts), f"models.root={tiny_models / 'wan'}", f"models.generator={tiny_models / 'generator'}"]
+    common = ["--config", "tiny", "--prompts", str(prompts), *SMALL, f"models.root={tiny_models / 'wan'}", f"models.generator={tiny_models / 'generator'}"]
 
     def run(name, *extra):
         assert cli.main([*common, "--out", str(tmp_path / name), *extra]) == 0
         return _frames(tmp_path / name)
 
-    meta, a = run("s0", "--seed", "0")
-    _, b = run("s0_again", "--seed", "0")
+    meta, a = run("s0", "--seed", "0")  # weights: models.generator of the config
+    # a run directory with an exported generator (the same weights), same seed
+    shutil.copytree(tiny_models / "generator", tmp_path / "run" / "export" / "generator")
+    _, b = run("s0_again", "--seed", "0", "--checkpoint", str(tmp_path / "run"))
     _, c = run("s1", "--seed", "1")
     # batch 2 draws the same per-sample noise; batched kernels differ only in the last bits
     _, batched = run("s0_batched", "--seed", "0", "--batch-size", "2")
-    assert all(np.abs(x.astype(int) - y.astype(int)).mean() < 0.5 for x, y in zip(a, batched))
     assert meta["sampler"] == "few_step" and [r["prompt"] for r in meta["samples"]] == ["a red ball bouncing", "a cat chasing a dog"]
-    assert len(a) == 2 and all(v.shape == (9, 128, 128, 3) and v.dtype == np.uint8 for v in a)
+    assert len(a) == 2 and all(v.shape == (5, 64, 64, 3) and v.dtype == np.uint8 for v in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seed: identical decoded frames
     assert all(not np.array_equal(x, y) for x, y in zip(a, c))  # another seed: different videos
     assert not np.array_equal(a[0], a[1])
-
-    # a run directory with an exported generator gives the same videos as --generator
-    export = tmp_path / "run" / "export" / "generator"
-    shutil.copytree(tiny_models / "generator", export)
-    _, d = run("ckpt", "--seed", "0", "--checkpoint", str(tmp_path / "run"))
-    assert all(np.array_equal(x, y) for x, y in zip(a, d))
+    assert all(np.abs(x.astype(int) - y.astype(int)).mean() < 0.5 for x, y in zip(a, batched))
     assert cli.main([*common, "--out", str(tmp_path / "bad"), "--checkpoint", str(tmp_path / "nothing")]) == 2
 
 
@@ -186,10 +187,10 @@ def test_sample_cli_teacher_from_prompt_embeds(tiny_models, repo_root, tmp_path)
     tok, enc = load_tokenizer(tiny_models / "wan" / "tokenizer"), load_text_encoder(tiny_models / "wan" / "text_encoder")
     embeds = encode_prompts(["waves on a beach", "a spinning top", "rain"], tok, enc, 32)
     torch.save({"embeds": embeds, "prompts": ["waves on a beach", "a spinning top", "rain"], "negative_embeds": encode_prompts([""], tok, enc, 32)}, tmp_path / "e.pt")
-    args = ["--config", "tiny", "--prompt-embeds", str(tmp_path / "e.pt"), "--teacher", "--seed", "3", f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2", "video.num_frames=5"]
+    args = ["--config", "tiny", "--prompt-embeds", str(tmp_path / "e.pt"), "--teacher", "--seed", "3", *SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2"]
     assert cli.main([*args, "--out", str(tmp_path / "t")]) == 0
     meta, v = _frames(tmp_path / "t")
     assert meta["sampler"] == "teacher_cfg" and meta["teacher"]["steps"] == 2
-    assert len(v) == 3 and all(x.shape == (5, 128, 128, 3) for x in v)
+    assert len(v) == 3 and all(x.shape == (5, 64, 64, 3) for x in v)
     assert cli.main([*args, "--out", str(tmp_path / "t2")]) == 0
     assert all(np.array_equal(x, y) for x, y in zip(v, _frames(tmp_path / "t2")[1]))
