@@ -99,7 +99,7 @@ class GANConfig:
     window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).")
     window_start: str = F("random", "'random' (drawn per step) or an integer chunk index.")
     raft_iters: int = F(12, "RAFT flow-update iterations.")
-    flow_scale: float = F(20.0, "Motion normalisation: flow (pixels) / flow_scale, then tanh-free clamp-free scaling to about [-1, 1].")
+    flow_scale: float = F(20.0, "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.")
     raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).")
     disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).")
     head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.")
