@@ -50,15 +50,16 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     The backend is the accelerator's (NCCL on CUDA, gloo on DeepSpeed's CPU accelerator),
     and the device is bound to ``LOCAL_RANK`` before the process group exists so NCCL
     communicators land on the right GPU. Without a launcher (no ``WORLD_SIZE`` in the
-    environment) this sets up a world of one on a free local port, so single-process runs
+    environment, no MPI) this sets up a world of one on a free local port, so single-process runs
     and tests take the same code path as ``deepspeed --num_gpus N``. Idempotent.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if not torch.distributed.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            # Not under a launcher: a world of one. MASTER_PORT is only used by this process.
+        if not any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+            # Not under a launcher (torchrun/deepspeed set WORLD_SIZE; MPI launches are
+            # discovered by DeepSpeed): a world of one, on a port only this process uses.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -66,9 +67,7 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     kwargs = {} if timeout is None else {"timeout": timeout}
     # Also called when torch.distributed is already up: deepspeed.comm then wraps the
     # existing group, which DeepSpeed's own collectives (DistributedAttention) require.
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, **kwargs
-    )
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
 
 
 # --------------------------------------------------------------------------- layout
