@@ -6,11 +6,13 @@
 
 Weights (all local diffusers-format folders, nothing is downloaded):
   --generator DIR     a `WanTransformer3DModel` folder (config.json + *.safetensors).
-  --checkpoint DIR    a training run's exported generator: DIR itself, DIR/generator/ or
-                      DIR/export/generator/ in that format (the trainer exports to
-                      `<run_dir>/export/generator/`). DeepSpeed engine checkpoints
-                      (`<run_dir>/checkpoints/step_N/`) hold ZeRO partitions, not a
-                      diffusers folder: export them first.
+  --checkpoint DIR    a training run's exported generator in that format, the first of
+                      DIR, DIR/transformer, DIR/generator, DIR/export/transformer,
+                      DIR/export/generator that holds one. The trainer's export
+                      (mogan_ds/export.py) is `<run_dir>/export/`, a WanPipeline folder
+                      whose transformer/ is the generator, so `--checkpoint <run_dir>` works.
+                      DeepSpeed engine checkpoints (`<run_dir>/checkpoints/step_N/`) hold
+                      ZeRO partitions, not a diffusers folder: export them first.
   neither             models.generator of the config (models.root/transformer if empty).
   --teacher           models.root/transformer with the teacher's multi-step CFG sampler
                       (schedule.teacher_steps / teacher_shift / teacher_guidance_scale).
@@ -63,13 +65,13 @@ def _is_diffusers_folder(p: Path) -> bool:
 def resolve_generator_folder(checkpoint: str | Path) -> Path:
     """The diffusers generator folder inside a --checkpoint argument (see the module doc)."""
     root = Path(checkpoint)
-    candidates = [root, root / "generator", root / "export" / "generator"]
+    candidates = [root, root / "transformer", root / "generator", root / "export" / "transformer", root / "export" / "generator"]
     for c in candidates:
         if _is_diffusers_folder(c):
             return c
     hint = ""
     if (root / "generator").is_dir() or (root / "COMPLETE").exists() or (root / "checkpoints").is_dir():
-        hint = " (this looks like a DeepSpeed training checkpoint, which holds ZeRO partitions: use the run's export/generator/ folder)"
+        hint = " (DeepSpeed training checkpoints hold ZeRO partitions: sample from the run's export/ folder)"
     tried = ", ".join(str(c) for c in candidates)
     raise MissingWeightsError(f"--checkpoint {root}: no diffusers-format generator (config.json + *.safetensors) at {tried}{hint}")
 
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--generator", help="diffusers WanTransformer3DModel folder of the few-step generator")
-    src.add_argument("--checkpoint", help="run dir / export dir holding generator/ in diffusers format")
+    src.add_argument("--checkpoint", help="run dir or export dir holding the generator in diffusers format (see above)")
     ap.add_argument("--config", help="recipe YAML or shipped recipe name (default: the run's config.yaml with --checkpoint)")
     pr = ap.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompts", help="text file, one prompt per line (or .jsonl with 'prompt')")
@@ -167,6 +169,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     paths = wan_paths(cfg.models.root)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if args.teacher and (args.generator or args.checkpoint):
+        raise ValueError("--teacher samples models.root/transformer; drop --generator/--checkpoint")
 
     # 1. prompt embeddings (text encoder loaded only if needed, and freed before the DiT)
     negative = None

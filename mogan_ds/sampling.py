@@ -144,19 +144,15 @@ def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
 def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, max_length: int, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[N, max_length, D] UMT5 embeddings exactly as WanPipeline._get_t5_prompt_embeds makes them.
 
-    diffusers' own `prompt_clean` (ftfy when installed, html unescape, whitespace), padding
-    to max_length with truncation, then the embedding rows past each prompt's length are
-    set to zero: Wan's DiT was trained on zero-padded context, not on the encoder's output
-    at pad positions.
+    The same encoding as the offline prompt shards (`mogan_ds.data.prompts.encode_texts`:
+    diffusers' `prompt_clean`, padding to max_length with truncation, rows past each
+    prompt's token count set to zero -- Wan's DiT was trained on zero-padded context), so
+    samples rendered from text match samples rendered from precomputed embeddings.
+    Returned in `dtype` (default float32) on `device` (default: the encoder's).
     """
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from .data.prompts import encode_texts, pad_embedding
 
     enc_device = next(text_encoder.parameters()).device
-    cleaned = [prompt_clean(p) for p in prompts]
-    tok = tokenizer(cleaned, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    ids, mask = tok.input_ids.to(enc_device), tok.attention_mask.to(enc_device)
-    seq_lens = mask.gt(0).sum(dim=1)
-    hidden = text_encoder(ids, mask).last_hidden_state
-    keep = torch.arange(max_length, device=enc_device)[None, :] < seq_lens[:, None]
-    out = torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=enc_device))
-    return out.to(device=device or enc_device, dtype=dtype or hidden.dtype)
+    rows = encode_texts(list(prompts), tokenizer, text_encoder, max_length, device=enc_device)
+    out = torch.stack([pad_embedding(r, max_length) for r in rows])
+    return out.to(device=device or enc_device, dtype=dtype or torch.float32)

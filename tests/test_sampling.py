@@ -167,8 +167,8 @@ def test_sample_cli_deterministic_for_a_seed(tiny_models, repo_root, tmp_path):
         return _frames(tmp_path / name)
 
     meta, a = run("s0", "--seed", "0")  # weights: models.generator of the config
-    # a run directory with an exported generator (the same weights), same seed
-    shutil.copytree(tiny_models / "generator", tmp_path / "run" / "export" / "generator")
+    # a run directory whose export (mogan_ds/export.py layout) holds the same weights, same seed
+    shutil.copytree(tiny_models / "generator", tmp_path / "run" / "export" / "transformer")
     _, b = run("s0_again", "--seed", "0", "--checkpoint", str(tmp_path / "run"))
     _, c = run("s1", "--seed", "1")
     # batch 2 draws the same per-sample noise; batched kernels differ only in the last bits
