@@ -58,10 +58,10 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
         state = self.start_states.get(worker) or {"cursor": [0, 0, 0, 0], "stats": {}}
         stats = Counter({k: 0 for k in STAT_KEYS})
         stats.update(state["stats"])
-        urls, mod, rem = slot_split(self.urls, self.dp_rank, self.dp_size, worker, self.logical_workers)
+        slot = slot_split(self.urls, self.dp_rank, self.dp_size, worker, self.logical_workers)
         seed_key = (self.seed, self.dp_rank, worker, _TAG_CLIPS)
         pipeline = wds.DataPipeline(
-            lambda: resumable_samples(urls, seed_key, state["cursor"], self.shuffle_buffer, stats, mod, rem),
+            lambda: resumable_samples(slot, seed_key, state["cursor"], self.shuffle_buffer, stats),
             lambda src: self._decoded(src, stats, seed_key),
             wds.batched(self.batch_size, collation_fn=lambda samples: self._collate(samples, worker), partial=False),
         )
@@ -182,10 +182,10 @@ class MotionClipStream:
                 self._workers[batch.pop("__worker__")] = batch.pop("__state__")
                 self._batches += 1
                 self._in_epoch += 1
+                if self._in_epoch == self.batches_per_epoch:  # the loader ends after this batch
+                    self._epoch, self._in_epoch = self._epoch + 1, 0
                 batch["video"] = batch["video"].float().div_(127.5).sub_(1.0)
                 yield batch
-            self._epoch += 1
-            self._in_epoch = 0
 
     def state_dict(self) -> dict:
         """The position after the last yielded batch (plain Python types)."""

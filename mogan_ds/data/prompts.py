@@ -99,7 +99,7 @@ class PromptEmbeddings:
     """Endless batches ``{"embeds": [B, L, D] float32, "prompt": list[str], "key": list[str]}``.
 
     Sharded by data-parallel rank (shards dealt to ranks when there are enough, else
-    prompts split by key hash), shuffled in blocks of `shuffle_buffer`, resampled so
+    prompts split by position), shuffled in blocks of `shuffle_buffer`, resampled so
     every rank draws forever; deterministic for (seed, dp_rank) and exactly resumable
     through ``state_dict`` / ``load_state_dict`` (same contract as MotionClipStream).
     Reads in the calling process: a prompt embedding is small next to a video clip.
@@ -114,16 +114,15 @@ class PromptEmbeddings:
         self.urls = [_join(self.path, s) for s in self.meta["shards"]]
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed_key = (seed, dp_rank, 0, _TAG_PROMPTS)
-        self.split = slot_split(self.urls, dp_rank, dp_size, 0, 1)
+        self.slot = slot_split(self.urls, dp_rank, dp_size, 0, 1)
         self._identity = {"shards": shards_fingerprint(self.urls), "seed": seed, "dp_rank": dp_rank, "dp_size": dp_size, "batch_size": batch_size, "shuffle_buffer": shuffle_buffer}
         self._cursor = [0, 0, 0, 0]
         self._stats = Counter()
         self._batches = 0
 
     def __iter__(self):
-        urls, mod, rem = self.split
         stats = Counter(self._stats)
-        samples = resumable_samples(urls, self.seed_key, self._cursor, self.shuffle_buffer, stats, mod, rem)
+        samples = resumable_samples(self.slot, self.seed_key, self._cursor, self.shuffle_buffer, stats)
         batch = []
         for s in samples:
             try:

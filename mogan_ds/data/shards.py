@@ -4,8 +4,8 @@ Both loaders (motion clips, prompt embeddings) read webdataset tar shards throug
 `resumable_samples`, which keeps three promises a cluster run needs:
 
 * **Split by data-parallel slot, not global rank.** A slot is (dp_rank, logical worker).
-  Shards are dealt to slots when there are enough of them; otherwise every slot reads
-  all shards and keeps the samples whose key hashes to it. Sequence-parallel peers pass
+  Shards are dealt to slots when there are enough of them; otherwise slots share
+  shards and split their samples by position (`Slot`). Sequence-parallel peers pass
   the same dp_rank and therefore see the same clips. (`wds.split_by_node` would key on
   the global RANK.)
 * **Resampled, never exhausted.** Each slot draws shards forever: draw d takes entry
@@ -27,9 +27,8 @@ import glob
 import hashlib
 import logging
 import os
-import zlib
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -76,30 +75,47 @@ def shards_fingerprint(urls: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def slot_split(urls: list[str], dp_rank: int, dp_size: int, worker: int, num_workers: int) -> tuple[list[str], int, int]:
-    """(shards of this slot, modulus, remainder) for a disjoint split over dp ranks x workers.
+class Slot(NamedTuple):
+    """The part of a shard list one (dp rank, worker) reads.
 
-    Shard-level split where there are enough shards (first over ranks, then over the
-    rank's workers); where there are not, a sample-level split: the slot keeps samples
-    whose key hash is ``remainder`` modulo ``modulus``. Slots never share a sample.
+    Sample j of ``urls[i]`` belongs to this slot when ``(offsets[i] + j) % mod == rem``.
+    The offsets spread the shards that share samples evenly over the residues, so that
+    with n such shards every slot gets samples once shards hold mod / n of them.
+    """
+
+    urls: list[str]
+    mod: int
+    rem: int
+    offsets: list[int]
+
+    def keeps(self, i: int, j: int) -> bool:
+        return self.mod == 1 or (self.offsets[i] + j) % self.mod == self.rem
+
+
+def slot_split(urls: list[str], dp_rank: int, dp_size: int, worker: int, num_workers: int) -> Slot:
+    """The disjoint share of slot (dp_rank, worker) among dp_size x num_workers slots.
+
+    A shard-level split where there are enough shards (first over ranks, then over the
+    rank's workers); where there are not, a sample-level split (see `Slot`). No two
+    slots share a sample, and together they cover every sample.
     """
     if not (0 <= dp_rank < dp_size and 0 <= worker < num_workers):
         raise ValueError(f"bad slot: dp_rank {dp_rank} of {dp_size}, worker {worker} of {num_workers}")
-    mod, rem = 1, 0
-    if len(urls) >= dp_size:
-        urls = urls[dp_rank::dp_size]
+    everything = list(range(len(urls)))
+    idx, mod, rem = everything, 1, 0
+    if len(idx) >= dp_size:
+        idx = idx[dp_rank::dp_size]
     else:
         mod, rem = dp_size, dp_rank
-    if len(urls) >= num_workers:
-        urls = urls[worker::num_workers]
+    pool = idx  # the shards whose samples are shared, if any split is by sample
+    if len(idx) >= num_workers:
+        idx = idx[worker::num_workers]
     else:
         mod, rem = mod * num_workers, rem * num_workers + worker
-    return urls, mod, rem
-
-
-def key_slot(url: str, key: str, mod: int) -> int:
-    """Slot of a sample under the sample-level split (stable across processes and hosts)."""
-    return zlib.crc32(f"{os.path.basename(url)}/{key}".encode()) % mod
+    if mod > 1 and len(everything) < dp_size:
+        pool = everything  # ranks already split samples of every shard
+    offsets = [pool.index(i) * mod // len(pool) if mod > 1 else 0 for i in idx]
+    return Slot([urls[i] for i in idx], mod, rem, offsets)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -121,19 +137,18 @@ class ShardErrorHandler:
 
     def __call__(self, exn: Exception) -> bool:
         self.stats["shard_errors"] += 1
-        first = exn.args[0] if getattr(exn, "args", None) else exn
+        # webdataset appends the url to exn.args; show the cause (OSError: its strerror)
+        first = getattr(exn, "strerror", None) or (exn.args[0] if getattr(exn, "args", None) else exn)
         log.warning("skipping (rest of) shard %s: %s: %s", self.url, type(exn).__name__, first)
         return True
 
 
 def resumable_samples(
-    urls: list[str],
+    slot: Slot,
     seed_key: tuple[int, ...],
     cursor: list[int],
     bufsize: int,
     stats: Counter,
-    mod: int = 1,
-    rem: int = 0,
     max_empty_draws: int | None = None,
 ) -> Iterator[dict]:
     """Endless, block-shuffled raw samples of one slot; each carries ``__cursor__``.
@@ -143,7 +158,7 @@ def resumable_samples(
     for a fresh start). ``__sample_seed__`` is a per-sample key for any randomness the
     consumer applies (clip offsets), so it is reproduced on resume too.
     """
-    n = len(urls)
+    urls, n = slot.urls, len(slot.urls)
     if n == 0:
         raise ValueError("no shards for this slot")
     bufsize = max(1, int(bufsize))
@@ -153,29 +168,30 @@ def resumable_samples(
     # full, except for the block a resume re-reads (its errors are already in the stats).
     fill_errors: Counter = Counter()
 
-    def shard_of(draw: int) -> str:
+    def shard_of(draw: int) -> int:
         cycle, j = divmod(draw, n)
         if cycle not in perm_cache:
             perm_cache.clear()
             perm_cache[cycle] = rng_for(*seed_key, 0x5A4D, cycle).permutation(n)
-        return urls[perm_cache[cycle][j]]
+        return int(perm_cache[cycle][j])
 
     def raw(draw: int, skip: int) -> Iterator[tuple[int, int, dict]]:
         empty = 0
         while True:
-            url, got = shard_of(draw), 0
+            i, got = shard_of(draw), 0
+            url = urls[i]
             handler = ShardErrorHandler(url, fill_errors)
             for j, sample in enumerate(wds.tarfile_samples([dict(url=url)], handler=handler)):
                 if j < skip:
                     continue
-                if mod > 1 and key_slot(url, sample["__key__"], mod) != rem:
+                if not slot.keeps(i, j):
                     continue
                 got += 1
                 yield draw, j, sample
             empty = 0 if got or skip else empty + 1
             if empty >= max_empty:
                 raise RuntimeError(
-                    f"{empty} consecutive shard draws gave no sample for this slot (seed key {seed_key}, split {rem} mod {mod}, "
+                    f"{empty} consecutive shard draws gave no sample for this slot (seed key {seed_key}, split {slot.rem} mod {slot.mod}, "
                     f"{n} shards, e.g. {urls[0]}): shards unreadable, or fewer samples than data-parallel ranks x workers"
                 )
             draw, skip = draw + 1, 0

@@ -23,8 +23,8 @@ from typing import BinaryIO, Iterator, Union
 import av
 import numpy as np
 
-# A target time exactly halfway between two source frames takes the later one (the
-# tolerance absorbs float error so ties break the same way everywhere).
+# A target time exactly halfway between two source frames takes the earlier one, so
+# doubling the rate holds each frame twice (the tolerance absorbs float error).
 _TIE = 1e-6
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
@@ -147,7 +147,7 @@ def decode_clip(
                 t = float(frame.pts * vs.time_base) - t0
                 if prev is not None:
                     # targets before the midpoint between prev and this frame show prev
-                    while k < num_frames and targets[k] < (prev_t + t) / 2 - _TIE:
+                    while k < num_frames and targets[k] <= (prev_t + t) / 2 + _TIE:
                         cache = cache if cache is not None and cache[0] is prev else (prev, _to_rgb(prev, height, width))
                         out[k] = cache[1]
                         k += 1
@@ -190,7 +190,7 @@ def iter_frames(src: Source, fps: float | None = None, height: int | None = None
                 else:
                     if prev is not None:
                         img = None
-                        while k / fps < (prev_t + t) / 2 - _TIE:
+                        while k / fps <= (prev_t + t) / 2 + _TIE:
                             img = img if img is not None else _to_rgb(prev, height, width)
                             yield img
                             k += 1
@@ -209,29 +209,33 @@ def iter_frames(src: Source, fps: float | None = None, height: int | None = None
             raise VideoDecodeError(f"decoding failed: {exc}") from exc
 
 
-def encode_mp4(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True) -> bytes:
     """uint8 [F, H, W, 3] RGB -> mp4 bytes (H.264 by default; H and W must be even for yuv420p)."""
     buf = io.BytesIO()
-    _encode(buf, frames, fps, codec, crf, preset, pix_fmt, options)
+    _encode(buf, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
     return buf.getvalue()
 
 
-def write_mp4(path: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None) -> None:
+def write_mp4(path: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True) -> None:
     """Write uint8 [F, H, W, 3] RGB frames as an mp4 file (or into a binary file object).
 
     `crf` 0 with pix_fmt yuv444p is (near-)lossless; the RGB<->YUV conversion still costs
-    about one grey level.
+    about one grey level. `deterministic` (default) gives bit-identical files for
+    identical frames: one encoder thread and, for x264, no macroblock-tree rate control
+    (with it, this x264 build differed from run to run even single-threaded); False is
+    faster and compresses slightly better.
+    `frames` may be a CPU torch tensor or anything numpy can view.
     """
     if not hasattr(path, "write"):
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "wb") as fh:
-            _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options)
+            _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
     else:
-        _encode(path, frames, fps, codec, crf, preset, pix_fmt, options)
+        _encode(path, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
 
 
-def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options) -> None:
+def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic) -> None:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1, got {frames.dtype} {frames.shape}")
@@ -242,9 +246,11 @@ def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options) -> None:
     with av.open(fh, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        opts = {}
+        opts = {"threads": "1"} if deterministic else {}
         if codec in ("libx264", "libx265"):
-            opts = {"crf": str(crf), "preset": preset}
+            opts.update(crf=str(crf), preset=preset)
+        if deterministic and codec == "libx264":
+            opts["x264-params"] = "mbtree=0"
         opts.update({k: str(v) for k, v in (options or {}).items()})
         stream.options = opts
         for i, img in enumerate(frames):
