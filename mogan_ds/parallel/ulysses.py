@@ -47,15 +47,12 @@ parameters. Hooks re-run identically when activation checkpointing recomputes a 
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 _MARK = "_mogan_sp_hooked"  # attribute set on every module we hooked (guards double sharding)
 
