@@ -70,6 +70,9 @@ def test_round_trip_build_stream_clip_values(corpus):
     assert len(starts) > 1  # offsets are drawn, not always 0
     keys = [k for b in batches for k in b["key"]]
     assert len(set(keys)) == len(keys)  # 8 clips, 8 draws from one cycle: no repeats
+    # uint8 output (for conversion on the GPU) carries the same values
+    raw = take(stream(corpus, output_dtype=torch.uint8), 1)[0]["video"]
+    assert raw.dtype == torch.uint8 and torch.equal(raw.float() / 127.5 - 1, batches[0]["video"])
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import logging
 import math
 from collections import Counter
 
-import numpy as np
 import torch
 import webdataset as wds
 
@@ -121,7 +120,10 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
 
     @staticmethod
     def _collate(samples: list[dict], worker: int) -> dict:
-        video = torch.from_numpy(np.stack([s["frames"] for s in samples])).permute(0, 4, 1, 2, 3).contiguous()
+        f, h, w, c = samples[0]["frames"].shape
+        video = torch.empty((len(samples), c, f, h, w), dtype=torch.uint8)
+        for i, s in enumerate(samples):  # one strided copy per clip, straight into [B, 3, F, H, W]
+            video[i].copy_(torch.from_numpy(s["frames"]).permute(3, 0, 1, 2))
         return {
             "video": video,  # uint8 [B, 3, F, H, W]: 4x less inter-process traffic than float
             "key": [s["key"] for s in samples],
@@ -140,9 +142,14 @@ class MotionClipStream:
     `min_motion` > 0) low-motion samples are skipped and counted (`stats()`).
     `epoch_samples` sets the nominal epoch (clips per rank) of the resampled stream;
     iteration continues across epochs. `decode_threads` is FFmpeg's threads per worker.
+
+    Workers ship uint8 clips (4x less shared memory than float); the main process
+    converts them. With ``output_dtype=torch.uint8`` it does not, and "video" holds
+    [0, 255] values for the caller to convert on the GPU (``x.float() / 127.5 - 1``):
+    at 480p the CPU conversion costs ~0.2 s per clip on the training process.
     """
 
-    def __init__(self, shards, num_frames: int, fps: float, height: int, width: int, dp_rank: int, dp_size: int, seed: int, num_workers: int, batch_size: int, shuffle_buffer: int, epoch_samples: int, min_motion: float = 0.0, decode_threads: int = 1, prefetch_factor: int = 2, log_skips: int = 10):
+    def __init__(self, shards, num_frames: int, fps: float, height: int, width: int, dp_rank: int, dp_size: int, seed: int, num_workers: int, batch_size: int, shuffle_buffer: int, epoch_samples: int, min_motion: float = 0.0, decode_threads: int = 1, prefetch_factor: int = 2, log_skips: int = 10, output_dtype: torch.dtype = torch.float32):
         if batch_size < 1 or num_frames < 1 or fps <= 0 or height < 1 or width < 1 or num_workers < 0:
             raise ValueError("need batch_size, num_frames, height, width >= 1, fps > 0 and num_workers >= 0")
         self.urls = expand_shards(shards)
@@ -150,6 +157,9 @@ class MotionClipStream:
         self.logical_workers = max(1, num_workers)
         self.batches_per_epoch = max(1, math.ceil(epoch_samples / batch_size))
         self.prefetch_factor = prefetch_factor
+        if output_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+            raise ValueError(f"output_dtype must be float32, float16, bfloat16 or uint8, got {output_dtype}")
+        self.output_dtype = output_dtype
         self.dataset = _ClipWorkerDataset(self.urls, num_frames, fps, height, width, dp_rank, dp_size, seed, self.logical_workers, batch_size, shuffle_buffer, min_motion, decode_threads, log_skips)
         self._identity = {
             "shards": shards_fingerprint(self.urls),
@@ -184,7 +194,8 @@ class MotionClipStream:
                 self._in_epoch += 1
                 if self._in_epoch == self.batches_per_epoch:  # the loader ends after this batch
                     self._epoch, self._in_epoch = self._epoch + 1, 0
-                batch["video"] = batch["video"].float().div_(127.5).sub_(1.0)
+                if self.output_dtype != torch.uint8:
+                    batch["video"] = batch["video"].to(self.output_dtype).div_(127.5).sub_(1.0)
                 yield batch
 
     def state_dict(self) -> dict:
