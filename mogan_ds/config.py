@@ -371,6 +371,9 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
     _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
     _require(all(0 <= b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
     _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
+    _require(list(g.head_blocks) == sorted(g.head_blocks), "gan.head_blocks", "indices must be increasing")
+    _require(max(g.head_blocks) == g.disc_blocks - 1, "gan.head_blocks",
+             f"the last head must follow the last block (gan.disc_blocks={g.disc_blocks}): blocks after it would never run")
     if g.space == "flow":
         _require(v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)")
     for role in ("generator", "fake_score", "discriminator"):

@@ -41,7 +41,7 @@ class Networks:
 def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor) -> Networks:
     """Load and prepare every network this recipe uses (disabled phases load nothing extra)."""
     from .motion.discriminator import build_discriminator
-    from .parallel import configure_attention, parallelize_discriminator, parallelize_wan
+    from .parallel import configure_attention, parallelize_wan
 
     paths = wan_paths(cfg.models.root)
     frozen = DTYPES[cfg.models.frozen_dtype]
@@ -53,29 +53,52 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
     teacher = freeze(load_transformer(teacher_path, frozen), frozen, device) if cfg.dmd.enabled else None
     discriminator = None
     if cfg.gan.enabled:
-        discriminator = build_discriminator(teacher_path, cfg.gan, disc_prompt, torch.float32)
+        discriminator = build_discriminator(teacher_path, cfg.gan, disc_prompt, torch.float32,
+                                            gradient_checkpointing=cfg.models.gradient_checkpointing)
     vae = freeze(load_vae(paths["vae"], frozen), frozen, device)
     raft = None
     if cfg.gan.enabled and cfg.gan.space == "flow":
         raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, frozen), frozen, device)
 
     for dit in (generator, fake_score, teacher):
-        if dit is None:
-            continue
-        configure_attention(dit, cfg.models.attention_backend)
-        parallelize_wan(dit, topo)
+        if dit is not None:
+            parallelize_wan(dit, topo)
+    if teacher is not None:
+        # Trainable networks get their kernel after deepspeed.initialize has cast them
+        # (`configure_trainable_attention`): "auto" picks flash-attn only for half precision.
+        configure_attention(teacher, cfg.models.attention_backend)
     if discriminator is not None:
-        configure_attention(discriminator.backbone, cfg.models.attention_backend)
         parallelize_discriminator(discriminator, topo)
     if cfg.models.gradient_checkpointing:
         generator.enable_gradient_checkpointing()
         if fake_score is not None:
             fake_score.enable_gradient_checkpointing()
-        if discriminator is not None:
-            discriminator.backbone.enable_gradient_checkpointing()
     generator.train()
     if fake_score is not None:
         fake_score.train()
     if discriminator is not None:
         discriminator.train()
     return Networks(generator, fake_score, discriminator, teacher, vae, raft)
+
+
+def configure_trainable_attention(engines, backend: str) -> None:
+    """Attention kernel of each engine's (already precision-cast) DiT."""
+    from .parallel import configure_attention
+
+    for role, engine in engines.items():
+        configure_attention(engine.module.backbone if role == "discriminator" else engine.module, backend)
+
+
+def parallelize_discriminator(disc: torch.nn.Module, topo):
+    """Ulysses SP for the motion discriminator: its backbone's own split points, gathered at the heads.
+
+    Tokens are sharded where the Wan backbone declares (`_cp_plan`: block 0's input, the
+    RoPE tables) and each prediction head receives the full token sequence (its query
+    token attends over all of them), so heads and the final MLP see exactly what they
+    would at sp=1. No-op at sp=1.
+    """
+    from .parallel import Gather, ModulePlan, install_ulysses_attention, parallelize_module, wan_plan
+
+    handle = install_ulysses_attention(disc.backbone, topo)
+    plan = {**wan_plan(disc.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})}
+    return handle.extend(parallelize_module(disc, plan, topo))

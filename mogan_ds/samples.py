@@ -14,7 +14,7 @@ import torch
 
 from .data.prompts import PromptEmbeddings
 from .data.video import write_mp4
-from .motion.flow import RaftFlow, flow_to_rgb
+from .motion.flow import flow_to_rgb
 from .sampling import decode_to_uint8, latent_shape, sample_few_step
 from .schedule import randn
 
@@ -38,11 +38,10 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
         return []
     video = decode_to_uint8(trainer.vae, x0)  # [B, F, H, W, 3] uint8
     panels = [video]
-    raft = trainer.motion.flow.raft if trainer.motion is not None and trainer.motion.flow is not None else None
+    raft = trainer.motion.raft if trainer.motion is not None else None
     if raft is not None:
         frames = video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # [B, 3, F, H, W] in [-1, 1]
-        flow = RaftFlow(raft, cfg.gan.raft_iters, cfg.gan.raft_pairs_per_chunk, checkpoint=False)(
-            frames.to(trainer.device, next(raft.parameters()).dtype))
+        flow = raft(frames.to(trainer.device))
         flow = torch.cat([flow, flow[:, :, -1:]], dim=2)  # one map per frame
         panels.append(flow_to_rgb(flow).permute(0, 2, 3, 4, 1).cpu())
     side_by_side = torch.cat(panels, dim=3)  # along the width

@@ -30,6 +30,7 @@ from .losses.dmd import dmd_loss
 from .losses.flow_matching import flow_matching_loss
 from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
 from .metrics import MetricsLogger, peak_memory_gib
+from .motion.latents import pixel_frame_range
 from .schedule import FlowMatchSchedule, randn
 from .sampling import latent_shape, transformer_velocity_fn
 
@@ -59,7 +60,7 @@ class MoGANTrainer:
         from .data.prompts import PromptEmbeddings, load_special_embeddings
         from .ema import ShardedEMA
         from .motion.pipeline import MotionPath
-        from .networks import build_networks
+        from .networks import build_networks, configure_trainable_attention
         from .parallel import Topology, init_distributed
 
         init_distributed()
@@ -76,15 +77,18 @@ class MoGANTrainer:
 
         special = load_special_embeddings(cfg.data.prompts)
         self.negative = special["negative"].to(self.device)
+        # Fresh weights (the discriminator's heads) must be identical on every rank.
+        torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg, self.topo, self.device, special["disc"])
         validate(cfg, num_heads=nets.generator.config.num_attention_heads, world_size=self.topo.world_size)
         self.engines = build_engines(cfg, base_ds, self.topo, {
             "generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator})
+        configure_trainable_attention(self.engines, cfg.models.attention_backend)
         self.teacher, self.vae = nets.teacher, nets.vae
         self.gen_fn = transformer_velocity_fn(self.engines.generator)
         self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
         self.teacher_fn = transformer_velocity_fn(self.teacher) if cfg.dmd.enabled else None
-        self.motion = MotionPath(self.vae, nets.raft, cfg.gan) if cfg.gan.enabled else None
+        self.motion = MotionPath.from_config(cfg.gan, self.vae, nets.raft) if cfg.gan.enabled else None
         self.schedule = FlowMatchSchedule.from_config(cfg)
         self.gas = gradient_accumulation_steps(cfg, self.topo.dp_size)
         self.micro = cfg.train.micro_batch_size
@@ -155,7 +159,9 @@ class MoGANTrainer:
         """Also returns the detached discriminator inputs of the fakes (phase 4 reuses them: no second decode)."""
         rows, fakes = [], []
         shared, _ = self._rngs(step, "gan_window")
-        start = self.motion.draw_start(self.cfg.latent_frames, shared)
+        g = self.cfg.gan
+        mode = g.window_start if g.window_start == "random" else int(g.window_start)
+        start = self.motion.draw_start(self.cfg.latent_frames, g.window, mode, shared)
         disc = self.engines.discriminator
         # D is a path for the gradient, not a learner, during G's update.
         with no_param_grads(disc):
@@ -163,9 +169,9 @@ class MoGANTrainer:
                 shared, local = self._rngs(step, "gan_g", micro)
                 embeds = self._next_prompts()
                 x0 = self._generate(embeds, shared, local, grad=True)
-                d_in = self.motion.fake_inputs(x0, start)
+                d_in = self.motion.fake(x0, start, g.window).d_input
                 loss, logs = g_logistic_loss(disc.module(d_in))
-                self._backward_step("generator", self.cfg.gan.weight_g * loss)
+                self._backward_step("generator", g.weight_g * loss)
                 rows.append(logs)
                 fakes.append(d_in.detach())
         return _mean_logs(rows) | {"gan_window_start": start}, fakes, start
@@ -174,14 +180,15 @@ class MoGANTrainer:
     def discriminator_update(self, step: int, fakes: list[torch.Tensor], start: int) -> dict:
         rows, g = [], self.cfg.gan
         disc = self.engines.discriminator
+        first, stop = pixel_frame_range(start, g.window)  # the real clips' frames of the same window
         for micro, d_fake in enumerate(fakes):
-            _, local = self._rngs(step, "gan_d", micro)
-            clip = next(self._clip_iter)["video"].to(self.device)
-            with torch.no_grad():
-                d_real = self.motion.real_inputs(clip, start)
+            clip = next(self._clip_iter)["video"][:, :, first:stop].to(self.device)
+            d_real = self.motion.real(clip).d_input
             real_logits, fake_logits = disc(torch.cat([d_real, d_fake])).split([len(d_real), len(d_fake)])
             loss, logs = d_logistic_loss(real_logits, fake_logits)
-            reg, reg_logs = approx_r1r2(disc, d_real, d_fake, g.sigma, g.r1, g.r2, generator=local)
+            noise = torch.Generator(self.device).manual_seed(_seed(self.cfg.train.seed, step, "r1r2", micro, self.topo.dp_rank))
+            reg, reg_logs = approx_r1r2(disc, d_real, d_fake, g.sigma, g.r1, g.r2, generator=noise,
+                                        real_logits=real_logits, fake_logits=fake_logits)
             self._backward_step("discriminator", g.weight_d * loss + reg)
             rows.append(logs | reg_logs)
         return _mean_logs(rows)

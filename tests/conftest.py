@@ -20,3 +20,12 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """Tiny models + a small synthetic shard set + prompt embeddings; returns the recipe overrides."""
+    from mogan_ds.demo import prepare_tiny_workdir, tiny_overrides
+
+    paths = prepare_tiny_workdir(tmp_path_factory.mktemp("tiny_workdir"), clips=12, frames=16)
+    return tiny_overrides(paths)

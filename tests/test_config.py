@@ -16,10 +16,10 @@ def test_shipped_recipes_load_and_match_the_paper():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny", ["gan.window=1", "dmd.enabled=false", "optim.generator.lr=3e-5", "gan.head_blocks=[0,2]"])
+    cfg = load_config("tiny", ["gan.window=1", "dmd.enabled=false", "optim.generator.lr=3e-5", "gan.head_blocks=[1,2]"])
     assert cfg.gan.window == 1 and cfg.dmd.enabled is False
     assert cfg.optim.generator.lr == pytest.approx(3e-5)
-    assert cfg.gan.head_blocks == [0, 2]
+    assert cfg.gan.head_blocks == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,7 @@ def test_overrides_are_typed():
         ("video.num_frames=10", "video.num_frames"),
         ("video.height=64", "video.height"),  # RAFT needs >= 128 in flow space
         ("gan.head_blocks=[0,5]", "gan.head_blocks"),
+        ("gan.head_blocks=[0,1]", "gan.head_blocks"),
         ("gan.window=99", "gan.window"),
         ("train.micro_batch_size=4", "train.batch_size"),
         ("schedule.denoising_timesteps=[522,757,1000]", "schedule.denoising_timesteps"),

@@ -1,0 +1,123 @@
+"""The trainer in one process (world 1, ZeRO-3 engines on CPU): each phase's effect, the
+discriminator's freeze during the generator's GAN step, non-finite handling, switches, export."""
+
+import math
+
+import pytest
+import torch
+
+import mogan_ds.trainer as trainer_mod
+from mogan_ds.config import load_config
+from mogan_ds.launcher import REPO
+from mogan_ds.trainer import MoGANTrainer, NonFiniteLossError
+
+DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
+FAST = ["train.batch_size=1", "dmd.critic_updates=1", "logging.sample_every=0", "logging.wandb_mode=disabled",
+        "data.num_workers=0", "train.max_steps=1"]
+
+
+def make_trainer(tiny_workdir, run_dir, *extra):
+    return MoGANTrainer(load_config("tiny", [*tiny_workdir, f"output.run_dir={run_dir}", *FAST, *extra]), DS_CPU)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_workdir, tmp_path_factory):
+    return make_trainer(tiny_workdir, tmp_path_factory.mktemp("run"))
+
+
+def snapshot(engine):
+    # world 1: the ZeRO-3 partition of every parameter is the whole parameter
+    return [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+
+
+def moved(before, engine):
+    return [not torch.equal(a, p.ds_tensor) for a, p in zip(before, engine.module.parameters())]
+
+
+def run_phase(trainer, fn, *args):
+    before = {r: snapshot(e) for r, e in trainer.engines.items()}
+    out = fn(*args)
+    return out, {r: moved(before[r], e) for r, e in trainer.engines.items()}
+
+
+def test_phase1_dmd_moves_only_the_generator(trainer):
+    logs, mv = run_phase(trainer, trainer.generator_dmd_update, 0)
+    assert math.isfinite(logs["dmd_loss"]) and logs["dmd_grad_norm"] > 0
+    assert any(mv["generator"]) and not any(mv["fake_score"]) and not any(mv["discriminator"])
+
+
+def test_phase2_fake_score_moves_only_the_fake_score(trainer):
+    logs, mv = run_phase(trainer, trainer.fake_score_update, 0, 0)
+    assert math.isfinite(logs["fake_score_loss"])
+    assert any(mv["fake_score"]) and not any(mv["generator"]) and not any(mv["discriminator"])
+
+
+def test_phase3_gan_moves_generator_not_discriminator(trainer):
+    from deepspeed.utils import safe_get_full_grad
+
+    (logs, fakes, start), mv = run_phase(trainer, trainer.generator_gan_update, 0)
+    assert any(mv["generator"]) and not any(mv["fake_score"])
+    # D is a gradient path only: bit-identical, no gradient accumulated, still trainable
+    assert not any(mv["discriminator"])
+    d = trainer.engines.discriminator
+    for p in d.module.parameters():
+        g = safe_get_full_grad(p)
+        assert g is None or not g.any()
+        assert p.requires_grad
+    assert len(fakes) == 1 and not fakes[0].requires_grad
+    # phase 4 right after: D's own backward must work (the ZeRO-3 hook trap) and move only D
+    logs4, mv4 = run_phase(trainer, trainer.discriminator_update, 0, fakes, start)
+    assert any(mv4["discriminator"]) and not any(mv4["generator"]) and not any(mv4["fake_score"])
+    assert {"d_loss", "d_real_logit", "d_fake_logit", "r1_gap", "r2_gap"} <= set(logs4)
+
+
+def test_train_step_runs_all_four_phases(trainer):
+    logs = trainer.train_step(1)
+    for phase in trainer_mod.PHASES:
+        assert logs[f"time_{phase}"] > 0
+    assert all(math.isfinite(v) for v in logs.values())
+
+
+def test_nonfinite_loss_skips_then_stops(trainer, monkeypatch):
+    def nan_loss(v_pred, x0, eps):
+        return v_pred.float().mean() * float("nan"), {"fake_score_loss": float("nan")}
+
+    monkeypatch.setattr(trainer_mod, "flow_matching_loss", nan_loss)
+    monkeypatch.setattr(trainer.cfg.train, "max_nonfinite", 2)
+    trainer.nonfinite_streak = 0
+    total = trainer.nonfinite_total
+    _, mv = run_phase(trainer, trainer.fake_score_update, 5, 0)
+    assert not any(mv["fake_score"])  # the update was skipped, the weights are untouched
+    assert trainer.nonfinite_total == total + 1
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite=2"):
+        trainer.fake_score_update(5, 1)
+    trainer.nonfinite_streak = 0
+
+
+def test_export_loads_in_wanpipeline_and_generates(trainer):
+    from diffusers import WanPipeline
+
+    out = trainer.export()
+    pipe = WanPipeline.from_pretrained(out)
+    live = [p.ds_tensor[: p.ds_numel].view(p.ds_shape) for p in trainer.engines.generator.module.parameters()]
+    exported = dict(pipe.transformer.named_parameters())
+    names = [n for n, _ in trainer.engines.generator.module.named_parameters()]
+    assert all(torch.equal(exported[n], w) for n, w in zip(names, live))
+    video = pipe(prompt="a red ball", num_frames=5, height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                 max_sequence_length=32, output_type="np").frames
+    assert video.shape == (1, 5, 64, 64, 3) and torch.isfinite(torch.as_tensor(video)).all()
+
+
+@pytest.mark.parametrize("switches, engines", [
+    (["gan.enabled=false"], {"generator", "fake_score"}),                        # DMD-only baseline / warm-up
+    (["dmd.enabled=false", "gan.space=latent", "gan.r1=0", "gan.r2=0"], {"generator", "discriminator"}),
+])
+def test_paper_rows_as_switches(tiny_workdir, tmp_path, switches, engines):
+    t = make_trainer(tiny_workdir, tmp_path, *switches)
+    assert {r for r, _ in t.engines.items()} == engines
+    logs = t.train_step(0)
+    assert all(math.isfinite(v) for v in logs.values())
+    if "gan.enabled=false" in switches:
+        assert "g_gan_loss" not in logs and t.motion is None
+    else:
+        assert "dmd_loss" not in logs and "r1_gap" not in logs
