@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .motion import latents as latents_lib
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
 
 LATENT_CHANNELS = 16  # Wan2.1 VAE z_dim
@@ -105,24 +106,14 @@ def sample_teacher_cfg(
     return x
 
 
-def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
-    return mean.to(like.device), std.to(like.device)
-
-
 def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Model-space latents -> the VAE's raw latent space: raw = z * std + mean (WanPipeline's
-    `latents / (1/std) + mean`); float32."""
-    mean, std = _latent_stats(vae, latents)
-    return latents.float() * std + mean
+    """Model-space latents -> the VAE's raw latent space (WanPipeline's `latents / (1/std) + mean`); fp32."""
+    return latents_lib.denormalize(latents, vae.config)
 
 
 def normalize_latents(vae, raw: torch.Tensor) -> torch.Tensor:
-    """Inverse of `denormalize_latents`: (raw - mean) / std, what the DiTs were trained on."""
-    mean, std = _latent_stats(vae, raw)
-    return (raw.float() - mean) / std
+    """Inverse of `denormalize_latents`: (raw - mean) / std, what the DiTs were trained on; fp32."""
+    return latents_lib.normalize(raw, vae.config)
 
 
 @torch.no_grad()
