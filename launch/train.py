@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, FileNotFoundError) as e:  # missing weights/data, or a run dir that would be overwritten
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trainer.fit()
     return 0
 

@@ -71,6 +71,12 @@ class MoGANTrainer:
         self.rank0 = self.topo.rank == 0
         self.run_dir = Path(cfg.output.run_dir)
         base_ds = load_ds_config(ds_config)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
+        if not resume and self.ckpt.latest() is not None:
+            # A fresh start would overwrite these step by step: refuse before anything is loaded.
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (newest {self.ckpt.latest().name}): pass --resume to "
+                "continue that run, or choose another output.run_dir")
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -101,7 +107,6 @@ class MoGANTrainer:
                 d.shards, cfg.video.num_frames, cfg.video.fps, cfg.video.height, cfg.video.width, dp_rank, dp_size,
                 cfg.train.seed, d.num_workers, self.micro, d.shuffle_buffer, d.epoch_samples, d.min_motion)
         self.ema = ShardedEMA(self.engines.generator.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.ckpt = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
         self.step, self.nonfinite_streak, self.nonfinite_total = 0, 0, 0
         if resume:
             self._resume()

@@ -23,7 +23,8 @@ COMPARED = ("dmd_loss", "dmd_grad_norm", "fake_score_loss", "g_gan_loss", "d_los
 def train_args(tiny_workdir, run_dir, *extra):
     return ["--ds_config", DS_CPU, "--config", "tiny", *tiny_workdir, f"output.run_dir={run_dir}",
             f"train.max_steps={STEPS}", "output.checkpoint_every=2", "train.batch_size=2", "dmd.critic_updates=1",
-            f"logging.sample_every={STEPS}", "logging.wandb_mode=disabled", "data.num_workers=1", *extra]
+            f"logging.sample_every={STEPS}", "logging.wandb_mode=disabled", "data.num_workers=1", "train.ema_decay=0.9",
+            *extra]
 
 
 def launch(args, **kw):
@@ -93,3 +94,11 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_workdir, tmp_
     for step in (3, 4):
         for k in COMPARED:
             assert resumed[step][k] == pytest.approx(reference[step][k], rel=1e-5, abs=1e-7), (step, k)
+    # the EMA was saved at step 2, restored, and carried on to the same values
+    import torch
+
+    for rank in (0, 1):
+        a, b = (torch.load(r / "checkpoints" / "step_00000004" / "trainer" / f"rank_0000{rank}.pt", weights_only=False)["ema"]
+                for r in (run, uninterrupted))
+        assert len(a["shadow"]) == len(b["shadow"]) > 0
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a["shadow"], b["shadow"]))

@@ -121,3 +121,21 @@ def test_paper_rows_as_switches(tiny_workdir, tmp_path, switches, engines):
         assert "g_gan_loss" not in logs and t.motion is None
     else:
         assert "dmd_loss" not in logs and "r1_gap" not in logs
+
+
+def test_fresh_start_refuses_to_overwrite_checkpoints(tiny_workdir, tmp_path):
+    from mogan_ds.checkpoint import CheckpointManager
+
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000004" / "COMPLETE").write_text("4\n")
+    assert CheckpointManager(tmp_path).latest() is not None
+    with pytest.raises(FileExistsError, match="--resume"):
+        make_trainer(tiny_workdir, tmp_path)
+    assert (tmp_path / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+def test_missing_weights_folder_is_a_clear_error(tiny_workdir, tmp_path):
+    from mogan_ds.models.builders import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="nowhere"):
+        make_trainer(tiny_workdir, tmp_path, f"models.generator={tmp_path / 'nowhere'}")
