@@ -176,7 +176,10 @@ def _run_worker(args, kind: str, window: int, dump: str) -> dict:
         sys.executable, __file__, "--worker", kind, "--window", str(window), "--dump", dump,
         "--frames", str(args.frames), "--size", str(args.size), "--repeats", str(args.repeats), "--threads", str(args.threads),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    # Passive OpenMP waits: with spinning (the default) a thread whose peer is descheduled
+    # by other load burns its core, and a shared machine's timings blow up many-fold.
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if res.returncode:
         raise RuntimeError(f"{kind} w={window} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
