@@ -171,6 +171,10 @@ def test_draw_window_start():
         draw_window_start(13, 4, 10)
     with pytest.raises(ValueError, match="'random' or an integer"):
         draw_window_start(13, 4, "first")
+    # min_start (the flow path's one-chunk windows) removes early starts from the draw.
+    assert {draw_window_start(3, 1, "random", g, min_start=1) for _ in range(32)} == {1, 2}
+    with pytest.raises(ValueError, match="first allowed start 1"):
+        draw_window_start(3, 1, 0, min_start=1)
 
 
 def test_window_must_fit(vae, latents):

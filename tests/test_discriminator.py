@@ -139,6 +139,9 @@ def test_flow_path_end_to_end(path_parts, teacher_path, prompt):
         path.encode_frames(torch.zeros(1, 3, 6, 32, 32))
     with pytest.raises(ValueError, match="single frame"):
         path.fake(z, start=0, window=1)
+    g = torch.Generator().manual_seed(0)
+    assert {path.draw_start(3, 1, "random", g) for _ in range(32)} == {1, 2}  # never the 1-frame chunk 0
+    assert path.draw_start(3, 2, 0) == 0
 
 
 def test_latent_path_is_the_latent_window(path_parts):

@@ -210,23 +210,26 @@ class ChunkedWanDecoder:
         return normalize(mode, self.vae.config)
 
 
-def draw_window_start(num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None) -> int:
+def draw_window_start(
+    num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None, min_start: int = 0
+) -> int:
     """First latent chunk of this step's decoding window.
 
-    ``mode="random"`` draws uniformly from 0 .. num_latent - window (with `generator`, so a
-    seeded run is reproducible); an integer (or its string, as `gan.window_start` stores it)
-    is a fixed start, checked to fit.
+    ``mode="random"`` draws uniformly from min_start .. num_latent - window (with
+    `generator`, so a seeded run is reproducible); an integer (or its string, as
+    `gan.window_start` stores it) is a fixed start, checked to fit. `min_start` excludes
+    early starts (the flow path sets 1 for a one-chunk window: chunk 0 alone is one frame).
     """
-    if window < 1 or window > num_latent:
-        raise ValueError(f"window {window} does not fit {num_latent} latent chunks")
+    if window < 1 or min_start + window > num_latent:
+        raise ValueError(f"window {window} does not fit {num_latent} latent chunks from chunk {min_start} on")
     if mode == "random":
-        return int(torch.randint(0, num_latent - window + 1, (1,), generator=generator).item())
+        return int(torch.randint(min_start, num_latent - window + 1, (1,), generator=generator).item())
     try:
         start = int(mode)
     except (TypeError, ValueError):
         raise ValueError(f"window start mode must be 'random' or an integer, got {mode!r}") from None
-    if not 0 <= start <= num_latent - window:
-        raise ValueError(f"window [{start}, {start + window}) does not fit {num_latent} latent chunks")
+    if not min_start <= start <= num_latent - window:
+        raise ValueError(f"window [{start}, {start + window}) does not fit {num_latent} latent chunks (first allowed start {min_start})")
     return start
 
 

@@ -81,10 +81,14 @@ class MotionPath:
             raft = RaftFlow(raft_model, num_iters=gan_cfg.raft_iters, pairs_per_chunk=gan_cfg.raft_pairs_per_chunk, checkpoint=checkpoint)
         return cls(vae, raft, gan_cfg.space, gan_cfg.flow_scale, checkpoint)
 
-    @staticmethod
-    def draw_start(num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None) -> int:
-        """The window's first latent chunk for this step (`gan.window_start`)."""
-        return draw_window_start(num_latent, window, mode, generator)
+    def draw_start(self, num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None) -> int:
+        """The window's first latent chunk for this step (`gan.window_start`).
+
+        In flow space a one-chunk window never starts at chunk 0, which decodes to a single
+        frame (no flow); a fixed start of 0 with window 1 is rejected.
+        """
+        min_start = 1 if self.space == "flow" and window == 1 else 0
+        return draw_window_start(num_latent, window, mode, generator, min_start=min_start)
 
     # ------------------------------------------------------------------ pieces
     def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
