@@ -7,6 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mogan_installed
 
+# Idle OpenMP threads sleep rather than spin: ranks and loader workers share few cores here.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 .PHONY: venv demo test test-fast bench clean
 
 $(STAMP): setup.cfg pyproject.toml

@@ -30,6 +30,8 @@ def launch_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     # One intra-op thread per rank: the ranks share the machine's cores.
     env.setdefault("OMP_NUM_THREADS", "1")
+    # ...and idle OpenMP threads sleep instead of spinning on the shared cores.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env.update(extra or {})
