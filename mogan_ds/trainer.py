@@ -59,14 +59,17 @@ class MoGANTrainer:
         from .data.corpus import MotionClipStream
         from .data.prompts import PromptEmbeddings, load_special_embeddings
         from .ema import ShardedEMA
+        from .info import architecture
         from .motion.pipeline import MotionPath
         from .networks import build_networks, configure_trainable_attention
         from .parallel import Topology, init_distributed
 
         init_distributed()
         self.cfg = cfg
+        # Head count from the weights folder's config.json: SP vs heads/world fails before any loading.
+        heads = architecture(cfg)[0]["transformer"]["num_attention_heads"]
+        validate(cfg, num_heads=heads, world_size=dist.get_world_size())
         self.topo = Topology.from_world(cfg.parallel.sp_size)
-        validate(cfg, world_size=self.topo.world_size)
         self.device = torch.device(get_accelerator().current_device_name())
         self.rank0 = self.topo.rank == 0
         self.run_dir = Path(cfg.output.run_dir)
@@ -86,7 +89,6 @@ class MoGANTrainer:
         # Fresh weights (the discriminator's heads) must be identical on every rank.
         torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg, self.topo, self.device, special["disc"])
-        validate(cfg, num_heads=nets.generator.config.num_attention_heads, world_size=self.topo.world_size)
         self.engines = build_engines(cfg, base_ds, self.topo, {
             "generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator})
         configure_trainable_attention(self.engines, cfg.models.attention_backend)

@@ -57,7 +57,8 @@ def test_ds_config_may_not_set_what_the_recipe_owns(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config", "tiny", "gan.windoww=2"], "gan.windoww"),
     (["--config", "no_such_recipe"], "no_such_recipe"),
-    (["--config", "tiny", "models.root=/nonexistent/wan", "data.prompts=/nonexistent/prompts"], "/nonexistent"),
+    (["--config", "tiny", "models.root=/nonexistent/wan", "data.prompts=/nonexistent/prompts", "models.arch=auto"], "/nonexistent"),
+    (["--config", "tiny", "parallel.sp_size=3"], "parallel.sp_size"),  # 3 does not divide the tiny DiT's 4 heads
 ])
 def test_train_entry_point_fails_clearly(args, message, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "zero3_cpu.json"),
