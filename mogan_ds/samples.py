@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data.prompts import PromptEmbeddings
-from .data.video import write_mp4
+from .video_io import write_mp4
 from .motion.flow import flow_to_rgb
 from .sampling import decode_to_uint8, latent_shape, sample_few_step
 from .schedule import randn
