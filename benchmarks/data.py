@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        rate_tiny_src = write_corpus(f"{tmp}/tiny", 8, 24, 160, 160, 8, seed=0)
+        write_corpus(f"{tmp}/tiny", 8, 24, 160, 160, 8, seed=0)
         rate_16 = write_corpus(f"{tmp}/p16", 4, 64, 480, 832, 16, seed=1)  # 4 s at 16 fps
         rate_30 = write_corpus(f"{tmp}/p30", 4, 120, 480, 832, 30, seed=2)  # 4 s at 30 fps
         print(f"wrote benchmark shards in {time.time() - t0:.1f} s (480p bitrates: {rate_16:.1f} Mbit/s at 16 fps, {rate_30:.1f} Mbit/s at 30 fps)")

@@ -39,7 +39,8 @@ def _barrier():
         dist.barrier()
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -80,7 +81,7 @@ class CheckpointManager:
         """Collective: every rank calls it with its own `trainer_state`."""
         final = self.root / f"step_{step:08d}"
         partial = self.root / f"step_{step:08d}.partial"
-        if _rank() == 0:
+        if process_rank() == 0:
             # A previous attempt at this step that was killed, or a stale complete one
             # from a run that is being redone, must not mix with this save.
             for stale in (partial, final):
@@ -91,11 +92,11 @@ class CheckpointManager:
         for role, engine in engines.items():
             engine.save_checkpoint(str(partial / role), tag=ENGINE_TAG, save_latest=False)
         (partial / "trainer").mkdir(exist_ok=True)
-        tmp = partial / "trainer" / f".rank_{_rank():05d}.pt.tmp"
+        tmp = partial / "trainer" / f".rank_{process_rank():05d}.pt.tmp"
         torch.save({**trainer_state, "rng": rng_state()}, tmp)
-        os.replace(tmp, partial / "trainer" / f"rank_{_rank():05d}.pt")
+        os.replace(tmp, partial / "trainer" / f"rank_{process_rank():05d}.pt")
         _barrier()
-        if _rank() == 0:
+        if process_rank() == 0:
             os.replace(partial, final)
             (final / "COMPLETE").write_text(f"{step}\n")
             tmp_latest = self.root / ".latest.tmp"
@@ -115,7 +116,7 @@ class CheckpointManager:
             )
             if load_dir is None:
                 raise FileNotFoundError(f"{path / role}: DeepSpeed found no checkpoint for {role}")
-        f = path / "trainer" / f"rank_{_rank():05d}.pt"
+        f = path / "trainer" / f"rank_{process_rank():05d}.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{f}: no trainer state for this rank (resumed with a different world size?)")
         state = torch.load(f, map_location="cpu", weights_only=False)

@@ -13,7 +13,6 @@ merges the per-role values below (optimiser, batch sizes, clipping) into that JS
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 import typing

@@ -14,11 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from .checkpoint import process_rank
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -41,10 +37,10 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, sub in module.named_modules():
         own = list(sub.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-            if _rank() == 0:
+            if process_rank() == 0:
                 for pname, p in sub.named_parameters(recurse=False):
                     state[f"{name}.{pname}" if name else pname] = p.detach().cpu().clone()
-    if _rank() == 0:
+    if process_rank() == 0:
         for bname, b in module.named_buffers():
             state[bname] = b.detach().cpu().clone()
     return state
@@ -64,7 +60,7 @@ def export_generator(module: torch.nn.Module, teacher_root: str | Path, out: str
             state = gathered_state_dict(module)
     else:
         state = gathered_state_dict(module)
-    if _rank() != 0:
+    if process_rank() != 0:
         return None
     out, teacher_root = Path(out), Path(teacher_root)
     tmp = out.with_name(out.name + ".partial")

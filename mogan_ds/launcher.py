@@ -22,7 +22,10 @@ def free_port() -> int:
 
 
 def deepspeed_command(num_ranks: int, script: str | Path, args: list[str], master_port: int | None = None) -> list[str]:
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    local = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment first
+    exe = str(local) if local.exists() else shutil.which("deepspeed")
+    if not exe:
+        raise FileNotFoundError("the deepspeed launcher is neither next to this python nor on PATH")
     return [exe, "--num_gpus", str(num_ranks), "--master_port", str(master_port or free_port()), str(script), *args]
 
 

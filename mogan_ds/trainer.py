@@ -226,11 +226,11 @@ class MoGANTrainer:
 
     def _teacher_cfg_x0(self, x_t, t, sigma, embeds) -> torch.Tensor:
         """x0_real = cond + s (cond - uncond) (DMD's CFG form; s = dmd.guidance_scale), one batched call."""
-        b = len(x_t)
-        neg = self.negative.expand(b, *self.negative.shape[1:])
-        v = self.teacher_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([embeds, neg.to(embeds.dtype)]))
-        x0_cond, x0_uncond = self.schedule.velocity_to_x0(torch.cat([x_t, x_t]), v, torch.cat([sigma, sigma])).chunk(2)
-        return x0_cond + self.cfg.dmd.guidance_scale * (x0_cond - x0_uncond)
+        neg = self.negative.expand(len(x_t), *self.negative.shape[1:]).to(embeds.dtype)
+        v_cond, v_uncond = self.teacher_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([embeds, neg])).chunk(2)
+        # x0 = x_t - sigma v is linear in v: the guidance rule on x0 is the same rule on v.
+        v = v_cond + self.cfg.dmd.guidance_scale * (v_cond - v_uncond)
+        return self.schedule.velocity_to_x0(x_t, v, sigma)
 
     def _backward_step(self, role: str, loss: torch.Tensor) -> bool:
         """backward + step, unless the loss is non-finite on any rank (then every rank skips it).

@@ -22,7 +22,6 @@ SRC_FPS, SRC_FRAMES = 16, 24
 def level_clip(seed: int) -> np.ndarray:
     """Background grey 20 + 8 i in frame i (readable after decoding), a square moving in the middle rows."""
     frames = np.empty((SRC_FRAMES, 96, 128, 3), np.uint8)
-    xx = np.arange(128)
     for i in range(SRC_FRAMES):
         frames[i] = 20 + 8 * i
         x0 = 10 + (3 + seed) * i

@@ -8,14 +8,12 @@ here. Two launches: --sp 2 (world 2 = dp 1 x sp 2) and --sp 1 (dp 2).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from mogan_ds.launcher import deepspeed_command, launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,27 +35,12 @@ SP2_CHECKS = [
 SP1_CHECKS = [f"dp_{k}_step{s}" for s in (1, 2) for k in ("grads", "input_grad", "params_after")]
 
 
-def _deepspeed() -> str:
-    local = Path(sys.executable).parent / "deepspeed"  # the venv's launcher
-    found = str(local) if local.exists() else shutil.which("deepspeed")
-    if not found:
-        pytest.fail("the deepspeed launcher is not installed next to this python nor on PATH")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(sp: int, out_dir: Path) -> dict:
     """`DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P sp_parity.py --sp N --out F`."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = launch_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     out = out_dir / f"sp{sp}.json"
     for _ in range(2):  # a second try only if the free port was taken in between
-        cmd = [_deepspeed(), "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER), "--sp", str(sp), "--out", str(out)]
+        cmd = deepspeed_command(2, WORKER, ["--sp", str(sp), "--out", str(out)])
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         log = proc.stdout + proc.stderr
         if proc.returncode == 0 and out.exists():

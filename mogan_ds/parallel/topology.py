@@ -25,10 +25,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import socket
 from datetime import timedelta
 
 import torch
+
+from ..launcher import free_port
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,6 @@ _TOPOLOGY: Topology | None = None
 
 
 # --------------------------------------------------------------------------- process group
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(timeout: timedelta | None = None) -> None:
@@ -62,7 +57,7 @@ def init_distributed(timeout: timedelta | None = None) -> None:
             # discovered by DeepSpeed): a world of one, on a port only this process uses.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs = {} if timeout is None else {"timeout": timeout}
     # Also called when torch.distributed is already up: deepspeed.comm then wraps the
