@@ -1,10 +1,14 @@
-"""Exponential moving average of the generator, kept on each rank's own ZeRO-3 shard.
+"""Exponential moving average of the generator's fp32 master weights, per rank for its own shard.
 
-Under ZeRO-3 a rank holds only its partition of every parameter (`param.ds_tensor`), so
-the EMA is kept for exactly that partition, in fp32: memory per rank is 4 bytes x
-params / dp, and no collective is needed to update it. Under ZeRO-0/1/2 the full
-parameter is local and is averaged instead. Export swaps the EMA into the partitions,
-gathers, and swaps back (`swapped_in`).
+The EMA follows the optimizer's fp32 master weights (`mogan_ds.master_weights`), not the
+engine's bf16 compute copy: at the recipe's lr most updates round away in bf16, so an
+EMA of the bf16 weights would stay where training started while the masters move.
+
+Under ZeRO-3 a rank holds only its partition of every master, so the EMA is kept for
+exactly that partition, in fp32: memory per rank is 4 bytes x params / dp, and no
+collective is needed to update it (ZeRO-1/2: this rank's master fragment; an fp32 module
+without ZeRO: the parameter itself). `swapped_in` exchanges the EMA with the masters for
+the export, which reads the masters at fp32 (`export.full_fp32_state_dict`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,7 @@ import contextlib
 
 import torch
 
-
-def _local(p: torch.nn.Parameter) -> torch.Tensor:
-    """The tensor this rank owns for `p`: its ZeRO-3 partition, or the parameter itself."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+from .master_weights import local_master, set_local_master
 
 
 class ShardedEMA:
@@ -25,12 +26,14 @@ class ShardedEMA:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay = decay
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        # Built after deepspeed.initialize: the masters are the weights training starts from.
+        self.shadow = [local_master(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
+        """shadow <- decay * shadow + (1 - decay) * master (call after each applied optimizer step)."""
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(_local(p).float(), 1.0 - self.decay)
+            s.lerp_(local_master(p).to(s.device, torch.float32), 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
@@ -46,14 +49,17 @@ class ShardedEMA:
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Within the block the module's (local partitions of the) weights are the EMA's."""
-        backup = [_local(p).detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                _local(p).copy_(s)
+        """Within the block this rank's fp32 masters hold the EMA; afterwards the training values again.
+
+        Only the masters change (the compute copy the forward uses does not): read the
+        weights with `master_weights.full_master` / `export.full_fp32_state_dict`. Take no
+        optimizer step inside the block.
+        """
+        backup = [local_master(p).detach().clone() for p in self.params]
+        for s, p in zip(self.shadow, self.params):
+            set_local_master(p, s)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for b, p in zip(backup, self.params):
-                    _local(p).copy_(b)
+            for b, p in zip(backup, self.params):
+                set_local_master(p, b)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from .checkpoint import process_rank
+from .master_weights import full_master
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -24,25 +25,24 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (un-partitioned) CPU state dict of a possibly ZeRO-3-partitioned module. Collective."""
-    import deepspeed
+def full_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) fp32 CPU state dict of a DeepSpeed engine's module, from its fp32 masters.
 
-    params = list(module.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
-    if not zero3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    Parameters come from the optimizer's fp32 master weights (`master_weights.full_master`),
+    not from the bf16 compute copy, which lags them by up to bf16's rounding at every
+    weight (most lr-2e-6 updates never reach it). Collective: every rank calls it; one
+    parameter is assembled at a time, so peak memory is one parameter, not the model.
+    Only rank 0 keeps the tensors (the other ranks return {}).
+    """
+    keep = process_rank() == 0
     state = {}
-    # Gather one submodule's direct params at a time: peak memory is one layer, not the model.
-    for name, sub in module.named_modules():
-        own = list(sub.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-            if process_rank() == 0:
-                for pname, p in sub.named_parameters(recurse=False):
-                    state[f"{name}.{pname}" if name else pname] = p.detach().cpu().clone()
-    if process_rank() == 0:
-        for bname, b in module.named_buffers():
-            state[bname] = b.detach().cpu().clone()
+    for name, p in module.named_parameters():
+        full = full_master(p)
+        if keep:
+            state[name] = full.cpu()
+    if keep:
+        for name, b in module.named_buffers():
+            state[name] = b.detach().cpu().clone()
     return state
 
 
@@ -56,10 +56,10 @@ def export_generator(module: torch.nn.Module, teacher_root: str | Path, out: str
     from diffusers import WanTransformer3DModel
 
     if ema is not None:
-        with ema.swapped_in():
-            state = gathered_state_dict(module)
+        with ema.swapped_in():  # the masters hold the EMA inside the block
+            state = full_fp32_state_dict(module)
     else:
-        state = gathered_state_dict(module)
+        state = full_fp32_state_dict(module)
     if process_rank() != 0:
         return None
     out, teacher_root = Path(out), Path(teacher_root)
