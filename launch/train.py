@@ -2,10 +2,13 @@
 
     deepspeed [--hostfile launch/hostfile] launch/train.py \
         --ds_config ds_configs/zero3_bf16.json --config <recipe.yaml | tiny | wan2.1-t2v-1.3b> \
-        [--resume] [key.sub=value ...]
+        [--resume] [--debug] [key.sub=value ...]
 
 Multi-node: a DeepSpeed hostfile (`launch/hostfile.example`) and a run directory
 (`output.run_dir`) on a filesystem every node sees.
+
+A bad setting, a missing or malformed file or missing weights end in one line on stderr
+and exit code 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+try:
+    import mogan_ds  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mogan_ds.cli import add_debug_flag, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,23 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="recipe YAML, or a shipped recipe name")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of output.run_dir")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     args = ap.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mogan_ds.config import ConfigError, load_config
+    # Set-up mistakes (settings, missing weights/data/JSON, a run dir holding checkpoints)
+    # are one line and exit 2 on every rank, before any weights load. Failures during
+    # training are not input mistakes and keep their traceback.
+    with user_errors(args.debug, "train.py") as outcome:
+        from mogan_ds.config import load_config
+        from mogan_ds.engines import load_ds_config
 
-    try:
         cfg = load_config(args.config, args.overrides)
-        from mogan_ds.trainer import MoGANTrainer
+        load_ds_config(args.ds_config)  # checked before the process group starts
+        from mogan_ds.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
 
         trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (FileExistsError, FileNotFoundError) as e:  # missing weights/data, or a run dir that would be overwritten
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if outcome.exit_code:
+        return outcome.exit_code
     trainer.fit()
     return 0
 

@@ -1,26 +1,31 @@
 """Command line: `python -m mogan_ds <command>`.
 
     info  --config <recipe> [--ds_config x.json] [key=value ...]
-          resolved config + parameter count and memory of every network (meta device)
+          resolved config + parameter count and memory of every network (meta device),
+          after the checks the trainer runs before loading (SP size vs the DiT's heads,
+          the discriminator's blocks vs the DiT's, the DeepSpeed JSON)
+    info  --help-keys
+          every config key with its default, help, valid range and choices
     demo  [--workdir .cache/mogan_tiny] [--run_dir runs/tiny] [--num_ranks 2] [key=value ...]
           the embedded tiny default: tiny models + synthetic shards if absent, then the
           real `deepspeed` launcher on CPU ranks running launch/train.py
+
+A bad setting or a missing/malformed file ends in one line on stderr and exit code 2;
+`--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from .config import ConfigError, load_config
+from .cli import add_debug_flag, user_errors
+from .config import load_config
 
 
-def _trainable_dtype(ds_config: str | None) -> str:
-    if not ds_config:
+def _trainable_dtype(ds: dict | None) -> str:
+    if ds is None:
         return "bf16"
-    with open(ds_config) as fh:
-        ds = json.load(fh)
     if ds.get("bf16", {}).get("enabled"):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
@@ -28,35 +33,56 @@ def _trainable_dtype(ds_config: str | None) -> str:
     return "fp32"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mogan_ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="resolved config and per-network parameter counts and memory")
-    p_info.add_argument("--config", required=True, help="recipe YAML or shipped recipe name")
+    p_info.add_argument("--config", help="recipe YAML or shipped recipe name (required unless --help-keys)")
     p_info.add_argument("--ds_config", default=None, help="DeepSpeed JSON (sets the trainable precision)")
+    p_info.add_argument("--help-keys", dest="help_keys", action="store_true", help="list every config key with its default, help and valid range")
+    add_debug_flag(p_info)
     p_info.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p_demo = sub.add_parser("demo", help="run the embedded tiny default end to end")
     p_demo.add_argument("--workdir", default=".cache/mogan_tiny", help="where tiny models, shards and prompt embeddings go")
     p_demo.add_argument("--num_ranks", type=int, default=2, help="CPU ranks the deepspeed launcher starts")
     p_demo.add_argument("--ds_config", default="ds_configs/zero3_cpu.json", help="DeepSpeed JSON for the demo")
+    add_debug_flag(p_demo)
     p_demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the tiny recipe")
-    args = ap.parse_args(argv)
+    return ap
 
-    try:
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd == "info" and not args.help_keys and not args.config:
+        ap.error("info: --config is required (or --help-keys)")
+    if args.cmd == "demo" and args.num_ranks < 1:
+        ap.error("demo: --num_ranks must be >= 1")
+
+    with user_errors(args.debug, f"python -m mogan_ds {args.cmd}") as outcome:
         if args.cmd == "info":
-            from .info import run_info
+            from .info import format_help_keys, run_info
+
+            if args.help_keys:
+                print(format_help_keys())
+                return 0
+            from .engines import load_ds_config
 
             cfg = load_config(args.config, args.overrides)
-            print(run_info(cfg, _trainable_dtype(args.ds_config)))
+            # The trainer's own reader: a missing, malformed or clashing JSON fails here too.
+            ds = load_ds_config(args.ds_config) if args.ds_config else None
+            print(run_info(cfg, _trainable_dtype(ds)))
             return 0
         if args.cmd == "demo":
             from .demo import run_demo
+            from .engines import load_ds_config
 
+            # Bad overrides or a bad JSON fail here, before tiny models and shards are built
+            # and before every launched rank would print the same error.
+            load_config("tiny", args.overrides)
+            load_ds_config(args.ds_config)
             return run_demo(args.workdir, args.num_ranks, args.ds_config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 1
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ merges the per-role values below (optimiser, batch sizes, clipping) into that JS
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,16 +24,28 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
+from .models.presets import PRESETS
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override is invalid; the message names the key."""
 
 
-def F(default: Any, help: str):  # noqa: N802 - a field constructor, named like one
-    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: N802 - a field constructor
+      le: float | None = None, lt: float | None = None):
+    """A dataclass field with a help string and, for a number, its valid range.
+
+    The bounds (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) live in the field's metadata so
+    the range is written once: `check_ranges` (run by `validate`, so by the loader)
+    enforces it naming the key, and `field_help` shows it. For a list field the range
+    applies to every entry. Mutable defaults are copied per instance.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "range": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------- sections
@@ -51,69 +65,69 @@ class ModelsConfig:
 
 @dataclass
 class VideoConfig:
-    num_frames: int = F(49, "Pixel frames per clip (4k+1 for the Wan VAE).")
-    height: int = F(480, "Clip height in pixels (multiple of 16).")
-    width: int = F(832, "Clip width in pixels (multiple of 16).")
-    fps: float = F(16.0, "Frame rate real clips are resampled to.")
+    num_frames: int = F(49, "Pixel frames per clip (4k+1 for the Wan VAE).", ge=1)
+    height: int = F(480, "Clip height in pixels (multiple of 16).", ge=16)
+    width: int = F(832, "Clip width in pixels (multiple of 16).", ge=16)
+    fps: float = F(16.0, "Frame rate real clips are resampled to.", gt=0)
 
 
 @dataclass
 class ScheduleConfig:
-    num_train_timesteps: int = F(1000, "Length of the teacher's discrete timestep grid.")
-    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma): shapes the DMD / fake-score timestep draw (and warps denoising_timesteps when warp_denoising_timesteps=true).")
-    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps on the 0..1000 model grid, highest first. Used as given (sigma = t/1000) unless warp_denoising_timesteps=true.")
+    num_train_timesteps: int = F(1000, "Length of the teacher's discrete timestep grid.", ge=1)
+    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma): shapes the DMD / fake-score timestep draw (and warps denoising_timesteps when warp_denoising_timesteps=true).", gt=0)
+    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps on the 0..1000 model grid, highest first. Used as given (sigma = t/1000) unless warp_denoising_timesteps=true.", gt=0)
     warp_denoising_timesteps: bool = F(False, "Self-Forcing convention: treat denoising_timesteps as positions on the shift-warped grid, t' = 1000*shift_sigma(t/1000). false = CausVid/FastWan convention of the [1000, 757, 522] 3-step Wan DMD models.")
-    min_timestep: int = F(20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).")
-    max_timestep: int = F(980, "Highest timestep DMD and the fake-score loss draw.")
-    teacher_steps: int = F(50, "Steps of the teacher's CFG sampler (evaluation / reference samples).")
-    teacher_shift: float = F(3.0, "Timestep shift of the teacher's multi-step sampler (3.0 for 480p Wan2.1).")
-    teacher_guidance_scale: float = F(5.0, "CFG scale of the teacher's sampler in WanPipeline's form v = v_u + g*(v_c - v_u) (Wan2.1 T2V default 5.0; 1.0 = no CFG).")
+    min_timestep: int = F(20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).", ge=0)
+    max_timestep: int = F(980, "Highest timestep DMD and the fake-score loss draw.", ge=1)
+    teacher_steps: int = F(50, "Steps of the teacher's CFG sampler (evaluation / reference samples).", ge=1)
+    teacher_shift: float = F(3.0, "Timestep shift of the teacher's multi-step sampler (3.0 for 480p Wan2.1).", gt=0)
+    teacher_guidance_scale: float = F(5.0, "CFG scale of the teacher's sampler in WanPipeline's form v = v_u + g*(v_c - v_u) (Wan2.1 T2V default 5.0; 1.0 = no CFG).", ge=0)
 
 
 @dataclass
 class TextConfig:
-    max_length: int = F(512, "Tokens per prompt embedding (Wan: 512, zero-padded past the prompt).")
+    max_length: int = F(512, "Tokens per prompt embedding (Wan: 512, zero-padded past the prompt).", ge=1)
     disc_prompt: str = F("a video with good motion", "Fixed prompt of the motion discriminator (paper, section 4.3).")
 
 
 @dataclass
 class DMDConfig:
     enabled: bool = F(True, "Phase 1: the DMD generator loss. false = the paper's 'w/o DMD' row.")
-    weight: float = F(1.0, "lambda_DMD, weight of the DMD generator loss.")
-    guidance_scale: float = F(3.5, "Teacher CFG scale s in x0_real = cond + s*(cond - uncond).")
-    interval: int = F(1, "Run the DMD generator phase every N iterations.")
-    critic_updates: int = F(5, "Phase 2: fake-score updates per iteration (k).")
+    weight: float = F(1.0, "lambda_DMD, weight of the DMD generator loss.", ge=0)
+    guidance_scale: float = F(3.5, "Teacher CFG scale s in x0_real = cond + s*(cond - uncond).", ge=0)
+    interval: int = F(1, "Run the DMD generator phase every N iterations.", ge=1)
+    critic_updates: int = F(5, "Phase 2: fake-score updates per iteration (k).", ge=0)
 
 
 @dataclass
 class GANConfig:
     enabled: bool = F(True, "Phases 3 and 4: the motion GAN. false = the DMD-only baseline / warm-up.")
     space: Literal["flow", "latent"] = F("flow", "Discriminator input: RAFT flow of decoded clips, or the video latents ('w/o optical flow').")
-    weight_g: float = F(1.0, "lambda_G, weight of the generator's GAN loss (value lost in the paper text).")
-    weight_d: float = F(1.0, "lambda_D, weight of the discriminator's logistic loss.")
-    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). 0 disables it.")
-    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7). 0 disables it.")
-    sigma: float = F(0.01, "Noise std of the approximate R1/R2 perturbation (0.01 public Wan GAN code, 0.1 Seaweed APT).")
-    interval: int = F(1, "Run the GAN phases every N iterations.")
-    window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).")
+    weight_g: float = F(1.0, "lambda_G, weight of the generator's GAN loss (value lost in the paper text).", ge=0)
+    weight_d: float = F(1.0, "lambda_D, weight of the discriminator's logistic loss.", ge=0)
+    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). 0 disables it.", ge=0)
+    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7). 0 disables it.", ge=0)
+    sigma: float = F(0.01, "Noise std of the approximate R1/R2 perturbation (0.01 public Wan GAN code, 0.1 Seaweed APT).", gt=0)
+    interval: int = F(1, "Run the GAN phases every N iterations.", ge=1)
+    window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).", ge=1)
     window_start: str = F("random", "'random' (drawn per step) or an integer chunk index.")
-    raft_iters: int = F(12, "RAFT flow-update iterations.")
-    flow_scale: float = F(20.0, "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.")
-    raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).")
-    disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).")
-    head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.")
-    head_dim: int = F(256, "Hidden width of each prediction head's MLP.")
-    disc_timestep: int = F(0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).")
+    raft_iters: int = F(12, "RAFT flow-update iterations.", ge=1)
+    flow_scale: float = F(20.0, "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.", gt=0)
+    raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).", ge=1)
+    disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).", ge=1)
+    head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.", ge=0)
+    head_dim: int = F(256, "Hidden width of each prediction head's MLP.", ge=1)
+    disc_timestep: int = F(0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = F(2e-6, "AdamW learning rate.")
-    betas: list[float] = F([0.0, 0.999], "AdamW betas.")
-    weight_decay: float = F(0.01, "AdamW weight decay.")
-    eps: float = F(1e-8, "AdamW epsilon.")
-    grad_clip: float = F(10.0, "Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables it.")
-    warmup_steps: int = F(0, "Linear learning-rate warm-up steps (DeepSpeed WarmupLR).")
+    lr: float = F(2e-6, "AdamW learning rate.", gt=0)
+    betas: list[float] = F([0.0, 0.999], "AdamW betas.", ge=0, lt=1)
+    weight_decay: float = F(0.01, "AdamW weight decay.", ge=0)
+    eps: float = F(1e-8, "AdamW epsilon.", gt=0)
+    grad_clip: float = F(10.0, "Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables it.", ge=0)
+    warmup_steps: int = F(0, "Linear learning-rate warm-up steps (DeepSpeed WarmupLR).", ge=0)
 
 
 @dataclass
@@ -127,32 +141,32 @@ class OptimizersConfig:
 class DataConfig:
     shards: str = F("", "Motion-video webdataset shards: a local path, directory, brace pattern or URL list.")
     prompts: str = F("", "Prompt-embedding shards written by data_tools/encode_prompts.py.")
-    num_workers: int = F(2, "Loader worker processes per rank.")
-    shuffle_buffer: int = F(64, "webdataset shuffle buffer (samples).")
-    epoch_samples: int = F(100000, "Nominal samples per rank per epoch of the resampled stream.")
-    min_motion: float = F(0.0, "Skip corpus clips whose stored motion score is below this.")
+    num_workers: int = F(2, "Loader worker processes per rank.", ge=0)
+    shuffle_buffer: int = F(64, "webdataset shuffle buffer (samples).", ge=1)
+    epoch_samples: int = F(100000, "Nominal samples per rank per epoch of the resampled stream.", ge=1)
+    min_motion: float = F(0.0, "Skip corpus clips whose stored motion score is below this.", ge=0)
 
 
 @dataclass
 class ParallelConfig:
-    sp_size: int = F(1, "Ulysses sequence-parallel group size (divides the head count and the world size).")
+    sp_size: int = F(1, "Ulysses sequence-parallel group size (divides the head count and the world size).", ge=1)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = F(2000, "Training iterations.")
-    batch_size: int = F(8, "Global generator batch (clips per iteration over all data-parallel ranks).")
-    micro_batch_size: int = F(1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).")
-    seed: int = F(0, "Global seed (per-rank streams derive from it).")
-    ema_decay: float = F(0.0, "Generator EMA decay; 0 disables the EMA.")
-    max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.")
+    max_steps: int = F(2000, "Training iterations.", ge=1)
+    batch_size: int = F(8, "Global generator batch (clips per iteration over all data-parallel ranks).", ge=1)
+    micro_batch_size: int = F(1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).", ge=1)
+    seed: int = F(0, "Global seed (per-rank streams derive from it).", ge=0)
+    ema_decay: float = F(0.0, "Generator EMA decay; 0 disables the EMA.", ge=0, lt=1)
+    max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.", ge=1)
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = F(1, "Write metrics every N iterations.")
-    sample_every: int = F(500, "Write sample videos with their flow every N iterations; 0 disables.")
-    num_samples: int = F(2, "Prompts rendered at each sample interval.")
+    log_every: int = F(1, "Write metrics every N iterations.", ge=1)
+    sample_every: int = F(500, "Write sample videos with their flow every N iterations; 0 disables.", ge=0)
+    num_samples: int = F(2, "Prompts rendered at each sample interval.", ge=1)
     wandb_mode: Literal["offline", "online", "disabled"] = F("offline", "wandb mode; offline unless you configure a project.")
     wandb_project: str = F("mogan_ds", "wandb project.")
 
@@ -160,8 +174,8 @@ class LoggingConfig:
 @dataclass
 class OutputConfig:
     run_dir: str = F("runs/mogan", "Run directory: resolved config, logs, checkpoints, samples.")
-    checkpoint_every: int = F(500, "Checkpoint every N iterations.")
-    keep_checkpoints: int = F(2, "Complete checkpoints kept (older ones are deleted after a new one is complete).")
+    checkpoint_every: int = F(500, "Checkpoint every N iterations.", ge=1)
+    keep_checkpoints: int = F(2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1)
 
 
 @dataclass
@@ -229,14 +243,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # nan would pass no range check and inf none that means anything: neither is a setting.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -270,11 +288,14 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
     if "=" not in arg:
         raise ConfigError(f"override {arg!r} is not of the form key.sub=value")
     key, raw = arg.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {arg!r}: the key {key.strip()!r} has an empty part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return parts, value
 
 
 def _set_nested(tree: dict, path: list[str], value: Any) -> None:
@@ -296,10 +317,18 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     tree: dict = {}
     if recipe is not None:
         path = recipe_path(str(recipe))
-        with open(path) as fh:
-            tree = yaml.safe_load(fh) or {}
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe {path}: not a UTF-8 text file") from None
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else " ".join(str(e).split())
+            raise ConfigError(f"recipe {path}: not valid YAML ({where})") from None
+        if tree is None:  # an empty file is a mistake, not "all defaults": those name no weights
+            raise ConfigError(f"recipe {path}: empty; expected a mapping of config sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
         if not isinstance(tree, dict):
-            raise ConfigError(f"recipe {path}: top level must be a mapping")
+            raise ConfigError(f"recipe {path}: top level must be a mapping of config sections, got {type(tree).__name__}")
     for arg in overrides:
         keys, value = _parse_override(arg)
         _set_nested(tree, keys, value)
@@ -316,13 +345,31 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def range_text(bounds: dict[str, float]) -> str:
+    """A field's bounds as text: '>= 1', '> 0', 'in [0, 1)'."""
+    lo = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    hi = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
+    op, bound = lo or hi
+    return f"{_BOUND_OPS[op][1]} {bound}"
+
+
 def field_help(cfg_cls: type = Config, prefix: str = "") -> dict[str, str]:
-    """Flat {dotted.key: help} of the whole tree (documentation, `info --help-keys`)."""
+    """Flat {dotted.key: help} of the whole tree, with each number's valid range and each
+    literal's choices (documentation, `python -m mogan_ds info --help-keys`)."""
     out = {}
     hints = typing.get_type_hints(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
-        out[key] = f.metadata.get("help", "")
+        text = f.metadata.get("help", "")
+        bounds = f.metadata.get("range")
+        if bounds:
+            each = " of each entry" if typing.get_origin(tp) is list else ""
+            text += f" Range{each}: {range_text(bounds)}."
+        if typing.get_origin(tp) is Literal:
+            text += f" Choices: {', '.join(map(str, typing.get_args(tp)))}."
+        out[key] = text
         if dataclasses.is_dataclass(tp):
             out.update(field_help(tp, key + "."))
     return out
@@ -331,29 +378,49 @@ def field_help(cfg_cls: type = Config, prefix: str = "") -> dict[str, str]:
 # --------------------------------------------------------------------------- validation
 
 
+_BOUND_OPS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def check_ranges(section: Any, prefix: str = "") -> None:
+    """Every number of the tree against the range its field declares (`F(..., ge=...)`)."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+            continue
+        bounds = f.metadata.get("range")
+        if not bounds:
+            continue
+        entries = [(f"{key}[{i}]", x) for i, x in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for name, x in entries:
+            if not all(_BOUND_OPS[op][0](x, b) for op, b in bounds.items()):
+                raise ConfigError(f"{name}: {x!r} is out of range; must be {range_text(bounds)}")
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, num_heads: int | None = None, world_size: int | None = None) -> None:
-    """Cross-field checks. `num_heads`/`world_size` are checked when known (model loaded, launcher started)."""
+def validate(cfg: Config, num_heads: int | None = None, world_size: int | None = None, num_layers: int | None = None) -> None:
+    """Every field's range (`check_ranges`), then the checks that involve more than one value.
+
+    `num_heads`/`num_layers` (the DiT's, from `models.presets.architecture`) and
+    `world_size` are checked when known: `info` knows the architecture, the trainer both.
+    """
+    check_ranges(cfg)
     v, s, g = cfg.video, cfg.schedule, cfg.gan
-    _require((v.num_frames - 1) % 4 == 0 and v.num_frames >= 1, "video.num_frames", f"must be 4k+1 for the Wan VAE, got {v.num_frames}")
-    _require(v.height % 16 == 0 and v.height > 0, "video.height", f"must be a positive multiple of 16, got {v.height}")
-    _require(v.width % 16 == 0 and v.width > 0, "video.width", f"must be a positive multiple of 16, got {v.width}")
-    _require(v.fps > 0, "video.fps", "must be positive")
+    _require(cfg.models.arch == "auto" or cfg.models.arch in PRESETS, "models.arch",
+             f"unknown architecture preset {cfg.models.arch!r}; known: auto, {', '.join(PRESETS)}")
+    _require((v.num_frames - 1) % 4 == 0, "video.num_frames", f"must be 4k+1 for the Wan VAE, got {v.num_frames}")
+    _require(v.height % 16 == 0, "video.height", f"must be a multiple of 16, got {v.height}")
+    _require(v.width % 16 == 0, "video.width", f"must be a multiple of 16, got {v.width}")
     _require(len(s.denoising_timesteps) >= 1, "schedule.denoising_timesteps", "needs at least one entry")
-    _require(all(0 < t <= s.num_train_timesteps for t in s.denoising_timesteps), "schedule.denoising_timesteps", f"entries must lie in (0, {s.num_train_timesteps}]")
+    _require(all(t <= s.num_train_timesteps for t in s.denoising_timesteps), "schedule.denoising_timesteps", f"entries must lie in (0, {s.num_train_timesteps}]")
     _require(list(s.denoising_timesteps) == sorted(s.denoising_timesteps, reverse=True), "schedule.denoising_timesteps", "must be in decreasing order")
-    _require(0 <= s.min_timestep < s.max_timestep <= s.num_train_timesteps, "schedule.min_timestep", f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}")
-    _require(s.shift > 0, "schedule.shift", "must be positive")
-    _require(cfg.text.max_length > 0, "text.max_length", "must be positive")
-    _require(cfg.dmd.critic_updates >= 0, "dmd.critic_updates", "must be >= 0")
-    _require(cfg.dmd.interval >= 1, "dmd.interval", "must be >= 1")
-    _require(cfg.gan.interval >= 1, "gan.interval", "must be >= 1")
+    _require(s.min_timestep < s.max_timestep <= s.num_train_timesteps, "schedule.min_timestep", f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}")
+    _require(g.disc_timestep <= s.num_train_timesteps, "gan.disc_timestep", f"{g.disc_timestep} is past the timestep grid's end schedule.num_train_timesteps={s.num_train_timesteps}")
     _require(cfg.dmd.enabled or g.enabled, "dmd.enabled", "DMD and the GAN are both disabled: nothing would train the generator")
-    _require(g.window >= 1, "gan.window", "must be >= 1")
     _require(g.window <= cfg.latent_frames, "gan.window", f"{g.window} latent chunks exceed the clip's {cfg.latent_frames}")
     if g.window_start != "random":
         try:
@@ -361,14 +428,8 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
         except ValueError:
             raise ConfigError(f"gan.window_start: expected 'random' or an integer, got {g.window_start!r}") from None
         _require(0 <= start and start + g.window <= cfg.latent_frames, "gan.window_start", f"window [{start}, {start + g.window}) does not fit {cfg.latent_frames} latent chunks")
-    _require(g.r1 >= 0 and g.r2 >= 0, "gan.r1", "R1/R2 weights must be >= 0")
-    _require(g.sigma > 0, "gan.sigma", "must be positive")
-    _require(g.raft_iters >= 1, "gan.raft_iters", "must be >= 1")
-    _require(g.flow_scale > 0, "gan.flow_scale", "must be positive")
-    _require(g.raft_pairs_per_chunk >= 1, "gan.raft_pairs_per_chunk", "must be >= 1")
-    _require(g.disc_blocks >= 1, "gan.disc_blocks", "must be >= 1")
     _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
-    _require(all(0 <= b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
+    _require(all(b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
     _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
     _require(list(g.head_blocks) == sorted(g.head_blocks), "gan.head_blocks", "indices must be increasing")
     _require(max(g.head_blocks) == g.disc_blocks - 1, "gan.head_blocks",
@@ -377,21 +438,13 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
         _require(v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)")
     for role in ("generator", "fake_score", "discriminator"):
         o: OptimConfig = getattr(cfg.optim, role)
-        _require(o.lr > 0, f"optim.{role}.lr", "must be positive")
-        _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.{role}.betas", "two values in [0, 1)")
-        _require(o.grad_clip >= 0, f"optim.{role}.grad_clip", "must be >= 0")
+        _require(len(o.betas) == 2, f"optim.{role}.betas", f"two values (beta1, beta2), got {len(o.betas)}")
     t = cfg.train
-    _require(t.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(t.batch_size % t.micro_batch_size == 0, "train.batch_size", f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
-    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
-    _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    _require(cfg.parallel.sp_size >= 1, "parallel.sp_size", "must be >= 1")
-    _require(cfg.output.checkpoint_every >= 1, "output.checkpoint_every", "must be >= 1")
-    _require(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     if num_heads is not None:
         _require(num_heads % cfg.parallel.sp_size == 0, "parallel.sp_size", f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads")
+    if num_layers is not None and g.enabled:
+        _require(g.disc_blocks <= num_layers, "gan.disc_blocks", f"{g.disc_blocks} blocks asked of a DiT that has {num_layers}")
     if world_size is not None:
         sp = cfg.parallel.sp_size
         _require(world_size % sp == 0, "parallel.sp_size", f"{sp} does not divide the world size {world_size}")

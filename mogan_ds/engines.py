@@ -36,11 +36,13 @@ def load_ds_config(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--ds_config: no DeepSpeed JSON at {p}")
-    with open(p) as fh:
+    with open(p, encoding="utf-8") as fh:
         try:
             ds = json.load(fh)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--ds_config {p}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds_config {p}: expected a JSON object of DeepSpeed settings, got {type(ds).__name__}")
     clash = [k for k in RECIPE_OWNED_KEYS if k in ds]
     if clash:
         raise ConfigError(

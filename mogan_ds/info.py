@@ -7,15 +7,13 @@ be sized before its weights are on disk.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import Config, dump_yaml
+from .config import Config, dump_yaml, field_help, validate
 from .models.builders import DTYPES, build_raft
-from .models.presets import PRESETS
+from .models.presets import architecture, transformer_limits
 
 # Mixed-precision AdamW under DeepSpeed: bf16 weight + bf16 grad + fp32 master + 2 fp32
 # moments = 2 + 2 + 4 + 4 + 4 bytes per trainable parameter (ZeRO-3 splits it over DP).
@@ -39,33 +37,6 @@ class NetworkPlan:
         return self.params * TRAIN_STATE_BYTES if self.trainable else 0
 
 
-def _folder_config(path: str) -> dict | None:
-    p = Path(path) / "config.json"
-    if path and p.is_file():
-        with open(p) as fh:
-            return json.load(fh)
-    return None
-
-
-def architecture(cfg: Config) -> tuple[dict, str]:
-    """{'transformer','vae','text_encoder','raft_arch'} configs and where they came from."""
-    root = Path(cfg.models.root) if cfg.models.root else None
-    found = {k: _folder_config(str(root / k)) if root else None for k in ("transformer", "vae", "text_encoder")}
-    if all(v is not None for v in found.values()):
-        arch = {**found, "raft_arch": cfg.models.raft_arch}
-        return arch, f"folder {root}"
-    if cfg.models.arch == "auto":
-        missing = [k for k, v in found.items() if v is None]
-        raise FileNotFoundError(
-            f"models.arch=auto needs {', '.join(str((root or Path('<models.root unset>')) / m / 'config.json') for m in missing)}; "
-            f"give the weights folder or a preset ({', '.join(PRESETS)})"
-        )
-    if cfg.models.arch not in PRESETS:
-        raise ValueError(f"models.arch: unknown preset {cfg.models.arch!r}; known: {sorted(PRESETS)} or 'auto'")
-    preset = PRESETS[cfg.models.arch]
-    return {**preset, "raft_arch": cfg.models.raft_arch}, f"preset {cfg.models.arch}"
-
-
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -79,7 +50,7 @@ def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[Netw
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    arch, source = architecture(cfg)
+    arch, source = architecture(cfg.models)
     tcfg = _strip_meta_keys(arch["transformer"])
     frozen = cfg.models.frozen_dtype
     with torch.device("meta"):
@@ -95,7 +66,7 @@ def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[Netw
         NetworkPlan("teacher", dit, frozen, False, source),
         NetworkPlan("discriminator", disc, trainable_dtype, cfg.gan.enabled, f"{source}, first {cfg.gan.disc_blocks} blocks + heads"),
         NetworkPlan("vae", vae, frozen, False, source),
-        NetworkPlan("raft", raft, frozen, False, arch["raft_arch"]),
+        NetworkPlan("raft", raft, "fp32", False, arch["raft_arch"]),  # RAFT always runs in fp32 (networks.py)
         NetworkPlan("text_encoder", text, frozen, False, f"{source} (offline: data_tools/encode_prompts.py only)"),
     ]
     return plans, source
@@ -129,6 +100,27 @@ def format_plan(plans: list[NetworkPlan]) -> str:
     return "\n".join(rows)
 
 
+def validate_for_architecture(cfg: Config) -> None:
+    """The trainer's checks that need the DiT's shape (SP vs heads, D's blocks), without a world."""
+    validate(cfg, **transformer_limits(cfg.models))
+
+
 def run_info(cfg: Config, trainable_dtype: str = "bf16") -> str:
+    validate_for_architecture(cfg)
     plans, _ = plan_networks(cfg, trainable_dtype)
     return f"# resolved config\n{dump_yaml(cfg)}\n# networks (meta device)\n{format_plan(plans)}"
+
+
+def format_help_keys() -> str:
+    """Every config key with its default, help, range and choices (`info --help-keys`)."""
+    defaults = {}
+
+    def walk(obj, prefix=""):
+        for name, value in vars(obj).items():
+            if hasattr(value, "__dataclass_fields__"):
+                walk(value, f"{prefix}{name}.")
+            else:
+                defaults[f"{prefix}{name}"] = value
+
+    walk(Config())
+    return "\n".join(f"{key} = {defaults[key]!r}\n    {text}" for key, text in field_help().items() if key in defaults)

@@ -59,16 +59,16 @@ class MoGANTrainer:
         from .data.corpus import MotionClipStream
         from .data.prompts import PromptEmbeddings, load_special_embeddings
         from .ema import ShardedEMA
-        from .info import architecture
+        from .models.presets import transformer_limits
         from .motion.pipeline import MotionPath
         from .networks import build_networks, configure_trainable_attention
         from .parallel import Topology, init_distributed
 
         init_distributed()
         self.cfg = cfg
-        # Head count from the weights folder's config.json: SP vs heads/world fails before any loading.
-        heads = architecture(cfg)[0]["transformer"]["num_attention_heads"]
-        validate(cfg, num_heads=heads, world_size=dist.get_world_size())
+        # The DiT's head/block counts from the weights folder's config.json: SP vs heads/world
+        # and D's block count fail before any loading.
+        validate(cfg, **transformer_limits(cfg.models), world_size=dist.get_world_size())
         self.topo = Topology.from_world(cfg.parallel.sp_size)
         self.device = torch.device(get_accelerator().current_device_name())
         self.rank0 = self.topo.rank == 0
@@ -342,9 +342,14 @@ class MoGANTrainer:
     @torch.no_grad()
     def write_samples(self) -> None:
         """Few-step samples of fixed prompts with their RAFT flow side by side. Collective (ZeRO-3)."""
-        from .samples import render_samples
+        from .training_samples import render_samples
 
-        render_samples(self, self.run_dir / "samples", self.step)
+        render_samples(
+            velocity_fn=self.gen_fn, schedule=self.schedule, vae=self.vae,
+            raft=self.motion.raft if self.motion is not None else None,
+            prompts_path=self.cfg.data.prompts, num_samples=self.cfg.logging.num_samples, video=self.cfg.video,
+            device=self.device, is_rank0=self.rank0, log_video=self.metrics.log_video,
+            out_dir=self.run_dir / "samples", step=self.step)
 
     def export(self) -> Path | None:
         from .export import export_generator

@@ -1,8 +1,9 @@
 import dataclasses
+import typing
 
 import pytest
 
-from mogan_ds.config import Config, ConfigError, field_help, load_config, validate
+from mogan_ds.config import Config, ConfigError, check_ranges, field_help, load_config, range_text, validate
 
 
 def test_shipped_recipes_load_and_match_the_paper():
@@ -39,6 +40,30 @@ def test_overrides_are_typed():
         ("train.micro_batch_size=4", "train.batch_size"),
         ("schedule.denoising_timesteps=[522,757,1000]", "schedule.denoising_timesteps"),
         ("gan.window_start=first", "gan.window_start"),
+        # ranges declared in the tree (issue 9: these were accepted or ended in a traceback)
+        ("models.arch=foo", "models.arch"),
+        ("text.max_length=-1", "text.max_length"),
+        ("train.batch_size=-8", "train.batch_size"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer"),  # 0 would fill the buffer forever
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.epoch_samples=0", "data.epoch_samples"),
+        ("dmd.critic_updates=-1", "dmd.critic_updates"),
+        ("optim.generator.warmup_steps=-5", "optim.generator.warmup_steps"),
+        ("optim.fake_score.betas=[0.9,1.5]", "optim.fake_score.betas[1]"),
+        ("optim.discriminator.betas=[0.9]", "optim.discriminator.betas"),
+        ("optim.generator.lr=.nan", "optim.generator.lr"),
+        ("optim.generator.grad_clip=.inf", "optim.generator.grad_clip"),
+        ("schedule.teacher_steps=0", "schedule.teacher_steps"),
+        ("schedule.denoising_timesteps=[1000,0]", "schedule.denoising_timesteps[1]"),
+        ("logging.log_every=0", "logging.log_every"),
+        ("logging.sample_every=-1", "logging.sample_every"),
+        ("gan.head_dim=0", "gan.head_dim"),
+        ("gan.sigma=0", "gan.sigma"),
+        ("gan.disc_timestep=1001", "gan.disc_timestep"),
+        ("train.ema_decay=1.0", "train.ema_decay"),
+        ("output.keep_checkpoints=0", "output.keep_checkpoints"),
+        ("gan..window=3", "gan..window"),
     ],
 )
 def test_bad_input_names_the_key(override, key):
@@ -76,3 +101,71 @@ def test_every_field_is_documented():
                 yield f"{prefix}{f.name}"
 
     assert set(leaves(Config())) <= set(helps)
+
+
+def _leaves(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def test_every_numeric_field_declares_its_range_and_shows_it():
+    helps = field_help(Config)
+    numeric = [(k, f) for k, f, tp in _leaves(Config) if tp in (int, float) or typing.get_args(tp) in ((int,), (float,))]
+    assert len(numeric) > 40
+    missing = [k for k, f in numeric if not f.metadata.get("range")]
+    assert not missing, f"numeric fields without a range: {missing}"
+    for k, f in numeric:
+        assert range_text(f.metadata["range"]) in helps[k], k
+    assert helps["train.ema_decay"].endswith("Range: in [0, 1).")
+    assert "Range of each entry: in [0, 1)." in helps["optim.generator.betas"]
+    assert "Choices: flow, latent." in helps["gan.space"]
+
+
+def test_defaults_and_shipped_recipes_are_in_range():
+    check_ranges(Config())
+    for name in ("tiny", "wan2.1-t2v-1.3b"):
+        check_ranges(load_config(name))
+
+
+def test_range_check_applies_to_programmatic_configs_too():
+    cfg = load_config("tiny")
+    cfg.logging.log_every = 0
+    with pytest.raises(ConfigError, match=r"logging.log_every: 0 is out of range; must be >= 1"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty"),
+    ("# only a comment\n", "empty"),
+    ("gan: [1\n", "not valid YAML (line 2"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("gan: 3\n", "gan: expected a mapping"),
+])
+def test_bad_recipe_files_name_the_file(tmp_path, text, message):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert message in str(ei.value)
+    assert "gan:" in message or str(p) in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_binary_recipe_is_a_config_error(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(p)
+
+
+def test_architecture_limits_are_checked_when_known():
+    cfg = load_config("tiny", ["gan.disc_blocks=6", "gan.head_blocks=[5]"])
+    validate(cfg, num_heads=4)
+    with pytest.raises(ConfigError, match="gan.disc_blocks: 6 blocks asked of a DiT that has 4"):
+        validate(cfg, num_heads=4, num_layers=4)
+    validate(load_config("tiny", ["gan.enabled=false", "gan.disc_blocks=6", "gan.head_blocks=[5]"]), num_layers=4)

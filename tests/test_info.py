@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-from mogan_ds.config import load_config
+from mogan_ds.__main__ import main
+from mogan_ds.config import Config, field_help, load_config, to_dict
 from mogan_ds.info import plan_networks
 
 WAN_1_3B_PARAMS = 1_418_996_800
@@ -29,13 +30,50 @@ def test_folder_config_wins_over_preset(tiny_models):
     assert {p.name: p.params for p in plans}["generator"] == real
 
 
-def test_info_cli_prints_the_counts(repo_root):
-    out = subprocess.run([sys.executable, "-m", "mogan_ds", "info", "--config", "wan2.1-t2v-1.3b"],
-                         capture_output=True, text=True, cwd=repo_root, check=True).stdout
+def test_info_cli_prints_the_counts(capsys):
+    assert main(["info", "--config", "wan2.1-t2v-1.3b"]) == 0
+    out = capsys.readouterr().out
     assert "1,418,996,800" in out and "resolved config" in out
 
 
+def test_info_runs_the_trainers_architecture_checks(capsys):
+    # 12 heads in Wan2.1-1.3B: sp 5 cannot split them (the trainer checked this, info did not)
+    assert main(["info", "--config", "wan2.1-t2v-1.3b", "parallel.sp_size=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parallel.sp_size" in err[0] and "12 attention heads" in err[0]
+    assert main(["info", "--config", "wan2.1-t2v-1.3b", "parallel.sp_size=4"]) == 0
+    # D cannot keep more blocks than the DiT has (30)
+    assert main(["info", "--config", "wan2.1-t2v-1.3b", "gan.disc_blocks=31", "gan.head_blocks=[30]"]) == 2
+    assert "gan.disc_blocks" in capsys.readouterr().err
+
+
+def test_info_takes_the_precision_from_the_ds_config(capsys, repo_root):
+    # zero3_cpu.json enables neither bf16 nor fp16: the trainable networks plan in fp32
+    assert main(["info", "--config", "tiny", "--ds_config", f"{repo_root}/ds_configs/zero3_cpu.json"]) == 0
+    generator = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("generator "))
+    assert generator[2] == "fp32"
+    assert main(["info", "--config", "tiny"]) == 0  # no JSON: the cluster's bf16
+    generator = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("generator "))
+    assert generator[2] == "bf16"
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+
+def test_help_keys_lists_every_key_with_default_and_range(capsys):
+    assert main(["info", "--help-keys"]) == 0
+    out = capsys.readouterr().out
+    helps = field_help()
+    for key, default in _flat(to_dict(Config())):
+        assert f"{key} = {default!r}\n    {helps[key]}" in out, key
+    assert "logging.log_every = 1\n    Write metrics every N iterations. Range: >= 1." in out
+
+
 def test_info_cli_bad_key_exits_2(repo_root):
+    """The real entry point: exit code 2, one stderr line naming the key, no traceback."""
     r = subprocess.run([sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", "gan.nope=1"],
                        capture_output=True, text=True, cwd=repo_root)
     assert r.returncode == 2 and "gan.nope" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

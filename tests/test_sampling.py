@@ -1,8 +1,6 @@
-"""Samplers, decode/encode glue, mp4 IO and launch/sample.py on the tiny models."""
+"""Samplers, decode/encode glue, mp4 IO and the sampler behind launch/sample.py (mogan_ds.generate) on the tiny models."""
 
-import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,10 +11,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.video_processor import VideoProcessor
 
 from mogan_ds.config import VideoConfig, load_config
+from mogan_ds.generate import generate_samples
 from mogan_ds.models.builders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 from mogan_ds.sampling import decode_to_uint8, encode_prompts, latent_shape, sample_few_step, sample_teacher_cfg, transformer_velocity_fn
 from mogan_ds.schedule import FlowMatchSchedule
-from mogan_ds.video_io import read_mp4, write_mp4
+from mogan_ds.data.video import read_mp4, write_mp4
 
 SHAPE = (1, 16, 2, 8, 8)  # tiny latents: 5 frames of 64x64
 
@@ -131,7 +130,7 @@ def test_encode_prompts_matches_wanpipeline(tiny_models):
 
 def test_write_mp4_roundtrip(tmp_path):
     frames = (np.arange(5 * 31 * 45 * 3) % 251).astype(np.uint8).reshape(5, 31, 45, 3)
-    write_mp4(tmp_path / "a.mp4", frames, fps=12.5)
+    write_mp4(tmp_path / "a.mp4", frames, fps=12.5, pad_odd=True)
     back, fps = read_mp4(tmp_path / "a.mp4")
     assert back.shape == (5, 32, 46, 3) and fps == pytest.approx(12.5)  # odd sizes padded for yuv420p
     assert not (tmp_path / "a.mp4.tmp").exists()
@@ -144,53 +143,44 @@ def test_write_mp4_roundtrip(tmp_path):
 SMALL = ["video.num_frames=5", "video.height=64", "video.width=64", "gan.space=latent"]
 
 
-def _load_cli(repo_root):
-    spec = importlib.util.spec_from_file_location("mogan_sample_cli", os.path.join(repo_root, "launch", "sample.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _frames(out_dir):
     meta = json.loads((Path(out_dir) / "samples.json").read_text())
     return meta, [read_mp4(Path(out_dir) / r["file"])[0] for r in meta["samples"]]
 
 
-def test_sample_cli_deterministic_for_a_seed(tiny_models, repo_root, tmp_path):
-    cli = _load_cli(repo_root)
+def test_sampler_deterministic_for_a_seed(tiny_models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red ball bouncing\n\na cat chasing a dog\n")
-    common = ["--config", "tiny", "--prompts", str(prompts), *SMALL, f"models.root={tiny_models / 'wan'}", f"models.generator={tiny_models / 'generator'}"]
+    overrides = [*SMALL, f"models.root={tiny_models / 'wan'}", f"models.generator={tiny_models / 'generator'}"]
 
-    def run(name, *extra):
-        assert cli.main([*common, "--out", str(tmp_path / name), *extra]) == 0
+    def run(name, **extra):
+        generate_samples(config="tiny", overrides=overrides, prompts=prompts, out=tmp_path / name, **extra)
         return _frames(tmp_path / name)
 
-    meta, a = run("s0", "--seed", "0")  # weights: models.generator of the config
+    meta, a = run("s0", seed=0)  # weights: models.generator of the config
     # a run directory whose export (mogan_ds/export.py layout) holds the same weights, same seed
     shutil.copytree(tiny_models / "generator", tmp_path / "run" / "export" / "transformer")
-    _, b = run("s0_again", "--seed", "0", "--checkpoint", str(tmp_path / "run"))
-    _, c = run("s1", "--seed", "1")
+    _, b = run("s0_again", seed=0, checkpoint=tmp_path / "run")
+    _, c = run("s1", seed=1)
     # batch 2 draws the same per-sample noise; batched kernels differ only in the last bits
-    _, batched = run("s0_batched", "--seed", "0", "--batch-size", "2")
+    _, batched = run("s0_batched", seed=0, batch_size=2)
     assert meta["sampler"] == "few_step" and [r["prompt"] for r in meta["samples"]] == ["a red ball bouncing", "a cat chasing a dog"]
     assert len(a) == 2 and all(v.shape == (5, 64, 64, 3) and v.dtype == np.uint8 for v in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seed: identical decoded frames
     assert all(not np.array_equal(x, y) for x, y in zip(a, c))  # another seed: different videos
     assert not np.array_equal(a[0], a[1])
     assert all(np.abs(x.astype(int) - y.astype(int)).mean() < 0.5 for x, y in zip(a, batched))
-    assert cli.main([*common, "--out", str(tmp_path / "bad"), "--checkpoint", str(tmp_path / "nothing")]) == 2
 
 
-def test_sample_cli_teacher_from_prompt_embeds(tiny_models, repo_root, tmp_path):
-    cli = _load_cli(repo_root)
+def test_sampler_teacher_from_prompt_embeds(tiny_models, tmp_path):
     tok, enc = load_tokenizer(tiny_models / "wan" / "tokenizer"), load_text_encoder(tiny_models / "wan" / "text_encoder")
     embeds = encode_prompts(["waves on a beach", "a spinning top", "rain"], tok, enc, 32)
     torch.save({"embeds": embeds, "prompts": ["waves on a beach", "a spinning top", "rain"], "negative_embeds": encode_prompts([""], tok, enc, 32)}, tmp_path / "e.pt")
-    args = ["--config", "tiny", "--prompt-embeds", str(tmp_path / "e.pt"), "--teacher", "--seed", "3", *SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2"]
-    assert cli.main([*args, "--out", str(tmp_path / "t")]) == 0
+    kwargs = dict(config="tiny", prompt_embeds=tmp_path / "e.pt", teacher=True, seed=3,
+                  overrides=[*SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2"])
+    generate_samples(out=tmp_path / "t", **kwargs)
     meta, v = _frames(tmp_path / "t")
     assert meta["sampler"] == "teacher_cfg" and meta["teacher"]["steps"] == 2
     assert len(v) == 3 and all(x.shape == (5, 64, 64, 3) for x in v)
-    assert cli.main([*args, "--out", str(tmp_path / "t2")]) == 0
+    generate_samples(out=tmp_path / "t2", **kwargs)
     assert all(np.array_equal(x, y) for x, y in zip(v, _frames(tmp_path / "t2")[1]))

@@ -2,12 +2,23 @@
 
 A run loads weights from folders; these presets describe the architectures *without*
 weights so a job can be planned (parameter counts, memory) before the weights are on
-disk (`python -m mogan_ds info`). When the folder exists its own config.json wins.
+disk (`python -m mogan_ds info`). When the folder exists its own config.json wins
+(`architecture`, the one place a run's network shapes are resolved).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import BadFileError
 from . import tiny
+from .builders import MissingWeightsError
+
+if TYPE_CHECKING:
+    from ..config import ModelsConfig
 
 # Wan2.1-T2V-1.3B-Diffusers: transformer/config.json, vae/config.json (AutoencoderKLWan
 # defaults), text_encoder/config.json (umt5-xxl encoder).
@@ -51,3 +62,55 @@ TINY = {
 }
 
 PRESETS = {"wan2.1-t2v-1.3b": WAN21_T2V_1_3B, "tiny": TINY}
+
+
+# --------------------------------------------------------------------------- resolution
+
+FOLDER_PARTS = ("transformer", "vae", "text_encoder")
+
+
+def folder_config(folder: str | os.PathLike) -> dict | None:
+    """A weights sub-folder's config.json, or None when there is none."""
+    p = Path(folder) / "config.json"
+    if not str(folder) or not p.is_file():
+        return None
+    try:
+        with open(p, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFileError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadFileError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def architecture(models: ModelsConfig) -> tuple[dict, str]:
+    """The network configs of a run and where they came from (the config's `models` section).
+
+    {'transformer', 'vae', 'text_encoder': config dicts, 'raft_arch': name}: the folders'
+    config.json files when `models.root` has all three, else the `models.arch` preset.
+    The one place the trainer (head/block counts before loading) and `info` (the meta
+    plan) learn a model's shape from.
+    """
+    root = Path(models.root) if models.root else None
+    found = {k: folder_config(root / k) if root else None for k in FOLDER_PARTS}
+    if all(v is not None for v in found.values()):
+        return {**found, "raft_arch": models.raft_arch}, f"folder {root}"
+    if models.arch == "auto":
+        missing = [k for k, v in found.items() if v is None]
+        where = root or Path("<models.root unset>")
+        raise MissingWeightsError(
+            f"models.arch=auto needs {', '.join(str(where / m / 'config.json') for m in missing)}; "
+            f"set models.root to the weights folder or models.arch to a preset ({', '.join(PRESETS)})"
+        )
+    if models.arch not in PRESETS:
+        from ..config import ConfigError  # config imports this module (its models.arch check)
+
+        raise ConfigError(f"models.arch: unknown architecture preset {models.arch!r}; known: auto, {', '.join(PRESETS)}")
+    return {**PRESETS[models.arch], "raft_arch": models.raft_arch}, f"preset {models.arch}"
+
+
+def transformer_limits(models: ModelsConfig) -> dict[str, int]:
+    """{'num_heads', 'num_layers'} of the DiT: what `config.validate` checks SP and D against."""
+    t = architecture(models)[0]["transformer"]
+    return {"num_heads": int(t["num_attention_heads"]), "num_layers": int(t["num_layers"])}

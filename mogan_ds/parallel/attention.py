@@ -28,26 +28,30 @@ def _compute_dtype(model: nn.Module) -> torch.dtype | None:
     return max(counts, key=counts.get) if counts else None
 
 
-def resolve_attention_backend(backend: str, model: nn.Module | None = None) -> str:
+def resolve_attention_backend(backend: str, model: nn.Module | None = None, device: torch.device | str | None = None) -> str:
     """The diffusers backend name for ``auto`` / ``flash`` / ``native``.
 
-    ``auto`` = ``flash`` (flash-attn 2) when it is installed, the accelerator is CUDA and
+    ``auto`` = ``flash`` (flash-attn 2) when it is installed, the device is CUDA and
     the model computes in fp16/bf16 (flash-attn has no fp32 kernel); ``native`` (torch
-    SDPA) otherwise.
+    SDPA) otherwise. The device is DeepSpeed's accelerator unless given (a sampler may
+    run on the CPU of a CUDA machine).
     """
     if backend not in BACKENDS:
         raise ValueError(f"models.attention_backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    from deepspeed.accelerator import get_accelerator
     from diffusers.utils import is_flash_attn_available
 
-    on_cuda = get_accelerator().device_name() == "cuda"
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().device_name()
+    on_cuda = torch.device(device).type == "cuda"
     half = model is None or _compute_dtype(model) in _HALF
     return "flash" if (is_flash_attn_available() and on_cuda and half) else "native"
 
 
-def configure_attention(model: nn.Module, backend: str = "auto") -> str:
+def configure_attention(model: nn.Module, backend: str = "auto", device: torch.device | str | None = None) -> str:
     """Set the attention kernel of every attention processor in ``model``; returns the name used.
 
     Call it once the model has its compute dtype (for a bf16 DeepSpeed engine: on
@@ -56,7 +60,7 @@ def configure_attention(model: nn.Module, backend: str = "auto") -> str:
     """
     from diffusers import ModelMixin
 
-    name = resolve_attention_backend(backend, model)
+    name = resolve_attention_backend(backend, model, device)
     # A diffusers model directly, or the diffusers models inside a plain module (the
     # motion discriminator wraps a Wan backbone).
     found = [m for m in model.modules() if isinstance(m, ModelMixin)]
