@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mogan_ds.data.corpus import MotionClipStream
-from mogan_ds.data.shards import write_tar_atomic
+from mogan_ds.data.shard_build import write_tar_atomic
 from mogan_ds.data.video import encode_mp4
 
 
@@ -71,7 +71,7 @@ def write_corpus(out: str, n: int, frames: int, height: int, width: int, fps: fl
 
 
 def clips_per_second(shards: str, clips: int, num_frames: int, fps: float, height: int, width: int) -> float:
-    stream = MotionClipStream(shards, num_frames, fps, height, width, dp_rank=0, dp_size=1, seed=0, num_workers=0, batch_size=1, shuffle_buffer=4, epoch_samples=10**6)
+    stream = MotionClipStream(shards, num_frames=num_frames, fps=fps, height=height, width=width, dp_rank=0, dp_size=1, seed=0, num_workers=0, batch_size=1, shuffle_buffer=4, epoch_samples=10**6)
     it = iter(stream)
     next(it)  # warm-up: first shard open, codec init
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.wan_prompts import WAN_NEGATIVE_PROMPT
 from .errors import UserError
 from .models.presets import PRESETS
 
@@ -88,6 +89,7 @@ class ScheduleConfig:
 class TextConfig:
     max_length: int = F(512, "Tokens per prompt embedding (Wan: 512, zero-padded past the prompt).", ge=1)
     disc_prompt: str = F("a video with good motion", "Fixed prompt of the motion discriminator (paper, section 4.3).")
+    negative_prompt: str = F(WAN_NEGATIVE_PROMPT, "The teacher's CFG negative prompt; default Wan2.1's standard one (it names static, motionless frames), '' for the empty prompt. Encoded offline by data_tools/encode_prompts.py; training checks that data.prompts was encoded with this text.")
 
 
 @dataclass

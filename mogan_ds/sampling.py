@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .data.video import to_uint8
 from .motion import latents as latents_lib
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
 
@@ -127,7 +128,7 @@ def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
     raw = denormalize_latents(vae, latents.to(param.device)).to(param.dtype)
     video = vae.decode(raw, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    video = to_uint8(video)
     return video.permute(0, 2, 3, 4, 1).contiguous().cpu()
 
 

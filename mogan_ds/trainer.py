@@ -58,6 +58,7 @@ class MoGANTrainer:
 
         from .data.corpus import MotionClipStream
         from .data.prompts import PromptEmbeddings, load_special_embeddings
+        from .data.streaming import check_shard_source
         from .ema import ShardedEMA
         from .models.presets import transformer_limits
         from .motion.pipeline import MotionPath
@@ -84,7 +85,9 @@ class MoGANTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
-        special = load_special_embeddings(cfg.data.prompts)
+        if cfg.gan.enabled:
+            check_shard_source(cfg.data.shards)  # a wrong data.shards fails here, before any weights load
+        special = load_special_embeddings(cfg.data.prompts, cfg.text.negative_prompt)
         self.negative = special["negative"].to(self.device)
         # Fresh weights (the discriminator's heads) must be identical on every rank.
         torch.manual_seed(cfg.train.seed)
@@ -104,10 +107,7 @@ class MoGANTrainer:
         self.prompts = PromptEmbeddings(cfg.data.prompts, dp_rank, dp_size, cfg.train.seed, self.micro)
         self.clips = None
         if cfg.gan.enabled:
-            d = cfg.data
-            self.clips = MotionClipStream(
-                d.shards, cfg.video.num_frames, cfg.video.fps, cfg.video.height, cfg.video.width, dp_rank, dp_size,
-                cfg.train.seed, d.num_workers, self.micro, d.shuffle_buffer, d.epoch_samples, d.min_motion)
+            self.clips = MotionClipStream.from_config(cfg.data, cfg.video, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, batch_size=self.micro)
         self.ema = ShardedEMA(self.engines.generator.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step, self.nonfinite_streak, self.nonfinite_total = 0, 0, 0
         if resume:

@@ -1,20 +1,18 @@
-"""The streaming clip loader: build -> stream -> clip values, skips, rank split, exact resume."""
+"""The streaming clip loader: build -> stream -> clip values, skips, rank split, exact resume;
+shard sources checked before the trainer loads any weights."""
 
 import json
 import logging
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from mogan_ds.config import DataConfig, VideoConfig, load_config
 from mogan_ds.data.corpus import MotionClipStream
-from mogan_ds.data.shards import expand_shards, iter_shard, write_tar_atomic
+from mogan_ds.data.shard_build import read_inputs, run_build, write_tar_atomic
+from mogan_ds.data.streaming import check_shard_source, expand_shards, iter_shard
 from mogan_ds.data.video import encode_mp4, write_mp4
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_tools"))
-import build_shards  # noqa: E402
 
 SRC_FPS, SRC_FRAMES = 16, 24
 
@@ -31,11 +29,11 @@ def level_clip(seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """8 real encoded videos through data_tools/build_shards.py: 4 shards of 2 samples."""
+    """8 real encoded videos through the shard builder: 4 shards of 2 samples."""
     d = tmp_path_factory.mktemp("corpus")
     for v in range(8):
         write_mp4(d / "videos" / f"v{v}.mp4", level_clip(v), fps=SRC_FPS, crf=10)
-    build_shards.main(["--input", str(d / "videos"), "--out", str(d / "shards"), "--fps", "8", "--min-frames", "9", "--samples-per-shard", "2", "--workers", "1"])
+    run_build(read_inputs(str(d / "videos")), str(d / "shards"), {"fps": 8, "min_frames": 9}, samples_per_shard=2, echo=lambda s: None)
     return str(d / "shards")
 
 
@@ -157,3 +155,64 @@ def test_resume_from_a_saved_position_yields_the_same_batches(corpus):
         stream(corpus, **{**kw, "batch_size": 3}).load_state_dict(state)
     with pytest.raises(ValueError, match="dp_rank"):
         stream(corpus, **{**kw, "dp_rank": 1, "dp_size": 2}).load_state_dict(state)
+
+
+def test_constructor_is_keyword_only_and_from_config_reads_the_recipe(corpus):
+    with pytest.raises(TypeError):
+        MotionClipStream(corpus, 5, 8, 64, 64, 0, 1, 0, 0, 2, 4, 6)  # the old positional call
+    data = DataConfig(shards=corpus, num_workers=0, shuffle_buffer=4, epoch_samples=6)
+    video = VideoConfig(num_frames=5, fps=8, height=64, width=64)  # the recipe's sections (64 px: below what validation allows)
+    s = MotionClipStream.from_config(data, video, dp_rank=0, dp_size=1, seed=0, batch_size=2)
+    assert keys_of(take(s, 3)) == keys_of(take(stream(corpus), 3))  # the same stream as the explicit arguments
+
+
+def test_shard_sources_are_checked_up_front(corpus, tmp_path):
+    urls = expand_shards(corpus)
+    assert check_shard_source(corpus) == urls and check_shard_source(urls) == urls
+    with pytest.raises(FileNotFoundError, match=r"data.shards: .*1 of 1 shard file\(s\) do not exist: /nonexistent/motion"):
+        check_shard_source("/nonexistent/motion")
+    with pytest.raises(FileNotFoundError, match="data.shards: shard glob .* matches nothing"):
+        check_shard_source(str(tmp_path / "*.tar"))
+    with pytest.raises(FileNotFoundError, match="data.shards: shard directory .* holds no"):
+        check_shard_source(str(tmp_path))
+    # a brace pattern naming one missing shard among real ones is caught too
+    with pytest.raises(FileNotFoundError, match="1 of 5 shard file"):
+        check_shard_source(corpus + "/{000000..000004}.tar")
+    with pytest.raises(ValueError, match="data.shards: no shards given"):
+        check_shard_source("")
+    # remote sources: the first one is opened (a pipe: here; http(s) goes through curl the same way)
+    assert check_shard_source(f"pipe:cat {urls[0]}") == [f"pipe:cat {urls[0]}"]
+    with pytest.raises(FileNotFoundError, match="cannot open the first remote shard pipe:cat /nonexistent.tar"):
+        check_shard_source("pipe:cat /nonexistent.tar")
+    with pytest.raises(FileNotFoundError, match="cannot open the first remote shard s3://"):
+        check_shard_source("s3://bucket/shard-000000.tar")  # no s3 handler: the loader could not read it either
+    with pytest.raises(FileNotFoundError, match="is empty"):
+        check_shard_source("pipe:true")
+
+
+def test_trainer_checks_shards_and_negative_prompt_before_building_networks(tiny_workdir, tmp_path, monkeypatch):
+    import mogan_ds.networks as networks_mod
+    import mogan_ds.trainer as trainer_mod
+    from mogan_ds.launcher import REPO
+
+    def no_networks(*a, **k):
+        raise AssertionError("networks were built before the data sources were checked")
+
+    monkeypatch.setattr(networks_mod, "build_networks", no_networks)
+    if hasattr(trainer_mod, "build_networks"):
+        monkeypatch.setattr(trainer_mod, "build_networks", no_networks)
+    ds = str(REPO / "ds_configs" / "zero3_cpu.json")
+
+    def trainer(*overrides):
+        cfg = load_config("tiny", [*tiny_workdir, f"output.run_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled", *overrides])
+        return trainer_mod.MoGANTrainer(cfg, ds)
+
+    with pytest.raises(FileNotFoundError, match="data.shards: .*/nonexistent/shards"):
+        trainer("data.shards=/nonexistent/shards")
+    from mogan_ds.data.prompts import NegativePromptMismatch
+
+    with pytest.raises(NegativePromptMismatch, match=r"text.negative_prompt is the empty prompt, .*\(data.prompts\) were encoded with Wan's standard"):
+        trainer("text.negative_prompt=")
+    # without the GAN phases the corpus is never read, so it is not required
+    with pytest.raises(AssertionError, match="networks were built"):
+        trainer("data.shards=/nonexistent/shards", "gan.enabled=false")

@@ -1,18 +1,26 @@
-"""Prompt embeddings: identical to WanPipeline's, special embeddings, rank split, exact resume."""
+"""Prompt embeddings: identical to WanPipeline's, special embeddings (Wan's negative prompt,
+checked against the recipe), rank split, exact resume."""
 
 import json
 import os
+import subprocess
 import sys
 import types
 
 import pytest
 import torch
 
-from mogan_ds.data.prompts import PromptEmbeddings, clean_prompt, load_special_embeddings
+from mogan_ds.config import load_config
+from mogan_ds.data.prompts import (
+    NegativePromptMismatch,
+    PromptEmbeddings,
+    clean_prompt,
+    encode_prompt_folder,
+    load_special_embeddings,
+    read_prompts,
+)
+from mogan_ds.data.wan_prompts import WAN_NEGATIVE_PROMPT
 from mogan_ds.models.builders import load_text_encoder, load_tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_tools"))
-import encode_prompts  # noqa: E402
 
 PROMPTS = [f"a {c} ball rolls {d}" for c in ("red", "blue", "green", "yellow", "white") for d in ("left", "right", "  down   the hill ")]
 
@@ -35,12 +43,17 @@ def text_models(tmp_path_factory):
 def embeddings(text_models, tmp_path_factory):
     d = tmp_path_factory.mktemp("emb")
     (d / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
-    argv = ["--prompts", str(d / "prompts.jsonl"), "--text-encoder", str(text_models / "text_encoder"), "--tokenizer", str(text_models / "tokenizer"),
-            "--max-length", "40", "--out", str(d / "out"), "--prompts-per-shard", "4", "--batch-size", "3", "--disc-prompt", "a video with good motion"]
-    meta = encode_prompts.main(argv)
+    prompts = read_prompts(str(d / "prompts.jsonl"))
+    assert prompts == PROMPTS
+
+    def encode():
+        return encode_prompt_folder(prompts, str(text_models / "text_encoder"), str(text_models / "tokenizer"), str(d / "out"), max_length=40,
+                                    prompts_per_shard=4, batch_size=3, disc_prompt="a video with good motion", echo=lambda s: None)
+
+    meta = encode()
     assert meta["num_prompts"] == 15 and len(meta["shards"]) == 4 and meta["dim"] == 32
     mtime = os.path.getmtime(d / "out" / "meta.json")
-    encode_prompts.main(argv)  # up to date: nothing is re-encoded
+    encode()  # up to date: nothing is re-encoded
     assert os.path.getmtime(d / "out" / "meta.json") == mtime
     return str(d / "out")
 
@@ -72,7 +85,8 @@ def test_embeddings_equal_wan_pipeline_and_special_prompts(embeddings, text_mode
         assert n < 40 and (emb[:n].abs().sum(-1) > 0).all() and (emb[n:] == 0).all()
     special = load_special_embeddings(embeddings)
     assert special["negative"].shape == special["disc"].shape == (1, 40, 32)
-    assert torch.equal(special["negative"], wan_embeds(text_models, [""], 40))
+    # the CFG negative is Wan's standard negative prompt unless asked otherwise
+    assert torch.equal(special["negative"], wan_embeds(text_models, [WAN_NEGATIVE_PROMPT], 40))
     assert torch.equal(special["disc"], wan_embeds(text_models, ["a video with good motion"], 40))
     assert set(batch["prompt"]) <= {" ".join(p.split()) for p in PROMPTS} | set(PROMPTS)
 
@@ -104,3 +118,42 @@ def test_resume_is_exact(embeddings):
         PromptEmbeddings(embeddings, dp_rank=0, dp_size=1, seed=4, batch_size=4, shuffle_buffer=5).load_state_dict(state)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         PromptEmbeddings(os.path.dirname(embeddings), 0, 1, 0, 1)
+
+
+def test_negative_prompt_is_recorded_and_checked_against_the_recipe(embeddings, text_models, tmp_path):
+    meta = json.load(open(os.path.join(embeddings, "meta.json"), encoding="utf-8"))
+    assert meta["negative_prompt"] == WAN_NEGATIVE_PROMPT and "静止不动的画面" in WAN_NEGATIVE_PROMPT
+    assert load_config("tiny").text.negative_prompt == WAN_NEGATIVE_PROMPT  # recipe default = encoder default
+    assert load_config("wan2.1-t2v-1.3b").text.negative_prompt == WAN_NEGATIVE_PROMPT
+    load_special_embeddings(embeddings, WAN_NEGATIVE_PROMPT)  # matches: no error
+    with pytest.raises(NegativePromptMismatch, match=r"text.negative_prompt is the empty prompt, but the prompt embeddings in .*\(data.prompts\) were encoded with Wan's standard"):
+        load_special_embeddings(embeddings, "")
+    # the empty prompt is an option (diffusers' default), and then it is what the recipe must say
+    empty = encode_prompt_folder(["a ball"], str(text_models / "text_encoder"), str(text_models / "tokenizer"), str(tmp_path / "empty"),
+                                 max_length=40, negative_prompt="", echo=lambda s: None)
+    assert empty["negative_prompt"] == ""
+    special = load_special_embeddings(str(tmp_path / "empty"), "")
+    assert torch.equal(special["negative"], wan_embeds(text_models, [""], 40))
+    with pytest.raises(NegativePromptMismatch, match="encoded with the empty prompt"):
+        load_special_embeddings(str(tmp_path / "empty"), WAN_NEGATIVE_PROMPT)
+    # a folder from before the prompt was recorded at the top level keeps it in its identity
+    old = dict(empty)
+    del old["negative_prompt"]
+    (tmp_path / "empty" / "meta.json").write_text(json.dumps(old))
+    load_special_embeddings(str(tmp_path / "empty"), "")
+    del old["identity"]["negative_prompt"]
+    (tmp_path / "empty" / "meta.json").write_text(json.dumps(old))
+    with pytest.raises(NegativePromptMismatch, match="encoded with an unrecorded negative prompt"):
+        load_special_embeddings(str(tmp_path / "empty"), "")
+
+
+
+def test_encode_prompts_command_line_takes_the_empty_negative_prompt(text_models, tmp_path, repo_root):
+    (tmp_path / "p.txt").write_text("a red ball\n\na blue cube\n")
+    r = subprocess.run([sys.executable, "data_tools/encode_prompts.py", "--prompts", str(tmp_path / "p.txt"), "--text-encoder", str(text_models / "text_encoder"),
+                        "--tokenizer", str(text_models / "tokenizer"), "--max-length", "24", "--out", str(tmp_path / "out"), "--empty-negative-prompt", "--device", "cpu"],
+                       cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(tmp_path / "out" / "meta.json", encoding="utf-8"))
+    assert meta["num_prompts"] == 2 and meta["negative_prompt"] == ""
+    assert torch.equal(load_special_embeddings(str(tmp_path / "out"), "")["negative"], wan_embeds(text_models, [""], 24))

@@ -1,7 +1,7 @@
 """The streaming loader of real motion clips (the discriminator's "real" side).
 
 ``MotionClipStream`` is a webdataset pipeline per loader worker: resumable resampled
-shard draws split by data-parallel rank and worker (`shards.resumable_samples`), webdataset's
+shard draws split by data-parallel rank and worker (`streaming.resumable_samples`), webdataset's
 tar reader, a motion-score select, PyAV decoding of just the clip's frames, and
 ``wds.batched``; workers run under ``wds.WebLoader`` with ``with_epoch``.
 
@@ -28,8 +28,8 @@ from collections import Counter
 import torch
 import webdataset as wds
 
-from .shards import expand_shards, resumable_samples, rng_for, shards_fingerprint, slot_split
-from .video import ClipTooShortError, VideoDecodeError, decode_clip, probe_video
+from .streaming import expand_shards, resumable_samples, rng_for, shards_fingerprint, slot_split
+from .video import ClipTooShortError, VideoDecodeError, decode_clip, probe_video, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _TAG_CLIPS, _TAG_OFFSET = 0xC11B, 0x0FF5
 class _ClipWorkerDataset(torch.utils.data.IterableDataset):
     """What one loader worker (or the main process, with 0 workers) iterates."""
 
-    def __init__(self, urls, num_frames, fps, height, width, dp_rank, dp_size, seed, logical_workers, batch_size, shuffle_buffer, min_motion, decode_threads, log_skips):
+    def __init__(self, urls, *, num_frames, fps, height, width, dp_rank, dp_size, seed, logical_workers, batch_size, shuffle_buffer, min_motion, decode_threads, log_skips):
         super().__init__()
         self.urls, self.num_frames, self.fps, self.height, self.width = urls, num_frames, fps, height, width
         self.dp_rank, self.dp_size, self.seed, self.logical_workers = dp_rank, dp_size, seed, logical_workers
@@ -145,11 +145,35 @@ class MotionClipStream:
 
     Workers ship uint8 clips (4x less shared memory than float); the main process
     converts them. With ``output_dtype=torch.uint8`` it does not, and "video" holds
-    [0, 255] values for the caller to convert on the GPU (``x.float() / 127.5 - 1``):
-    at 480p the CPU conversion costs ~0.2 s per clip on the training process.
+    [0, 255] values for the caller to convert on the GPU (`video.to_unit`): at 480p the
+    CPU conversion costs ~0.2 s per clip on the training process.
+
+    Arguments after `shards` are keyword-only; `from_config` builds the stream from a
+    recipe's ``data`` and ``video`` sections.
     """
 
-    def __init__(self, shards, num_frames: int, fps: float, height: int, width: int, dp_rank: int, dp_size: int, seed: int, num_workers: int, batch_size: int, shuffle_buffer: int, epoch_samples: int, min_motion: float = 0.0, decode_threads: int = 1, prefetch_factor: int = 2, log_skips: int = 10, output_dtype: torch.dtype = torch.float32):
+    @classmethod
+    def from_config(cls, data, video, *, dp_rank: int, dp_size: int, seed: int, batch_size: int, **kwargs) -> "MotionClipStream":
+        """The stream of a recipe: `data` is its DataConfig (shards, workers, buffer, epoch,
+        min_motion), `video` its VideoConfig (frames, fps, size); `kwargs` pass through."""
+        return cls(
+            data.shards,
+            num_frames=video.num_frames,
+            fps=video.fps,
+            height=video.height,
+            width=video.width,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=seed,
+            num_workers=data.num_workers,
+            batch_size=batch_size,
+            shuffle_buffer=data.shuffle_buffer,
+            epoch_samples=data.epoch_samples,
+            min_motion=data.min_motion,
+            **kwargs,
+        )
+
+    def __init__(self, shards, *, num_frames: int, fps: float, height: int, width: int, dp_rank: int, dp_size: int, seed: int, num_workers: int, batch_size: int, shuffle_buffer: int, epoch_samples: int, min_motion: float = 0.0, decode_threads: int = 1, prefetch_factor: int = 2, log_skips: int = 10, output_dtype: torch.dtype = torch.float32):
         if batch_size < 1 or num_frames < 1 or fps <= 0 or height < 1 or width < 1 or num_workers < 0:
             raise ValueError("need batch_size, num_frames, height, width >= 1, fps > 0 and num_workers >= 0")
         self.urls = expand_shards(shards)
@@ -160,7 +184,11 @@ class MotionClipStream:
         if output_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
             raise ValueError(f"output_dtype must be float32, float16, bfloat16 or uint8, got {output_dtype}")
         self.output_dtype = output_dtype
-        self.dataset = _ClipWorkerDataset(self.urls, num_frames, fps, height, width, dp_rank, dp_size, seed, self.logical_workers, batch_size, shuffle_buffer, min_motion, decode_threads, log_skips)
+        self.dataset = _ClipWorkerDataset(
+            self.urls, num_frames=num_frames, fps=fps, height=height, width=width, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+            logical_workers=self.logical_workers, batch_size=batch_size, shuffle_buffer=shuffle_buffer, min_motion=min_motion,
+            decode_threads=decode_threads, log_skips=log_skips,
+        )
         self._identity = {
             "shards": shards_fingerprint(self.urls),
             "seed": seed,
@@ -195,7 +223,7 @@ class MotionClipStream:
                 if self._in_epoch == self.batches_per_epoch:  # the loader ends after this batch
                     self._epoch, self._in_epoch = self._epoch + 1, 0
                 if self.output_dtype != torch.uint8:
-                    batch["video"] = batch["video"].to(self.output_dtype).div_(127.5).sub_(1.0)
+                    batch["video"] = to_unit(batch["video"], self.output_dtype)
                 yield batch
 
     def state_dict(self) -> dict:

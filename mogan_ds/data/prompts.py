@@ -1,4 +1,4 @@
-"""Prompt embeddings: encoding (offline, data_tools/encode_prompts.py) and the training stream.
+"""Prompt embeddings: offline encoding (`encode_prompt_folder`, data_tools/encode_prompts.py) and the training stream.
 
 Embeddings are made exactly as diffusers' ``WanPipeline._get_t5_prompt_embeds`` makes
 them: the cleaned prompt is tokenized to ``max_length`` with padding, the UMT5 encoder's
@@ -8,31 +8,47 @@ which for Wan's 512-token context is ~20x smaller; the loader pads them back.
 
 Layout of an embedding folder (local path or URL prefix)::
 
-    meta.json             max_length, dim, dtype, shards, counts, encoder, prompts hash
-    special.npz           negative (empty prompt, the CFG negative), disc (the
-                          discriminator's fixed prompt), each [1, L, D]
+    meta.json             max_length, dim, shards, counts, negative_prompt, disc_prompt,
+                          identity (encoder, dtypes, prompts hash)
+    special.npz           negative (the teacher's CFG negative prompt, by default Wan's
+                          standard one), disc (the discriminator's fixed prompt), each [1, L, D]
     prompts-NNNNNN.tar    samples KKKKKKKK.npy ([len, D]) + KKKKKKKK.txt (the prompt)
+
+The negative prompt is fixed when the folder is written, so the trainer checks it
+against the recipe's ``text.negative_prompt`` (`load_special_embeddings`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
+import time
 from collections import Counter
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from .shards import resumable_samples, shards_fingerprint, slot_split
+from ..models.builders import DTYPES, load_text_encoder, load_tokenizer
+from .shard_build import ManifestError, write_tar_atomic
+from .streaming import resumable_samples, shards_fingerprint, slot_split
+from .wan_prompts import WAN_NEGATIVE_PROMPT
 
 log = logging.getLogger(__name__)
 _TAG_PROMPTS = 0x9A0B
 
 
+class NegativePromptMismatch(ValueError):
+    """An embedding folder was encoded with another CFG negative prompt than the recipe's."""
+
+
 def clean_prompt(text: str) -> str:
     """Wan's own prompt cleaning (ftfy when installed, html unescape, whitespace)."""
+    # Lazy: importing diffusers' Wan pipeline takes seconds, and only offline encoding
+    # needs it; the trainer and its loader workers import this module for the stream.
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     return prompt_clean(text)
@@ -84,13 +100,34 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load_special_embeddings(path: str) -> dict[str, torch.Tensor]:
+def stored_negative_prompt(meta: dict) -> str | None:
+    """The CFG negative prompt an embedding folder was encoded with (None: not recorded)."""
+    if isinstance(meta.get("negative_prompt"), str):
+        return meta["negative_prompt"]
+    # folders written before the prompt was a top-level field keep it in their identity
+    return (meta.get("identity") or {}).get("negative_prompt")
+
+
+def load_special_embeddings(path: str, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
     """{"negative": [1, L, D], "disc": [1, L, D]} float32 from an embedding folder.
 
-    negative: the empty prompt (the CFG negative, as WanPipeline encodes ``""``); disc:
-    the discriminator's fixed prompt (``--disc-prompt`` of encode_prompts.py).
+    negative: the teacher's CFG negative prompt (``--negative-prompt`` of
+    encode_prompts.py); disc: the discriminator's fixed prompt (``--disc-prompt``).
+    With `negative_prompt` (the recipe's ``text.negative_prompt``) the folder must have
+    been encoded with exactly that text, else NegativePromptMismatch names both.
     """
     meta = read_meta(path)
+    if negative_prompt is not None:
+        stored = stored_negative_prompt(meta)
+        if stored != negative_prompt:
+            def show(t):
+                return "an unrecorded negative prompt" if t is None else "the empty prompt" if t == "" else "Wan's standard negative prompt" if t == WAN_NEGATIVE_PROMPT else repr(t[:60] + ("..." if len(t) > 60 else ""))
+
+            raise NegativePromptMismatch(
+                f"text.negative_prompt is {show(negative_prompt)}, but the prompt embeddings in {path} (data.prompts) were "
+                f"encoded with {show(stored)}: re-encode them (data_tools/encode_prompts.py --negative-prompt ..., or "
+                "--empty-negative-prompt) or set text.negative_prompt to the folder's prompt"
+            )
     with np.load(io.BytesIO(_read(_join(str(path), meta.get("special", "special.npz"))))) as z:
         return {k: pad_embedding(z[k], meta["max_length"]).unsqueeze(0) for k in ("negative", "disc")}
 
@@ -156,3 +193,126 @@ class PromptEmbeddings:
     def __repr__(self) -> str:
         return f"PromptEmbeddings({self.path!r}, {self.meta.get('num_prompts')} prompts, L={self.max_length}, D={self.dim})"
 
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or .jsonl rows with ``prompt``/``caption``/``text``."""
+    with open(path, encoding="utf-8") as fh:
+        if path.lower().endswith(".jsonl"):
+            out = []
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise ManifestError(f"{path}:{n}: not JSON: {exc}") from None
+                text = next((row[k] for k in ("prompt", "caption", "text") if isinstance(row.get(k), str)), None) if isinstance(row, dict) else None
+                if text is None:
+                    raise ManifestError(f"{path}:{n}: no 'prompt', 'caption' or 'text' string field")
+                out.append(text)
+            return out
+        return [line.strip() for line in fh if line.strip()]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_prompt_folder(
+    prompts: list[str],
+    text_encoder: str,
+    tokenizer: str,
+    out: str,
+    max_length: int = 512,
+    negative_prompt: str = WAN_NEGATIVE_PROMPT,
+    disc_prompt: str = "a video with good motion",
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    store_dtype: str = "fp32",
+    prompts_per_shard: int = 1000,
+    overwrite: bool = False,
+    echo=print,
+) -> dict:
+    """Encode `prompts` (plus the negative and discriminator prompts) into an embedding folder.
+
+    `text_encoder` / `tokenizer` are the UMT5 folders of a Wan release; `dtype` the
+    encoder's precision (Wan pipelines run it in bf16), `store_dtype` the embeddings'
+    (fp32 or fp16). A folder already holding exactly these inputs is left as it is
+    unless `overwrite`; meta.json is written last, so its presence marks a complete
+    folder. Returns the meta.
+    """
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    if store_dtype not in ("fp32", "fp16"):
+        raise ValueError(f"store_dtype must be fp32 or fp16, got {store_dtype!r}")
+    ident = {
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "text_encoder": os.path.abspath(text_encoder),
+        "max_length": max_length,
+        "disc_prompt": disc_prompt,
+        "negative_prompt": negative_prompt,
+        "dtype": dtype,
+        "store_dtype": store_dtype,
+    }
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path) and not overwrite:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("identity") == ident:
+            echo(f"{out} is up to date ({meta['num_prompts']} prompts)")
+            return meta
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # meta.json last: its presence marks a complete folder
+
+    t0 = time.time()
+    dev = torch.device(device)
+    tok = load_tokenizer(tokenizer)
+    encoder = load_text_encoder(text_encoder, dtype=DTYPES[dtype]).to(dev)
+    store = np.float16 if store_dtype == "fp16" else np.float32
+
+    def encode(texts):
+        return [e.numpy().astype(store) for e in encode_texts(texts, tok, encoder, max_length, dev)]
+
+    neg, disc = encode([negative_prompt, disc_prompt])
+    dim = int(neg.shape[1])
+    special = io.BytesIO()
+    np.savez(special, negative=neg, disc=disc)
+    with open(os.path.join(out, "special.npz"), "wb") as fh:
+        fh.write(special.getvalue())
+
+    shards, truncated = [], 0
+    for s, start in enumerate(range(0, len(prompts), prompts_per_shard)):
+        chunk = prompts[start : start + prompts_per_shard]
+        samples = []
+        for b in range(0, len(chunk), batch_size):
+            texts = chunk[b : b + batch_size]
+            for i, (text, emb) in enumerate(zip(texts, encode(texts))):
+                truncated += emb.shape[0] == max_length
+                samples.append({"__key__": f"{start + b + i:08d}", "npy": _npy(emb), "txt": text.encode("utf-8")})
+        name = f"prompts-{s:06d}.tar"
+        write_tar_atomic(os.path.join(out, name), samples)
+        shards.append(name)
+    meta = {
+        "num_prompts": len(prompts),
+        "max_length": max_length,
+        "dim": dim,
+        "shards": shards,
+        "special": "special.npz",
+        "negative_prompt": negative_prompt,
+        "disc_prompt": disc_prompt,
+        "truncated_prompts": int(truncated),
+        "identity": ident,
+    }
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump(meta, fh, indent=1, ensure_ascii=False)
+    os.replace(meta_path + ".tmp", meta_path)
+    echo(f"encoded {len(prompts)} prompts (dim {dim}, max_length {max_length}, {truncated} at the limit) into {len(shards)} shards in {out} in {time.time() - t0:.1f} s")
+    return meta

@@ -1,18 +1,21 @@
-"""Video I/O with PyAV: encode uint8 frames to mp4, decode a fixed-rate clip.
+"""The one PyAV module: probe, decode, resample, verify and write videos; pixel conversions.
 
 `torchvision.io.read_video` is gone in torchvision 0.29, so decoding goes through PyAV
-directly. Frames are uint8 ``[F, H, W, 3]`` RGB numpy arrays on both sides; the loader
-turns them into the float ``[3, F, H, W]`` layout of the model (`to_model_layout`).
+directly. Frames are uint8 ``[F, H, W, 3]`` RGB numpy arrays on both sides; `to_unit` /
+`to_uint8` are the package's only conversions between uint8 [0, 255] pixels and the
+models' float [-1, 1] (`to_model_layout` adds the ``[3, F, H, W]`` layout).
 
-Decoding a clip is "sample and hold" resampling to the requested fps: output frame k
-shows the source frame nearest to time ``start + k / fps``, so a 30 fps source read at
-16 fps skips frames and an 8 fps source read at 16 fps repeats them, exactly as
-ffmpeg's ``fps`` filter does. Only the frames up to the clip's end are decoded and only
-the chosen ones are converted (swscale does the resize in C, far cheaper than torch).
+Reading at a target fps is "sample and hold" resampling (`_Timeline`, the one
+frame-timing loop): output frame k shows the source frame nearest to time
+``start + k / fps``, so a 30 fps source read at 16 fps skips frames and an 8 fps source
+read at 16 fps repeats them, exactly as ffmpeg's ``fps`` filter does. Only the frames up
+to the clip's end are decoded and only the chosen ones are converted (swscale does the
+resize in C, far cheaper than torch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -22,12 +25,16 @@ from typing import BinaryIO, Iterator, Union
 
 import av
 import numpy as np
+import torch
 
 # A target time exactly halfway between two source frames takes the earlier one, so
 # doubling the rate holds each frame twice (the tolerance absorbs float error).
 _TIE = 1e-6
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
+
+# Encoders that take x264's rate-control options (crf, preset, mbtree).
+_X264 = ("libx264", "libx264rgb")
 
 
 class VideoDecodeError(ValueError):
@@ -52,6 +59,42 @@ class VideoInfo:
         """Frames a clip resampled to `fps` can have (the last one held half a source frame)."""
         end = (self.num_frames - 0.5) / self.fps if self.num_frames else self.duration
         return max(0, math.floor(end * fps + 1e-6) + 1) if end > 0 else 0
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def to_unit(frames: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [0, 255] -> float in [-1, 1] (``x / 127.5 - 1``), any layout and device.
+
+    Computed in fp32 and cast once, so a bf16/fp16 result has a single rounding.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_unit expects uint8 pixels, got {x.dtype}")
+    return x.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float in [-1, 1] -> uint8 [0, 255]: clamp, scale, round (same layout and device).
+
+    Rounding rather than diffusers' truncation: the unbiased choice, at most one level apart.
+    """
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_model_layout(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [F, H, W, 3] (or [B, F, H, W, 3]) -> float32 torch [3, F, H, W] ([B, 3, F, H, W]) in [-1, 1]."""
+    # channels before frames: the VAE / motion path's video layout
+    return to_unit(frames).movedim(-1, -4)
+
+
+def even_size(height: int, width: int) -> tuple[int, int]:
+    """The largest even (height, width) within the given size (4:2:0 chroma needs even sides)."""
+    return height - height % 2, width - width % 2
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def _open(src: Source):
@@ -99,14 +142,82 @@ def resized_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, 
     return max(height, math.ceil(src_h * scale - 1e-6)), max(width, math.ceil(src_w * scale - 1e-6))
 
 
-def _to_rgb(frame, height: int | None, width: int | None) -> np.ndarray:
-    """Resize (cover) + centre crop in swscale/numpy; None keeps the source size."""
+def _to_rgb(frame, height: int | None, width: int | None, resize: bool = True) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: resized to cover (height, width) in swscale, then centre-cropped.
+
+    None keeps the source size. ``resize=False`` only centre-crops (the frame must be at
+    least that large): dropping an odd row/column must not resample every pixel.
+    """
     if height is None or width is None:
         return frame.to_ndarray(format="rgb24")
-    rh, rw = resized_size(frame.height, frame.width, height, width)
-    img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh < frame.height else "BILINEAR").to_ndarray()
+    if resize:
+        rh, rw = resized_size(frame.height, frame.width, height, width)
+        img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh < frame.height else "BILINEAR").to_ndarray()
+    else:
+        if height > frame.height or width > frame.width:
+            raise ValueError(f"cannot crop a {frame.height}x{frame.width} frame to {height}x{width}")
+        rh, rw = frame.height, frame.width
+        img = frame.to_ndarray(format="rgb24")
     top, left = (rh - height) // 2, (rw - width) // 2
     return img[top : top + height, left : left + width]
+
+
+class _Timeline:
+    """(source frame, its time in s) for each output time ``start + k / fps``, k = 0, 1, ...
+
+    Sample and hold: a target before the midpoint of two consecutive source frames shows
+    the earlier one; past the last frame, that frame is held for half a source frame.
+    With ``fps=None`` every decoded frame is yielded once. Decoding stops as soon as the
+    consumer does. Raises VideoDecodeError where the stream cannot be decoded. `end` is
+    how far the frames decoded so far reach (the last one's time plus half a frame).
+    """
+
+    def __init__(self, container, stream, fps: float | None, start: float = 0.0):
+        self.container, self.stream, self.fps, self.start = container, stream, fps, start
+        self.half = 0.5 / _stream_fps(stream)
+        self.end: float | None = None
+
+    def __iter__(self) -> Iterator[tuple[object, float]]:
+        vs, fps, start = self.stream, self.fps, self.start
+        t0 = float(vs.start_time * vs.time_base) if vs.start_time is not None and vs.time_base else 0.0
+        try:
+            if start > 1.0:
+                # Keyframe seek (backward): decoding then runs forward to `start`.
+                self.container.seek(int((start + t0) / vs.time_base), stream=vs, backward=True, any_frame=False)
+            k, prev, prev_t = 0, None, None
+            for frame in self.container.decode(vs):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * vs.time_base) - t0
+                self.end = t + self.half
+                if fps is None:
+                    yield frame, t
+                    continue
+                if prev is not None:
+                    # targets before the midpoint between prev and this frame show prev
+                    while start + k / fps <= (prev_t + t) / 2 + _TIE:
+                        yield prev, prev_t
+                        k += 1
+                prev, prev_t = frame, t
+            if fps is not None and prev is not None:
+                # end of stream: the last frame covers half a source frame past its time
+                while start + k / fps <= prev_t + self.half + 1e-6:
+                    yield prev, prev_t
+                    k += 1
+        except av.error.FFmpegError as exc:
+            raise VideoDecodeError(f"decoding failed: {exc}") from exc
+
+
+class _Converter:
+    """Converts each source frame once, however many output frames hold it."""
+
+    def __init__(self, height: int | None, width: int | None, resize: bool):
+        self.size, self.resize, self.last = (height, width), resize, (None, None)
+
+    def __call__(self, frame) -> np.ndarray:
+        if self.last[0] is not frame:
+            self.last = (frame, _to_rgb(frame, *self.size, resize=self.resize))
+        return self.last[1]
 
 
 def decode_clip(
@@ -120,6 +231,7 @@ def decode_clip(
 ) -> np.ndarray:
     """`num_frames` frames at `fps` from time `start` (seconds) -> uint8 [F, H, W, 3].
 
+    Resized to cover (height, width) and centre-cropped (None keeps the source size).
     Raises VideoDecodeError for unreadable input, ClipTooShortError when the video ends
     before the clip does (the last frame may be held for at most half a source frame).
     `threads` is FFmpeg's decoder thread count (1: one loader worker = one core).
@@ -128,128 +240,154 @@ def decode_clip(
         raise ValueError(f"need num_frames >= 1 and fps > 0, got {num_frames}, {fps}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    targets = [start + k / fps for k in range(num_frames)]
-    out: list[np.ndarray | None] = [None] * num_frames
+    out: list[np.ndarray] = []
+    convert = _Converter(height, width, resize=True)
     with _open(src) as container:
         vs = container.streams.video[0]
         vs.codec_context.thread_count = max(0, int(threads))
-        src_fps = _stream_fps(vs)
-        half = 0.5 / src_fps
-        t0 = float(vs.start_time * vs.time_base) if vs.start_time is not None and vs.time_base else 0.0
-        try:
-            if start > 1.0:
-                # Keyframe seek (backward): decoding then runs forward to `start`.
-                container.seek(int((start + t0) / vs.time_base), stream=vs, backward=True, any_frame=False)
-            k, prev, prev_t, cache = 0, None, None, None
-            for frame in container.decode(vs):
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * vs.time_base) - t0
-                if prev is not None:
-                    # targets before the midpoint between prev and this frame show prev
-                    while k < num_frames and targets[k] <= (prev_t + t) / 2 + _TIE:
-                        cache = cache if cache is not None and cache[0] is prev else (prev, _to_rgb(prev, height, width))
-                        out[k] = cache[1]
-                        k += 1
-                if k == num_frames:
-                    break
-                prev, prev_t = frame, t
-            if k < num_frames and prev is not None:
-                # end of stream: the last frame covers half a source frame past its time
-                while k < num_frames and targets[k] <= prev_t + half + 1e-6:
-                    cache = cache if cache is not None and cache[0] is prev else (prev, _to_rgb(prev, height, width))
-                    out[k] = cache[1]
-                    k += 1
-        except av.error.FFmpegError as exc:
-            raise VideoDecodeError(f"decoding failed: {exc}") from exc
-        if prev is None:
-            raise VideoDecodeError("no decodable frame")
-        if k < num_frames:
-            raise ClipTooShortError(
-                f"video ends at {prev_t + half:.3f}s, clip of {num_frames} frames at {fps} fps from {start:.3f}s needs {targets[-1]:.3f}s"
-            )
+        timeline = _Timeline(container, vs, fps, start)
+        for frame, _ in timeline:
+            out.append(convert(frame))
+            if len(out) == num_frames:
+                break
+    if timeline.end is None:
+        raise VideoDecodeError("no decodable frame")
+    if len(out) < num_frames:
+        raise ClipTooShortError(
+            f"video ends at {timeline.end:.3f}s, clip of {num_frames} frames at {fps} fps from {start:.3f}s needs {start + (num_frames - 1) / fps:.3f}s"
+        )
     return np.stack(out)
 
 
-def iter_frames(src: Source, fps: float | None = None, height: int | None = None, width: int | None = None, max_frames: int | None = None, threads: int = 1) -> Iterator[np.ndarray]:
-    """All frames of a video, optionally resampled to `fps` and resized/cropped (uint8 [H, W, 3])."""
+def iter_frames(
+    src: Source,
+    fps: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    max_frames: int | None = None,
+    threads: int = 1,
+    resize: bool = True,
+) -> Iterator[np.ndarray]:
+    """All frames of a video (uint8 [H, W, 3]), optionally resampled to `fps`.
+
+    (height, width): resize to cover and centre-crop, or with ``resize=False`` only
+    centre-crop (e.g. `even_size` of the source: drops an odd row/column, no resampling).
+    """
+    if max_frames is not None and max_frames <= 0:
+        return
+    convert = _Converter(height, width, resize)
     with _open(src) as container:
         vs = container.streams.video[0]
         vs.codec_context.thread_count = max(0, int(threads))
-        src_fps = _stream_fps(vs)
-        t0 = float(vs.start_time * vs.time_base) if vs.start_time is not None and vs.time_base else 0.0
-        k, prev, prev_t = 0, None, None
-        try:
-            for frame in container.decode(vs):
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * vs.time_base) - t0
-                if fps is None:
-                    yield _to_rgb(frame, height, width)
-                    k += 1
-                else:
-                    if prev is not None:
-                        img = None
-                        while k / fps <= (prev_t + t) / 2 + _TIE:
-                            img = img if img is not None else _to_rgb(prev, height, width)
-                            yield img
-                            k += 1
-                            if max_frames is not None and k >= max_frames:
-                                return
-                    prev, prev_t = frame, t
-                if max_frames is not None and k >= max_frames:
-                    return
-            if fps is not None and prev is not None:
-                img = None
-                while k / fps <= prev_t + 0.5 / src_fps + 1e-6 and (max_frames is None or k < max_frames):
-                    img = img if img is not None else _to_rgb(prev, height, width)
-                    yield img
-                    k += 1
-        except av.error.FFmpegError as exc:
-            raise VideoDecodeError(f"decoding failed: {exc}") from exc
+        for k, (frame, _) in enumerate(_Timeline(container, vs, fps), 1):
+            yield convert(frame)
+            if max_frames is not None and k >= max_frames:
+                return
 
 
-def encode_mp4(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True) -> bytes:
-    """uint8 [F, H, W, 3] RGB -> mp4 bytes (H.264 by default; H and W must be even for yuv420p)."""
+def count_frames(src: Source, threads: int = 1) -> int:
+    """Decode every frame to the end (no pixel conversion) and count them.
+
+    Raises VideoDecodeError where decoding fails, e.g. a file cut short whose header
+    survived (its header still promises every frame).
+    """
+    with _open(src) as container:
+        vs = container.streams.video[0]
+        vs.codec_context.thread_count = max(0, int(threads))
+        return sum(1 for _ in _Timeline(container, vs, None))
+
+
+def verify_video(src: Source, threads: int = 1) -> VideoInfo:
+    """Header facts of a video that decodes to the end, with the decoded frame count.
+
+    Raises VideoDecodeError when decoding fails or the decoded count and the header's
+    differ by more than one frame (the slack absorbs headers that count an edit-list
+    frame the decoder drops). The returned ``num_frames`` is the smaller of the two: the
+    span a reader can rely on.
+    """
+    info = probe_video(src)
+    n = count_frames(src, threads)
+    if n == 0:
+        raise VideoDecodeError("no decodable frame")
+    if info.num_frames and abs(n - info.num_frames) > 1:
+        raise VideoDecodeError(f"decoded {n} frames, container says {info.num_frames} (truncated or damaged)")
+    return dataclasses.replace(info, num_frames=min(n, info.num_frames or n))
+
+
+def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """All frames of a video as uint8 RGB [F, H, W, 3], and its frame rate."""
+    frames = list(iter_frames(path))
+    if not frames:
+        raise VideoDecodeError(f"{path}: no video frames decoded")
+    return np.stack(frames), probe_video(path).fps
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def encode_mp4(frames, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True, pad_odd: bool = False) -> bytes:
+    """uint8 [F, H, W, 3] RGB -> mp4 bytes (see `write_mp4` for the arguments)."""
     buf = io.BytesIO()
-    _encode(buf, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
+    _encode(buf, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd)
     return buf.getvalue()
 
 
-def write_mp4(path: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True) -> None:
-    """Write uint8 [F, H, W, 3] RGB frames as an mp4 file (or into a binary file object).
+def write_mp4(path: str | os.PathLike | BinaryIO, frames, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True, pad_odd: bool = False, faststart: bool = False) -> None:
+    """Write uint8 [F, H, W, 3] RGB frames (numpy or a torch tensor) as an mp4 file or into a binary file object.
 
-    `crf` 0 with pix_fmt yuv444p is (near-)lossless; the RGB<->YUV conversion still costs
-    about one grey level. `deterministic` (default) gives bit-identical files for
-    identical frames: one encoder thread and, for x264, no macroblock-tree rate control
-    (with it, this x264 build differed from run to run even single-threaded); False is
-    faster and compresses slightly better.
-    `frames` may be a CPU torch tensor or anything numpy can view.
+    A path is written to ``<path>.tmp`` and renamed, so an interrupted run never leaves a
+    truncated mp4 that looks finished. H.264 by default; 4:2:0 pixel formats need even
+    H and W: odd sizes raise unless ``pad_odd`` repeats the last row/column. `crf` 0 with
+    pix_fmt yuv444p is near-lossless (the RGB<->YUV conversion costs about one grey
+    level); codec ``libx264rgb`` with pix_fmt ``rgb24`` and crf 0 is lossless at any size.
+    `deterministic` (default) gives bit-identical files for identical frames: one encoder
+    thread and, for x264, no macroblock-tree rate control (with it, this x264 build
+    differed from run to run even single-threaded); False is faster and compresses
+    slightly better. `faststart` (paths only: the muxer rewrites the file) puts the mp4
+    index first, as web videos do, so a reader can start before the whole file is there.
     """
-    if not hasattr(path, "write"):
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as fh:
-            _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
-    else:
-        _encode(path, frames, fps, codec, crf, preset, pix_fmt, options, deterministic)
+    if hasattr(path, "write"):
+        if faststart:
+            raise ValueError("faststart needs a path: the muxer moves the index by rewriting the file")
+        _encode(path, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd)
+        return
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        if faststart:
+            _encode(tmp, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd, {"movflags": "faststart"})
+        else:
+            with open(tmp, "wb") as fh:
+                _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic) -> None:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1, got {frames.dtype} {frames.shape}")
+def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd, container_options=None) -> None:
+    frames = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise TypeError(f"frames must be uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1, got {frames.shape}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
     _, h, w, _ = frames.shape
     if pix_fmt in ("yuv420p", "yuv422p", "nv12") and (h % 2 or w % 2):
-        raise ValueError(f"{pix_fmt} needs even height and width, got {h}x{w} (crop, pad or use pix_fmt='yuv444p')")
+        if not pad_odd:
+            raise ValueError(f"{pix_fmt} needs even height and width, got {h}x{w} (crop, pad_odd=True or pix_fmt='yuv444p')")
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        h, w = frames.shape[1:3]
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(fh, mode="w", format="mp4") as container:
+    with av.open(fh, mode="w", format="mp4", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         opts = {"threads": "1"} if deterministic else {}
-        if codec in ("libx264", "libx265"):
+        if codec in _X264 or codec == "libx265":
             opts.update(crf=str(crf), preset=preset)
-        if deterministic and codec == "libx264":
+        if deterministic and codec in _X264:
             opts["x264-params"] = "mbtree=0"
         opts.update({k: str(v) for k, v in (options or {}).items()})
         stream.options = opts
@@ -260,118 +398,3 @@ def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-
-
-def to_model_layout(frames: np.ndarray):
-    """uint8 [F, H, W, 3] (or [B, F, H, W, 3]) -> float32 torch [3, F, H, W] ([B, 3, F, H, W]) in [-1, 1]."""
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(frames))
-    t = t.movedim(-1, -4)  # channels before frames: the VAE / motion path's video layout
-    return t.float().div_(127.5).sub_(1.0)
-
-
-# --------------------------------------------------------------------------- motion scores
-#
-# Both scores are mean motion in pixels per frame (at the clip's target fps), measured
-# on frames scaled to a 256-pixel short side, so that thresholds mean the same thing for
-# either method and any source resolution.
-
-MOTION_SHORT_SIDE = 256
-
-
-def analysis_size(height: int, width: int, short_side: int, multiple: int = 2) -> tuple[int, int]:
-    """(h, w) with the given short side, the aspect ratio kept, rounded to `multiple`."""
-    scale = short_side / min(height, width)
-    return (max(multiple, int(round(height * scale / multiple)) * multiple), max(multiple, int(round(width * scale / multiple)) * multiple))
-
-
-def _box3(y: np.ndarray) -> np.ndarray:
-    """3x3 box blur of [T, H, W] (edges replicated): widens the range the gradient sees."""
-    p = np.pad(y, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    r = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
-    return (r[:, :, :-2] + r[:, :, 1:-1] + r[:, :, 2:]) / 9.0
-
-
-def framediff_motion(frames: np.ndarray) -> float:
-    """Cheap motion score of uint8 frames [T, H, W, 3]: normal-flow speed in px/frame.
-
-    Brightness constancy gives |dI/dt| = |v_n| |grad I| at an edge moving with normal
-    speed v_n, so sum(|dI/dt| |grad I|) / sum(|grad I|^2) estimates the mean speed, unlike
-    a plain mean frame difference, which also grows with texture and contrast. Valid for
-    displacements up to a few pixels at the analysis size (it under-reads faster motion,
-    which still scores high); 0 for a static or blank clip. Over edges of all
-    orientations the normal speed averages 2/pi of the speed, hence the pi/2.
-    """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[0] < 2:
-        raise ValueError(f"need frames [T >= 2, H, W, 3], got {frames.shape}")
-    y = _box3(frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
-    it = (y[1:] - y[:-1])[:, 1:-1, 1:-1]
-    m = 0.5 * (y[1:] + y[:-1])
-    gx = 0.5 * (m[:, 1:-1, 2:] - m[:, 1:-1, :-2])
-    gy = 0.5 * (m[:, 2:, 1:-1] - m[:, :-2, 1:-1])
-    g = np.sqrt(gx * gx + gy * gy)
-    speed = float((np.abs(it) * g).sum() / ((g * g).sum() + 1e-3))
-    return speed * (math.pi / 2) * MOTION_SHORT_SIDE / min(frames.shape[1], frames.shape[2])
-
-
-class RaftMotion:
-    """Mean RAFT flow magnitude between consecutive frames (px/frame at a 256-px short side).
-
-    Weights are a torchvision RAFT state dict loaded through the same builder as
-    training (`mogan_ds.models.builders.load_raft`); frames are scaled to a 256-pixel
-    short side with H, W multiples of 8 (RAFT's requirement, >= 128).
-    """
-
-    def __init__(self, weights: str, arch: str = "raft_large", device: str = "cpu", iters: int = 12, pairs_per_batch: int = 8):
-        import torch
-
-        from mogan_ds.models.builders import load_raft
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.model = load_raft(weights, arch).to(self.device)
-        self.iters, self.pairs_per_batch = iters, pairs_per_batch
-
-    def size_for(self, height: int, width: int) -> tuple[int, int]:
-        return analysis_size(height, width, MOTION_SHORT_SIDE, multiple=8)
-
-    def __call__(self, frames: np.ndarray) -> float:
-        """frames: uint8 [T, h, w, 3] already at `size_for` the source (T >= 2)."""
-        torch = self.torch
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[0] < 2 or frames.shape[1] % 8 or frames.shape[2] % 8:
-            raise ValueError(f"need frames [T >= 2, H, W, 3] with H, W multiples of 8, got {frames.shape}")
-        x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, x.shape[0] - 1, self.pairs_per_batch):
-                a = x[i : i + self.pairs_per_batch]
-                b = x[i + 1 : i + 1 + self.pairs_per_batch]
-                a = a[: b.shape[0]]
-                flow = self.model(a, b, num_flow_updates=self.iters)[-1]
-                total += float(flow.norm(dim=1).mean(dim=(1, 2)).sum())
-                count += a.shape[0]
-        return total / count * MOTION_SHORT_SIDE / min(frames.shape[1], frames.shape[2])
-
-
-FRAMEDIFF_SHORT_SIDE = 128  # the cheap score works on small frames; the result is rescaled to 256
-
-
-def motion_score(src: Source, fps: float, max_frames: int = 64, raft: RaftMotion | None = None, threads: int = 1) -> float:
-    """Motion score of a video over its first `max_frames` frames at `fps` (see above).
-
-    RAFT when a `RaftMotion` is given, the frame-difference estimate otherwise.
-    Raises VideoDecodeError for unreadable input and ClipTooShortError below 2 frames.
-    """
-    info = probe_video(src)
-    if raft is not None:
-        h, w = raft.size_for(info.height, info.width)
-    else:
-        h, w = analysis_size(info.height, info.width, FRAMEDIFF_SHORT_SIDE)
-    frames = list(iter_frames(src, fps=fps, height=h, width=w, max_frames=max_frames, threads=threads))
-    if len(frames) < 2:
-        raise ClipTooShortError(f"{len(frames)} frame(s) at {fps} fps: no motion to measure")
-    frames = np.stack(frames)
-    return raft(frames) if raft is not None else framediff_motion(frames)

@@ -1,4 +1,4 @@
-"""Shard listing, rank/worker splitting and the resumable resampled sample stream.
+"""Shard listing and checking, rank/worker splitting and the resumable resampled sample stream.
 
 Both loaders (motion clips, prompt embeddings) read webdataset tar shards through
 `resumable_samples`, which keeps three promises a cluster run needs:
@@ -18,7 +18,9 @@ Both loaders (motion clips, prompt embeddings) read webdataset tar shards throug
   sample, and restarting from a cursor reads at most one shard prefix and one block.
 
 Tar reading, URL opening (local paths, http(s), ``pipe:`` commands) and error handling
-are webdataset's (`wds.tarfile_samples`).
+are webdataset's (`wds.tarfile_samples`). `check_shard_source` resolves a shard spec up
+front, so a wrong ``data.shards`` fails before any weights load rather than in a loader
+worker after many empty draws.
 """
 
 from __future__ import annotations
@@ -73,6 +75,42 @@ def shards_fingerprint(urls: list[str]) -> str:
     """Identity of a shard list by base names (stable across mount points and hosts)."""
     h = hashlib.sha256("\n".join(os.path.basename(u.rstrip("/")) for u in urls).encode())
     return h.hexdigest()[:16]
+
+
+def is_remote(url: str) -> bool:
+    """A URL webdataset opens through a scheme handler (http(s), pipe:, s3, gs, ...), not a local path."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
+def check_shard_source(spec: str | list[str], key: str = "data.shards") -> list[str]:
+    """The shard URLs of `spec`, after checking that they resolve; raises naming `key`.
+
+    Local shards must exist (directories must hold tars, globs must match); of remote
+    ones (http(s), ``pipe:``, s3 ...) the first is opened and must yield data, which
+    catches a wrong host, bucket or command without reading the whole list.
+    FileNotFoundError for anything that does not resolve, ValueError for an empty spec.
+    """
+    try:
+        urls = expand_shards(spec)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{key}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    local = [u[len("file://") :] if u.startswith("file://") else u for u in urls if not is_remote(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{key}: {len(missing)} of {len(urls)} shard file(s) do not exist: {shown} (from {spec!r})")
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        try:
+            with wds.gopen(remote[0], "rb") as fh:
+                head = fh.read(512)  # one tar header block
+        except Exception as exc:  # any scheme handler's failure (curl, pipe status, no handler) means unusable
+            raise FileNotFoundError(f"{key}: cannot open the first remote shard {remote[0]}: {type(exc).__name__}: {exc}") from None
+        if not head:
+            raise FileNotFoundError(f"{key}: the first remote shard {remote[0]} is empty or unreachable")
+    return urls
 
 
 class Slot(NamedTuple):
@@ -219,132 +257,6 @@ def resumable_samples(
         block, draw, index, pos = block + 1, next_draw, next_index, 0
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def write_tar_atomic(path: str, samples: list[dict] | Iterator[dict]) -> int:
-    """Write samples to `path` via a temporary name and an atomic rename; returns the count.
-
-    A crash leaves no half-written shard under the final name, which is what makes the
-    shard builders resumable.
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    count = 0
-    try:
-        with wds.TarWriter(tmp, mtime=0) as sink:
-            for sample in samples:
-                sink.write(sample)
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return count
-
-
 def iter_shard(url: str, handler: Callable[[Exception], bool] | None = None) -> Iterator[dict]:
     """The samples of one shard in order (errors raise unless a handler says otherwise)."""
     return wds.tarfile_samples([dict(url=url)], handler=handler or wds.reraise_exception)
-
-
-# --------------------------------------------------------------------------- building
-#
-# One job = one output shard = a fixed run of input items, so a re-run knows from the
-# files alone which shards are finished, and parallel workers never share a shard.
-
-_RAFT = {}
-
-
-def _raft_for(opts: dict):
-    if not opts.get("raft"):
-        return None
-    key = (opts["raft"], opts["raft_arch"], opts["device"])
-    if key not in _RAFT:
-        from .video import RaftMotion
-
-        _RAFT[key] = RaftMotion(opts["raft"], opts["raft_arch"], opts["device"], iters=opts.get("raft_iters", 12))
-    return _RAFT[key]
-
-
-def build_stats_path(out: str, index: int) -> str:
-    return os.path.join(out, ".build", f"{index:06d}.json")
-
-
-def shard_done(out: str, index: int) -> bool:
-    """A shard is finished when its stats exist and its tar (if any clip was kept) too."""
-    import json
-
-    p = build_stats_path(out, index)
-    if not os.path.exists(p):
-        return False
-    with open(p) as fh:
-        tar = json.load(fh).get("tar")
-    return tar is None or os.path.exists(os.path.join(out, tar))
-
-
-def build_shard(job: dict) -> dict:
-    """Probe, length-filter, motion-score, motion-filter and write one shard of input items.
-
-    ``job = {"index": i, "out": dir, "items": [[global_index, path_or_url, caption], ...],
-    "opts": {...}}`` (see data_tools/build_shards.py for the options). Returns the
-    shard's stats, which are also written next to the shards for the summary and resume.
-    """
-    import json
-    import time
-
-    from .video import ClipTooShortError, encode_mp4, iter_frames, motion_score, probe_video, analysis_size
-
-    t0 = time.time()
-    opts, out, index = job["opts"], job["out"], job["index"]
-    if opts.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(int(opts["torch_threads"]))
-    raft = _raft_for(opts)
-    fps, stats, failures, samples = float(opts["fps"]), Counter(), [], []
-    for gidx, path, caption in job["items"]:
-        try:
-            with wds.gopen(path, "rb") as fh:
-                data = fh.read()
-            info = probe_video(data)
-            n_at_fps = info.frames_at(fps)
-            if n_at_fps < opts["min_frames"]:
-                stats["filtered_short"] += 1
-                continue
-            score = motion_score(data, fps, max_frames=opts["score_frames"], raft=raft)
-            if score < opts["min_motion"]:
-                stats["filtered_motion"] += 1
-                continue
-            meta = {"source": path, "fps": info.fps, "num_frames": info.num_frames, "width": info.width, "height": info.height, "duration": round(info.duration, 4)}
-            if opts["transcode"] or "mp4" not in info.format.split(","):
-                h, w = analysis_size(info.height, info.width, opts["short_side"]) if opts["short_side"] else (info.height - info.height % 2, info.width - info.width % 2)
-                frames = np.stack(list(iter_frames(data, fps=fps, height=h, width=w, max_frames=opts["max_frames"] or None)))
-                data = encode_mp4(frames, fps, crf=opts["crf"], preset=opts["preset"])
-                meta.update(fps=fps, num_frames=int(frames.shape[0]), width=w, height=h, duration=round(frames.shape[0] / fps, 4))
-            meta.update(
-                caption=caption or "",
-                motion=round(float(score), 4),
-                motion_method="raft" if raft is not None else "framediff",
-                frames_at_target_fps=n_at_fps,
-                target_fps=fps,
-            )
-            samples.append({"__key__": f"{gidx:06d}", "mp4": data, "json": json.dumps(meta).encode()})
-            stats["kept"] += 1
-            stats["bytes"] += len(data)
-        except ClipTooShortError:
-            stats["filtered_short"] += 1
-        except Exception as exc:  # a bad input is reported, never fatal for the build
-            stats["failed"] += 1
-            failures.append([path, f"{type(exc).__name__}: {exc}"[:300]])
-    tar = f"{index:06d}.tar" if samples else None
-    if samples:
-        write_tar_atomic(os.path.join(out, tar), samples)
-    result = {"index": index, "items": len(job["items"]), "tar": tar, "failures": failures, "seconds": round(time.time() - t0, 3)}
-    result.update({k: int(stats[k]) for k in ("kept", "filtered_short", "filtered_motion", "failed", "bytes")})
-    # Stats are written after the tar: their presence marks the shard as finished.
-    path = build_stats_path(out, index)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh)
-    os.replace(path + ".tmp", path)
-    return result
