@@ -27,7 +27,8 @@ Prompts:
                       WanPipeline does, text.max_length tokens.
   --prompt-embeds F   torch.save'd dict {"embeds": [N, L, D], "prompts": [N str]}, optionally
                       "negative_embeds": [1 or N, L, D] (the teacher's unconditional input;
-                      without it the text encoder is loaded to encode --negative-prompt).
+                      without it the text encoder is loaded to encode --negative-prompt,
+                      by default the config's text.negative_prompt).
 
 Output: DIR/NNNN_<prompt-slug>.mp4 (libx264, video.fps) and DIR/samples.json.
 Determinism: sample i draws its initial and re-noising noise from a CPU generator seeded
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory for the mp4 files and samples.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher", action="store_true", help="sample the teacher (models.root/transformer) with multi-step CFG")
-    ap.add_argument("--negative-prompt", dest="negative_prompt", default="", help="teacher's unconditional prompt (WanPipeline default: empty)")
+    ap.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="teacher's unconditional prompt (default: the config's text.negative_prompt, Wan's standard one; '' = empty)")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="prompts per network call")
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="transformer/text encoder dtype (auto: bf16 on CUDA, fp32 on CPU)")

@@ -147,7 +147,7 @@ def generate_samples(
     checkpoint: str | Path | None = None,
     teacher: bool = False,
     seed: int = 0,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     dtype: str = "auto",
@@ -177,6 +177,8 @@ def generate_samples(
             raise ConfigError(f"--config is required{where}")
         config = str(found)
     cfg = load_config(config, list(overrides))
+    if negative_prompt is None:  # the recipe's, as the trainer's teacher uses it
+        negative_prompt = cfg.text.negative_prompt
     negative = None
     if prompt_embeds is not None:
         embeds, texts, negative = load_prompt_embeds(prompt_embeds)

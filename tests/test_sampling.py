@@ -184,3 +184,14 @@ def test_sampler_teacher_from_prompt_embeds(tiny_models, tmp_path):
     assert len(v) == 3 and all(x.shape == (5, 64, 64, 3) for x in v)
     generate_samples(out=tmp_path / "t2", **kwargs)
     assert all(np.array_equal(x, y) for x, y in zip(v, _frames(tmp_path / "t2")[1]))
+
+
+def test_teacher_negative_prompt_defaults_to_the_recipe(tiny_models, tmp_path):
+    (tmp_path / "p.txt").write_text("rain\n")
+    overrides = [*SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=1"]
+    generate_samples(config="tiny", overrides=overrides, prompts=tmp_path / "p.txt", teacher=True, out=tmp_path / "t")
+    meta, _ = _frames(tmp_path / "t")
+    expected = load_config("tiny").text.negative_prompt
+    assert expected and meta["teacher"]["negative_prompt"] == expected  # Wan's standard one, not ''
+    generate_samples(config="tiny", overrides=overrides, prompts=tmp_path / "p.txt", teacher=True, out=tmp_path / "e", negative_prompt="")
+    assert _frames(tmp_path / "e")[0]["teacher"]["negative_prompt"] == ""
