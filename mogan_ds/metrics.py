@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .metric_names import PROGRESS_BAR
+
 log = logging.getLogger("mogan_ds")
 
 
@@ -57,7 +59,7 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            keys = [k for k in ("dmd_loss", "gan_g_loss", "gan_d_loss", "fake_score_loss") if k in row]
+            keys = [k for k in PROGRESS_BAR if k in row]
             self._bar.set_postfix({k: f"{row[k]:.3g}" for k in keys})
 
     def log_video(self, step: int, name: str, path: Path) -> None:

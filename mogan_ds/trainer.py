@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import metric_names as M
 from .checkpoint import CheckpointManager
 from .config import Config, dump_yaml, to_dict, validate
 from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
@@ -129,7 +130,7 @@ class MoGANTrainer:
         if cfg.gan.enabled and step % cfg.gan.interval == 0:
             g_logs, fakes, start = self._timed("generator_gan", self.generator_gan_update, step)     # (3)
             logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, start)  # (4)
-        return logs | {f"time_{k}": v for k, v in self._times.items()}
+        return logs | {M.time_key(k): v for k, v in self._times.items()}
 
     # ------------------------------------------------------------------ (1) G <- DMD
     def generator_dmd_update(self, step: int) -> dict:
@@ -181,7 +182,7 @@ class MoGANTrainer:
                 self._backward_step("generator", g.weight_g * loss)
                 rows.append(logs)
                 fakes.append(d_in.detach())
-        return _mean_logs(rows) | {"gan_window_start": start}, fakes, start
+        return _mean_logs(rows) | {M.GAN_WINDOW_START: start}, fakes, start
 
     # ------------------------------------------------------------------ (4) D <- logistic + R1/R2
     def discriminator_update(self, step: int, fakes: list[torch.Tensor], start: int) -> dict:
@@ -298,9 +299,9 @@ class MoGANTrainer:
             vals /= dist.get_world_size()
         out = dict(zip(keys, vals.tolist()))
         for role, engine in self.engines.items():
-            out[f"lr_{role}"] = engine.get_lr()[0]
-        out.update(step_time=dt, samples_per_s=self.cfg.train.batch_size / dt,
-                   peak_mem_gib=peak_memory_gib(self.device), nonfinite_total=self.nonfinite_total)
+            out[M.lr_key(role)] = engine.get_lr()[0]
+        out.update({M.STEP_TIME: dt, M.SAMPLES_PER_S: self.cfg.train.batch_size / dt,
+                    M.PEAK_MEM_GIB: peak_memory_gib(self.device), M.NONFINITE_TOTAL: self.nonfinite_total})
         return out
 
     # ================================================================== checkpoints, samples, export

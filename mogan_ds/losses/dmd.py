@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import metric_names as M
+
 
 def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """DMD generator loss.
@@ -43,5 +45,5 @@ def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, wei
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         target = x0.double() - grad
     loss = 0.5 * F.mse_loss(x0.double(), target, reduction="mean")
-    logs = {"dmd_loss": loss.item(), "dmd_grad_norm": grad.pow(2).mean().sqrt().item()}
+    logs = {M.DMD_LOSS: loss.item(), M.DMD_GRAD_NORM: grad.pow(2).mean().sqrt().item()}
     return weight * loss, logs

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import metric_names as M
+
 
 def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """MSE between a predicted velocity and the flow-matching target.
@@ -25,4 +27,4 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor
     """
     target = (eps - x0).float()
     loss = F.mse_loss(v_pred.float(), target, reduction="mean")
-    return loss, {"fake_score_loss": loss.item()}
+    return loss, {M.FAKE_SCORE_LOSS: loss.item()}

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import metric_names as M
+
 
 def d_logistic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Discriminator loss, eq. 4::
@@ -37,12 +39,12 @@ def d_logistic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tup
     with torch.no_grad():
         correct = torch.cat([(real > 0).float(), (fake < 0).float()]).mean()
     logs = {
-        "d_loss": loss.item(),
-        "d_loss_real": loss_real.item(),
-        "d_loss_fake": loss_fake.item(),
-        "d_real_logit": real.detach().mean().item(),
-        "d_fake_logit": fake.detach().mean().item(),
-        "d_accuracy": correct.item(),
+        M.D_LOSS: loss.item(),
+        M.D_LOSS_REAL: loss_real.item(),
+        M.D_LOSS_FAKE: loss_fake.item(),
+        M.D_REAL_LOGIT: real.detach().mean().item(),
+        M.D_FAKE_LOGIT: fake.detach().mean().item(),
+        M.D_ACCURACY: correct.item(),
     }
     return loss, logs
 
@@ -60,7 +62,7 @@ def g_logistic_loss(fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, 
     """
     fake = fake_logits.float()
     loss = F.softplus(-fake).mean()
-    return loss, {"g_gan_loss": loss.item(), "g_fake_logit": fake.detach().mean().item()}
+    return loss, {M.G_GAN_LOSS: loss.item(), M.G_FAKE_LOGIT: fake.detach().mean().item()}
 
 
 def _perturbation_gap(
@@ -121,13 +123,13 @@ def approx_r1r2(
     ref = real_in if real_in is not None else fake_in
     loss = torch.zeros((), device=ref.device if ref is not None else None)
     logs: dict[str, float] = {}
-    for name, weight, x, clean in (("r1", r1, real_in, real_logits), ("r2", r2, fake_in, fake_logits)):
+    for name, key, weight, x, clean in (("r1", M.R1_GAP, r1, real_in, real_logits), ("r2", M.R2_GAP, r2, fake_in, fake_logits)):
         if weight == 0:
             continue
         if x is None:
             raise ValueError(f"{name} weight is {weight} but no input was given")
         gap = _perturbation_gap(d_fn, x, sigma, generator, clean)
         loss = loss + weight * gap
-        logs[f"{name}_gap"] = gap.item()
-    logs["r_loss"] = loss.item()
+        logs[key] = gap.item()
+    logs[M.R_LOSS] = loss.item()
     return loss, logs
