@@ -59,7 +59,7 @@ class ModelsConfig:
     generator: str = F("", "Folder of the few-step (DMD-distilled) generator transformer in diffusers format. Empty: start from the teacher's transformer (the DMD warm-up stage).")
     raft: str = F("", "Path of a torchvision RAFT state dict (.pth).")
     raft_arch: Literal["raft_large", "raft_small"] = F("raft_large", "torchvision RAFT architecture the .pth belongs to.")
-    frozen_dtype: Literal["bf16", "fp32"] = F("bf16", "Precision of the frozen replicas (teacher, VAE, RAFT).")
+    frozen_dtype: Literal["bf16", "fp32"] = F("bf16", "Precision of the frozen teacher and VAE (RAFT always runs in fp32).")
     attention_backend: Literal["auto", "flash", "native"] = F("auto", "Attention kernel: flash-attn when installed (auto), or torch SDPA (native).")
     gradient_checkpointing: bool = F(True, "Activation checkpointing of the trainable DiT blocks (generator, fake score, discriminator).")
 

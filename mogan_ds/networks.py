@@ -5,7 +5,7 @@
     discriminator  MotionDiscriminator     <- the teacher's first gan.disc_blocks blocks + fresh heads
     teacher        WanTransformer3DModel   frozen replica (models.frozen_dtype)
     vae            AutoencoderKLWan        frozen replica; decoder run through the chunked decoder
-    raft           torchvision RAFT        frozen replica
+    raft           torchvision RAFT        frozen replica, always fp32 (see `motion.flow.RaftFlow`)
 
 Sequence parallelism is applied here, from outside, to the unmodified diffusers modules
 (`mogan_ds.parallel`); the model code knows nothing of it. Trainable networks are built
@@ -58,7 +58,9 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
     vae = freeze(load_vae(paths["vae"], frozen), frozen, device)
     raft = None
     if cfg.gan.enabled and cfg.gan.space == "flow":
-        raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, frozen), frozen, device)
+        # fp32 whatever models.frozen_dtype says: torchvision's RAFT builds its coordinate
+        # grids in fp32 and fails on its first call with half weights (5M parameters: free).
+        raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), torch.float32, device)
 
     for dit in (generator, fake_score, teacher):
         if dit is not None:

@@ -30,6 +30,22 @@ import torch
 from torch import nn
 
 
+class Fp32Linear(nn.Linear):
+    """nn.Linear that computes in fp32 whatever its weights' dtype (same parameters, same state dict).
+
+    The final MLP runs in it so the logit is not rounded to bf16. Approximate R1/R2 need
+    D(m) - D(m + sigma n), an O(sigma |grad D|) difference: a bf16 logit has a resolution
+    of 2^-8 of its size (4e-3 at |D| = 1) and rounds small gaps to exactly 0, switching the
+    penalty off just as it works (small |grad D|); with a bf16 engine the tiny recipe's
+    r1_gap / r2_gap were 0.0. The upcast weights stay the engine's bf16 parameters (their
+    gradient is cast back), and ZeRO-3 gathers them for this module's own forward as usual.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 class PredictionHead(nn.Module):
     """Tokens [B, N, dim] -> features [B, hidden]: learned-query cross-attention + MLP."""
 
@@ -78,8 +94,8 @@ class MotionDiscriminator(nn.Module):
         self.timestep = int(timestep)
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         self.heads = nn.ModuleList(PredictionHead(dim, cfg.num_attention_heads, self.head_dim, cfg.eps) for _ in head_blocks)
-        self.final = nn.Sequential(
-            nn.Linear(len(head_blocks) * self.head_dim, self.head_dim), nn.SiLU(), nn.Linear(self.head_dim, 1)
+        self.final = nn.Sequential(  # in fp32: see Fp32Linear
+            Fp32Linear(len(head_blocks) * self.head_dim, self.head_dim), nn.SiLU(), Fp32Linear(self.head_dim, 1)
         )
         self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=True)
 

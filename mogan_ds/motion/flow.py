@@ -10,6 +10,12 @@ units. The all-pairs correlation volume is large (~156 MB fp32 per pair at 480x8
 consecutive-frame pairs are processed `pairs_per_chunk` at a time, each chunk under
 activation checkpointing.
 
+Precision: RAFT always runs in fp32. torchvision's RAFT builds its coordinate grids and
+sampling coordinates in fp32, so with half-precision weights its first `grid_sample`
+fails ("expected scalar type BFloat16 but found Float"); it has 5M parameters, so fp32
+costs nothing worth saving. Frames of any float dtype (a bf16 VAE's decode) are cast to
+fp32 on the way in (the cast is differentiable), and the flow comes out in fp32.
+
 `motion_tensor` turns F-1 flows into the 3-channel, F-frame "video" of appendix A.
 """
 
@@ -32,7 +38,7 @@ def raft_input_size(height: int, width: int, min_size: int = 128) -> tuple[int, 
 
 
 class RaftFlow(nn.Module):
-    """Flow between consecutive frames: [B, 3, F, H, W] in [-1, 1] -> [B, 2, F-1, H, W] (pixels).
+    """Flow between consecutive frames: [B, 3, F, H, W] in [-1, 1] -> [B, 2, F-1, H, W] (pixels, fp32).
 
     Channel 0 of the flow is the x (width) displacement, channel 1 the y displacement,
     both in pixels of the *input* resolution; flow[:, :, t] maps frame t to frame t+1.
@@ -42,7 +48,8 @@ class RaftFlow(nn.Module):
         super().__init__()
         if num_iters < 1 or pairs_per_chunk < 1:
             raise ValueError(f"need num_iters >= 1 and pairs_per_chunk >= 1, got {num_iters}, {pairs_per_chunk}")
-        self.raft = raft.requires_grad_(False).eval()
+        # In place, as .to() is: the caller's RAFT becomes the fp32 frozen replica (module docstring).
+        self.raft = raft.float().requires_grad_(False).eval()
         self.num_iters = num_iters
         self.pairs_per_chunk = pairs_per_chunk
         self.checkpoint = checkpoint
