@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from mogan_ds.data.shard_build import ManifestError, read_inputs, run_build
+from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.data.shard_build import read_inputs, run_build
 
 
 def main(argv=None) -> dict:
@@ -59,6 +61,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples-per-shard", type=int, default=200, help="inputs per shard (kept clips <= this)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel worker processes (1: in-process)")
     ap.add_argument("--overwrite", action="store_true", help="discard a previous build with other options")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.samples_per_shard < 1 or args.min_frames < 2:
         ap.error("--samples-per-shard must be >= 1 and --min-frames >= 2")
@@ -70,13 +73,13 @@ def main(argv=None) -> dict:
         for k in ("fps", "min_frames", "min_motion", "score_frames", "raft", "raft_arch", "raft_iters", "device", "transcode", "short_side", "max_frames", "codec", "pix_fmt", "crf", "preset")
     }
     opts["torch_threads"] = max(1, (os.cpu_count() or 1) // max(1, args.workers)) if args.raft else 0
-    try:
+    # a missing input, a malformed manifest or a folder holding another build: one line, exit 2
+    with user_errors(args.debug, ap.prog) as outcome:
         items = read_inputs(args.input)
         if not items:
             raise FileNotFoundError(f"no videos found in {args.input}")
         return run_build(items, args.out, opts, args.samples_per_shard, args.workers, args.overwrite, echo=lambda s: print(s, flush=True))
-    except (FileNotFoundError, FileExistsError, ManifestError) as exc:
-        raise SystemExit(f"{ap.prog}: {exc}") from None
+    sys.exit(outcome.exit_code)
 
 
 if __name__ == "__main__":

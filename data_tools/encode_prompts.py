@@ -18,11 +18,14 @@ The work is done by `mogan_ds.data.prompts.encode_prompt_folder`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from mogan_ds.data.prompts import WAN_NEGATIVE_PROMPT, encode_prompt_folder, read_prompts
+from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.data.prompts import encode_prompt_folder, read_prompts
 from mogan_ds.data.shard_build import ManifestError
+from mogan_ds.data.wan_prompts import WAN_NEGATIVE_PROMPT
 from mogan_ds.models.builders import DTYPES
 
 
@@ -43,19 +46,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--store-dtype", choices=["fp32", "fp16"], default="fp32", help="storage precision of the embeddings")
     ap.add_argument("--prompts-per-shard", type=int, default=1000)
     ap.add_argument("--overwrite", action="store_true", help="re-encode even if the folder is up to date")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
+    # a missing or malformed prompt file, missing encoder weights: one line, exit 2
+    with user_errors(args.debug, ap.prog) as outcome:
         prompts = read_prompts(args.prompts)
         if not prompts:
             raise ManifestError(f"{args.prompts}: no prompts")
-    except (FileNotFoundError, ManifestError) as exc:
-        raise SystemExit(f"{ap.prog}: {exc}") from None
-    return encode_prompt_folder(
-        prompts, args.text_encoder, args.tokenizer, args.out, max_length=args.max_length,
-        negative_prompt="" if args.empty_negative_prompt else args.negative_prompt, disc_prompt=args.disc_prompt,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, store_dtype=args.store_dtype,
-        prompts_per_shard=args.prompts_per_shard, overwrite=args.overwrite,
-    )
+        return encode_prompt_folder(
+            prompts, args.text_encoder, args.tokenizer, args.out, max_length=args.max_length,
+            negative_prompt="" if args.empty_negative_prompt else args.negative_prompt, disc_prompt=args.disc_prompt,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype, store_dtype=args.store_dtype,
+            prompts_per_shard=args.prompts_per_shard, overwrite=args.overwrite,
+        )
+    sys.exit(outcome.exit_code)
 
 
 if __name__ == "__main__":

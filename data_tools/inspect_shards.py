@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from mogan_ds.cli import add_debug_flag, user_errors
 from mogan_ds.data.shard_inspect import inspect_shards, report_lines
 from mogan_ds.data.streaming import expand_shards
 
@@ -29,11 +30,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--bins", type=int, default=10, help="motion histogram bins")
     ap.add_argument("--workers", type=int, default=1, help="shards inspected in parallel processes")
     ap.add_argument("--json", default="", help="also write the report as JSON here")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
+    with user_errors(args.debug, ap.prog) as outcome:  # a shard spec that names no shards: one line, exit 2
         urls = expand_shards(args.shards)
-    except (FileNotFoundError, ValueError) as exc:  # a shard spec that names no shards
-        raise SystemExit(f"{ap.prog}: {exc}") from None
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
     report = inspect_shards(urls, decode=not args.no_decode, fps=args.fps, num_frames=args.num_frames, workers=args.workers, bins=args.bins)
     print("\n".join(report_lines(report)))
     if args.json:

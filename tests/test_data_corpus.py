@@ -178,7 +178,7 @@ def test_shard_sources_are_checked_up_front(corpus, tmp_path):
     # a brace pattern naming one missing shard among real ones is caught too
     with pytest.raises(FileNotFoundError, match="1 of 5 shard file"):
         check_shard_source(corpus + "/{000000..000004}.tar")
-    with pytest.raises(ValueError, match="data.shards: no shards given"):
+    with pytest.raises(FileNotFoundError, match="data.shards: no shards given"):
         check_shard_source("")
     # remote sources: the first one is opened (a pipe: here; http(s) goes through curl the same way)
     assert check_shard_source(f"pipe:cat {urls[0]}") == [f"pipe:cat {urls[0]}"]

@@ -210,4 +210,4 @@ def test_command_lines_are_thin_and_report_bad_input_in_one_line(video_folder, t
     assert r.returncode == 0 and "OK: every sample decodes" in r.stdout
     assert json.load(open(tmp_path / "r.json"))["good"] == 5
     r = run("data_tools/build_shards.py", "--input", str(tmp_path / "nowhere"), "--out", str(out))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "nowhere: no such folder" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nowhere: no such folder" in r.stderr

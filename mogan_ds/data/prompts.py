@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..errors import BadFileError
 from ..models.builders import DTYPES, load_text_encoder, load_tokenizer
 from .shard_build import ManifestError, write_tar_atomic
 from .streaming import resumable_samples, shards_fingerprint, slot_split
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 _TAG_PROMPTS = 0x9A0B
 
 
-class NegativePromptMismatch(ValueError):
+class NegativePromptMismatch(BadFileError):
     """An embedding folder was encoded with another CFG negative prompt than the recipe's."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..errors import BadFileError
 from .motion_score import RaftScorer, analysis_size, motion_score
 from .video import ClipTooShortError, encode_mp4, even_size, iter_frames, probe_video, verify_video
 
@@ -53,7 +54,7 @@ DEFAULT_OPTIONS = {
 _RUNTIME_OPTIONS = ("device", "torch_threads")
 
 
-class ManifestError(ValueError):
+class ManifestError(BadFileError):
     """An input list (CSV / JSONL manifest) that cannot be read; the message names the file."""
 
 

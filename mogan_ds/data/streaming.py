@@ -88,14 +88,13 @@ def check_shard_source(spec: str | list[str], key: str = "data.shards") -> list[
     Local shards must exist (directories must hold tars, globs must match); of remote
     ones (http(s), ``pipe:``, s3 ...) the first is opened and must yield data, which
     catches a wrong host, bucket or command without reading the whole list.
-    FileNotFoundError for anything that does not resolve, ValueError for an empty spec.
+    FileNotFoundError (a user error for the command lines) for anything that does not
+    resolve, an empty spec included.
     """
     try:
         urls = expand_shards(spec)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise FileNotFoundError(f"{key}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{key}: {exc}") from None
     local = [u[len("file://") :] if u.startswith("file://") else u for u in urls if not is_remote(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
