@@ -42,7 +42,16 @@ def textured_video(rng: np.random.Generator, frames: int, height: int, width: in
     for _ in range(2):  # soften the blocks into smooth texture
         tex = 0.25 * (np.roll(tex, 4, 0) + np.roll(tex, -4, 0) + np.roll(tex, 4, 1) + np.roll(tex, -4, 1))
     out = np.empty((frames, height, width, 3), np.uint8)
-    boxes = [(rng.uniform(0, height - 60), rng.uniform(0, width - 90), rng.uniform(-4, 4), rng.uniform(-6, 6), rng.integers(0, 255, 3)) for _ in range(2)]
+    boxes = [
+        (
+            rng.uniform(0, height - 60),
+            rng.uniform(0, width - 90),
+            rng.uniform(-4, 4),
+            rng.uniform(-6, 6),
+            rng.integers(0, 255, 3),
+        )
+        for _ in range(2)
+    ]
     for t in range(frames):
         oy, ox = int(pan[0] * t), int(pan[1] * t)
         img = tex[oy : oy + height, ox : ox + width].copy()
@@ -59,7 +68,9 @@ def write_corpus(out: str, n: int, frames: int, height: int, width: int, fps: fl
     rng = np.random.default_rng(seed)
     samples, total = [], 0
     for i in range(n):
-        data = encode_mp4(textured_video(rng, frames, height, width), fps, crf=23, preset="veryfast", deterministic=False)
+        data = encode_mp4(
+            textured_video(rng, frames, height, width), fps, crf=23, preset="veryfast", deterministic=False
+        )
         total += len(data)
         meta = {"fps": fps, "num_frames": frames, "width": width, "height": height, "motion": 3.0}
         samples.append({"__key__": f"{i:06d}", "mp4": data, "json": json.dumps(meta).encode()})
@@ -71,7 +82,20 @@ def write_corpus(out: str, n: int, frames: int, height: int, width: int, fps: fl
 
 
 def clips_per_second(shards: str, clips: int, num_frames: int, fps: float, height: int, width: int) -> float:
-    stream = MotionClipStream(shards, num_frames=num_frames, fps=fps, height=height, width=width, dp_rank=0, dp_size=1, seed=0, num_workers=0, batch_size=1, shuffle_buffer=4, epoch_samples=10**6)
+    stream = MotionClipStream(
+        shards,
+        num_frames=num_frames,
+        fps=fps,
+        height=height,
+        width=width,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_workers=0,
+        batch_size=1,
+        shuffle_buffer=4,
+        epoch_samples=10**6,
+    )
     it = iter(stream)
     next(it)  # warm-up: first shard open, codec init
     t0 = time.perf_counter()
@@ -86,10 +110,14 @@ def clips_per_second(shards: str, clips: int, num_frames: int, fps: float, heigh
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=12, help="480p clips timed per case (the tiny case times 5x as many)")
-    ap.add_argument("--step-seconds", type=float, default=13.0, help="estimated MoGAN iteration time at 480p (see the arithmetic)")
+    ap.add_argument(
+        "--step-seconds", type=float, default=13.0, help="estimated MoGAN iteration time at 480p (see the arithmetic)"
+    )
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--workers-per-rank", type=int, default=4, help="data.num_workers of the wan2.1 recipe")
-    ap.add_argument("--clips-per-rank-step", type=int, default=1, help="real clips each rank's D update consumes per iteration")
+    ap.add_argument(
+        "--clips-per-rank-step", type=int, default=1, help="real clips each rank's D update consumes per iteration"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -98,7 +126,9 @@ def main(argv=None) -> dict:
         write_corpus(f"{tmp}/tiny", 8, 24, 160, 160, 8, seed=0)
         rate_16 = write_corpus(f"{tmp}/p16", 4, 64, 480, 832, 16, seed=1)  # 4 s at 16 fps
         rate_30 = write_corpus(f"{tmp}/p30", 4, 120, 480, 832, 30, seed=2)  # 4 s at 30 fps
-        print(f"wrote benchmark shards in {time.time() - t0:.1f} s (480p bitrates: {rate_16:.1f} Mbit/s at 16 fps, {rate_30:.1f} Mbit/s at 30 fps)")
+        print(
+            f"wrote benchmark shards in {time.time() - t0:.1f} s (480p bitrates: {rate_16:.1f} Mbit/s at 16 fps, {rate_30:.1f} Mbit/s at 30 fps)"
+        )
         tiny = clips_per_second(f"{tmp}/tiny", 5 * args.clips, 9, 8, 128, 128)
         print(f"tiny (9 x 128x128 @ 8 fps, 160x160 source): {tiny:.1f} clips/s per loader worker")
         p16 = clips_per_second(f"{tmp}/p16", args.clips, 49, 16, 480, 832)

@@ -43,23 +43,55 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="folder of videos, or .csv/.jsonl manifest (path, caption)")
     ap.add_argument("--out", required=True, help="output folder for NNNNNN.tar shards")
-    ap.add_argument("--fps", type=float, default=16.0, help="target fps (the recipe's video.fps) for the length and motion checks")
-    ap.add_argument("--min-frames", type=int, default=49, help="minimum clip length in frames at --fps (the recipe's video.num_frames)")
-    ap.add_argument("--min-motion", type=float, default=0.0, help="minimum motion score (px/frame at a 256-px short side); 0 keeps all")
+    ap.add_argument(
+        "--fps", type=float, default=16.0, help="target fps (the recipe's video.fps) for the length and motion checks"
+    )
+    ap.add_argument(
+        "--min-frames",
+        type=int,
+        default=49,
+        help="minimum clip length in frames at --fps (the recipe's video.num_frames)",
+    )
+    ap.add_argument(
+        "--min-motion",
+        type=float,
+        default=0.0,
+        help="minimum motion score (px/frame at a 256-px short side); 0 keeps all",
+    )
     ap.add_argument("--score-frames", type=int, default=64, help="frames at --fps the motion score looks at")
-    ap.add_argument("--raft", default="", help="torchvision RAFT state dict: score with RAFT instead of frame differences")
+    ap.add_argument(
+        "--raft", default="", help="torchvision RAFT state dict: score with RAFT instead of frame differences"
+    )
     ap.add_argument("--raft-arch", default="raft_large", choices=["raft_large", "raft_small"])
     ap.add_argument("--raft-iters", type=int, default=12, help="RAFT refinement iterations")
     ap.add_argument("--device", default="cpu", help="device for RAFT scoring")
-    ap.add_argument("--transcode", action="store_true", help="re-encode every clip at --fps (non-mp4 inputs always are)")
-    ap.add_argument("--short-side", type=int, default=0, help="with transcoding: scale to this short side (0 keeps the size, an odd side loses one row/column)")
-    ap.add_argument("--max-frames", type=int, default=0, help="with transcoding: keep at most this many frames (0: all)")
-    ap.add_argument("--codec", default="libx264", help="encoder when transcoding (libx264rgb with --pix-fmt rgb24 --crf 0 is lossless)")
+    ap.add_argument(
+        "--transcode", action="store_true", help="re-encode every clip at --fps (non-mp4 inputs always are)"
+    )
+    ap.add_argument(
+        "--short-side",
+        type=int,
+        default=0,
+        help="with transcoding: scale to this short side (0 keeps the size, an odd side loses one row/column)",
+    )
+    ap.add_argument(
+        "--max-frames", type=int, default=0, help="with transcoding: keep at most this many frames (0: all)"
+    )
+    ap.add_argument(
+        "--codec",
+        default="libx264",
+        help="encoder when transcoding (libx264rgb with --pix-fmt rgb24 --crf 0 is lossless)",
+    )
     ap.add_argument("--pix-fmt", default="yuv420p", help="pixel format when transcoding")
     ap.add_argument("--crf", type=int, default=18, help="x264 quality when transcoding")
     ap.add_argument("--preset", default="medium", help="x264 preset when transcoding")
     ap.add_argument("--samples-per-shard", type=int, default=200, help="inputs per shard (kept clips <= this)")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel worker processes (1: in-process)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="parallel worker processes (1: in-process)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="discard a previous build with other options")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
@@ -70,7 +102,23 @@ def main(argv=None) -> dict:
 
     opts = {
         k: getattr(args, k)
-        for k in ("fps", "min_frames", "min_motion", "score_frames", "raft", "raft_arch", "raft_iters", "device", "transcode", "short_side", "max_frames", "codec", "pix_fmt", "crf", "preset")
+        for k in (
+            "fps",
+            "min_frames",
+            "min_motion",
+            "score_frames",
+            "raft",
+            "raft_arch",
+            "raft_iters",
+            "device",
+            "transcode",
+            "short_side",
+            "max_frames",
+            "codec",
+            "pix_fmt",
+            "crf",
+            "preset",
+        )
     }
     opts["torch_threads"] = max(1, (os.cpu_count() or 1) // max(1, args.workers)) if args.raft else 0
     # a missing input, a malformed manifest or a folder holding another build: one line, exit 2
@@ -78,7 +126,15 @@ def main(argv=None) -> dict:
         items = read_inputs(args.input)
         if not items:
             raise FileNotFoundError(f"no videos found in {args.input}")
-        return run_build(items, args.out, opts, args.samples_per_shard, args.workers, args.overwrite, echo=lambda s: print(s, flush=True))
+        return run_build(
+            items,
+            args.out,
+            opts,
+            args.samples_per_shard,
+            args.workers,
+            args.overwrite,
+            echo=lambda s: print(s, flush=True),
+        )
     sys.exit(outcome.exit_code)
 
 

@@ -36,14 +36,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokenizer", required=True, help="tokenizer folder (<wan>/tokenizer)")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per prompt (the recipe's text.max_length)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--disc-prompt", default="a video with good motion", help="the discriminator's fixed prompt (text.disc_prompt)")
+    ap.add_argument(
+        "--disc-prompt", default="a video with good motion", help="the discriminator's fixed prompt (text.disc_prompt)"
+    )
     neg = ap.add_mutually_exclusive_group()
-    neg.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="CFG negative prompt (the recipe's text.negative_prompt; default: Wan's standard negative prompt)")
-    neg.add_argument("--empty-negative-prompt", action="store_true", help="use the empty prompt as the CFG negative (diffusers' WanPipeline default)")
+    neg.add_argument(
+        "--negative-prompt",
+        default=WAN_NEGATIVE_PROMPT,
+        help="CFG negative prompt (the recipe's text.negative_prompt; default: Wan's standard negative prompt)",
+    )
+    neg.add_argument(
+        "--empty-negative-prompt",
+        action="store_true",
+        help="use the empty prompt as the CFG negative (diffusers' WanPipeline default)",
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per encoder call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoder precision (Wan pipelines run it in bf16)")
-    ap.add_argument("--store-dtype", choices=["fp32", "fp16"], default="fp32", help="storage precision of the embeddings")
+    ap.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="encoder precision (Wan pipelines run it in bf16)"
+    )
+    ap.add_argument(
+        "--store-dtype", choices=["fp32", "fp16"], default="fp32", help="storage precision of the embeddings"
+    )
     ap.add_argument("--prompts-per-shard", type=int, default=1000)
     ap.add_argument("--overwrite", action="store_true", help="re-encode even if the folder is up to date")
     add_debug_flag(ap)
@@ -54,10 +68,19 @@ def main(argv=None) -> dict:
         if not prompts:
             raise ManifestError(f"{args.prompts}: no prompts")
         return encode_prompt_folder(
-            prompts, args.text_encoder, args.tokenizer, args.out, max_length=args.max_length,
-            negative_prompt="" if args.empty_negative_prompt else args.negative_prompt, disc_prompt=args.disc_prompt,
-            batch_size=args.batch_size, device=args.device, dtype=args.dtype, store_dtype=args.store_dtype,
-            prompts_per_shard=args.prompts_per_shard, overwrite=args.overwrite,
+            prompts,
+            args.text_encoder,
+            args.tokenizer,
+            args.out,
+            max_length=args.max_length,
+            negative_prompt="" if args.empty_negative_prompt else args.negative_prompt,
+            disc_prompt=args.disc_prompt,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            store_dtype=args.store_dtype,
+            prompts_per_shard=args.prompts_per_shard,
+            overwrite=args.overwrite,
         )
     sys.exit(outcome.exit_code)
 

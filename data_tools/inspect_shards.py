@@ -36,7 +36,9 @@ def main(argv=None) -> dict:
         urls = expand_shards(args.shards)
     if outcome.exit_code:
         sys.exit(outcome.exit_code)
-    report = inspect_shards(urls, decode=not args.no_decode, fps=args.fps, num_frames=args.num_frames, workers=args.workers, bins=args.bins)
+    report = inspect_shards(
+        urls, decode=not args.no_decode, fps=args.fps, num_frames=args.num_frames, workers=args.workers, bins=args.bins
+    )
     print("\n".join(report_lines(report)))
     if args.json:
         with open(args.json, "w") as fh:

@@ -47,8 +47,16 @@ def main(argv=None) -> dict:
     if args.num_clips < 1 or args.shards < 1 or args.shards > args.num_clips or args.frames < 2:
         ap.error("need --num-clips >= --shards >= 1 and --frames >= 2")
     return write_synthetic_corpus(
-        args.out, num_clips=args.num_clips, frames=args.frames, size=args.size, fps=args.fps, shards=args.shards,
-        seed=args.seed, crf=args.crf, prompts=args.prompts, overwrite=args.overwrite,
+        args.out,
+        num_clips=args.num_clips,
+        frames=args.frames,
+        size=args.size,
+        fps=args.fps,
+        shards=args.shards,
+        seed=args.seed,
+        crf=args.crf,
+        prompts=args.prompts,
+        overwrite=args.overwrite,
     )
 
 

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+import mogan_ds.networks as networks_mod
+import mogan_ds.trainer as trainer_mod
 from mogan_ds.config import DataConfig, VideoConfig, load_config
 from mogan_ds.data.corpus import MotionClipStream
+from mogan_ds.data.prompts import NegativePromptMismatchError
 from mogan_ds.data.shard_build import read_inputs, run_build, write_tar_atomic
 from mogan_ds.data.streaming import check_shard_source, expand_shards, iter_shard
 from mogan_ds.data.video import encode_mp4, write_mp4
+from mogan_ds.launcher import REPO
 
 SRC_FPS, SRC_FRAMES = 16, 24
 
@@ -33,12 +37,30 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     for v in range(8):
         write_mp4(d / "videos" / f"v{v}.mp4", level_clip(v), fps=SRC_FPS, crf=10)
-    run_build(read_inputs(str(d / "videos")), str(d / "shards"), {"fps": 8, "min_frames": 9}, samples_per_shard=2, echo=lambda s: None)
+    run_build(
+        read_inputs(str(d / "videos")),
+        str(d / "shards"),
+        {"fps": 8, "min_frames": 9},
+        samples_per_shard=2,
+        echo=lambda s: None,
+    )
     return str(d / "shards")
 
 
 def stream(shards, **kw):
-    args = dict(num_frames=5, fps=8, height=64, width=64, dp_rank=0, dp_size=1, seed=0, num_workers=0, batch_size=2, shuffle_buffer=4, epoch_samples=6)
+    args = dict(
+        num_frames=5,
+        fps=8,
+        height=64,
+        width=64,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_workers=0,
+        batch_size=2,
+        shuffle_buffer=4,
+        epoch_samples=6,
+    )
     args.update(kw)
     return MotionClipStream(shards, **args)
 
@@ -63,7 +85,11 @@ def test_round_trip_build_stream_clip_values(corpus):
         assert np.abs(grey - (20 + 8 * index)).max() < 3
         # 16 fps source read at 8 fps: every second frame, from a random start
         assert (np.diff(index, axis=1) == 2).all()
-    starts = {int(i) for b in batches for i in np.round((((b["video"][:, 1, 0, :4].mean(dim=(-1, -2)) + 1) * 127.5).numpy() - 20) / 8)}
+    starts = {
+        int(i)
+        for b in batches
+        for i in np.round((((b["video"][:, 1, 0, :4].mean(dim=(-1, -2)) + 1) * 127.5).numpy() - 20) / 8)
+    }
     assert len(starts) > 1  # offsets are drawn, not always 0
     keys = [k for b in batches for k in b["key"]]
     assert len(set(keys)) == len(keys)  # 8 clips, 8 draws from one cycle: no repeats
@@ -88,7 +114,11 @@ def dirty(corpus, tmp_path_factory):
         {"__key__": "badjson", "mp4": good[0][0], "json": b"{not json"},
         {"__key__": "short", "mp4": short, "json": json.dumps({"fps": 16.0, "num_frames": 3, "motion": 2.0}).encode()},
         {"__key__": "liar", "mp4": short, "json": meta},  # metadata claims 24 frames, the video has 3
-        {"__key__": "still", "mp4": good[0][0], "json": json.dumps({"fps": 16.0, "num_frames": 24, "motion": 0.01}).encode()},
+        {
+            "__key__": "still",
+            "mp4": good[0][0],
+            "json": json.dumps({"fps": 16.0, "num_frames": 24, "motion": 0.01}).encode(),
+        },
         {"__key__": "nometa", "mp4": good[1][0]},  # no json: the container header is probed
     ]
     write_tar_atomic(str(d / "000000.tar"), samples)
@@ -126,7 +156,10 @@ def keys_of(batches):
 def test_data_parallel_ranks_see_disjoint_samples(corpus, workers):
     # 4 shards: with 2 workers every (rank, worker) slot owns a shard; with 3 the
     # workers of a rank split their 2 shards by key hash.
-    per_rank = [keys_of(take(stream(corpus, dp_rank=r, dp_size=2, num_workers=workers, batch_size=1, epoch_samples=12), 12)) for r in range(2)]
+    per_rank = [
+        keys_of(take(stream(corpus, dp_rank=r, dp_size=2, num_workers=workers, batch_size=1, epoch_samples=12), 12))
+        for r in range(2)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert set(per_rank[0]) | set(per_rank[1]) == {f"{i:06d}" for i in range(8)}
     # a sequence-parallel peer passes the same dp_rank and gets the same clips
@@ -160,8 +193,9 @@ def test_resume_from_a_saved_position_yields_the_same_batches(corpus):
 def test_constructor_is_keyword_only_and_from_config_reads_the_recipe(corpus):
     with pytest.raises(TypeError):
         MotionClipStream(corpus, 5, 8, 64, 64, 0, 1, 0, 0, 2, 4, 6)  # the old positional call
+    # a recipe's sections (at 64 px, below what recipe validation allows for RAFT)
     data = DataConfig(shards=corpus, num_workers=0, shuffle_buffer=4, epoch_samples=6)
-    video = VideoConfig(num_frames=5, fps=8, height=64, width=64)  # the recipe's sections (64 px: below what validation allows)
+    video = VideoConfig(num_frames=5, fps=8, height=64, width=64)
     s = MotionClipStream.from_config(data, video, dp_rank=0, dp_size=1, seed=0, batch_size=2)
     assert keys_of(take(s, 3)) == keys_of(take(stream(corpus), 3))  # the same stream as the explicit arguments
 
@@ -169,7 +203,9 @@ def test_constructor_is_keyword_only_and_from_config_reads_the_recipe(corpus):
 def test_shard_sources_are_checked_up_front(corpus, tmp_path):
     urls = expand_shards(corpus)
     assert check_shard_source(corpus) == urls and check_shard_source(urls) == urls
-    with pytest.raises(FileNotFoundError, match=r"data.shards: .*1 of 1 shard file\(s\) do not exist: /nonexistent/motion"):
+    with pytest.raises(
+        FileNotFoundError, match=r"data.shards: .*1 of 1 shard file\(s\) do not exist: /nonexistent/motion"
+    ):
         check_shard_source("/nonexistent/motion")
     with pytest.raises(FileNotFoundError, match="data.shards: shard glob .* matches nothing"):
         check_shard_source(str(tmp_path / "*.tar"))
@@ -191,10 +227,6 @@ def test_shard_sources_are_checked_up_front(corpus, tmp_path):
 
 
 def test_trainer_checks_shards_and_negative_prompt_before_building_networks(tiny_workdir, tmp_path, monkeypatch):
-    import mogan_ds.networks as networks_mod
-    import mogan_ds.trainer as trainer_mod
-    from mogan_ds.launcher import REPO
-
     def no_networks(*a, **k):
         raise AssertionError("networks were built before the data sources were checked")
 
@@ -204,14 +236,17 @@ def test_trainer_checks_shards_and_negative_prompt_before_building_networks(tiny
     ds = str(REPO / "ds_configs" / "zero3_cpu.json")
 
     def trainer(*overrides):
-        cfg = load_config("tiny", [*tiny_workdir, f"output.run_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled", *overrides])
+        cfg = load_config(
+            "tiny", [*tiny_workdir, f"output.run_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled", *overrides]
+        )
         return trainer_mod.MoGANTrainer(cfg, ds)
 
     with pytest.raises(FileNotFoundError, match="data.shards: .*/nonexistent/shards"):
         trainer("data.shards=/nonexistent/shards")
-    from mogan_ds.data.prompts import NegativePromptMismatch
-
-    with pytest.raises(NegativePromptMismatch, match=r"text.negative_prompt is the empty prompt, .*\(data.prompts\) were encoded with Wan's standard"):
+    with pytest.raises(
+        NegativePromptMismatchError,
+        match=r"text.negative_prompt is the empty prompt, .*\(data.prompts\) were encoded with Wan's standard",
+    ):
         trainer("text.negative_prompt=")
     # without the GAN phases the corpus is never read, so it is not required
     with pytest.raises(AssertionError, match="networks were built"):

@@ -21,7 +21,9 @@ BUILD = dict(fps=8, min_frames=9, min_motion=0.5)
 
 def build(inputs, out, samples_per_shard=2, workers=1, **opts):
     items = read_inputs(str(inputs)) if not isinstance(inputs, list) else inputs
-    return run_build(items, str(out), {**BUILD, **opts}, samples_per_shard=samples_per_shard, workers=workers, echo=lambda s: None)
+    return run_build(
+        items, str(out), {**BUILD, **opts}, samples_per_shard=samples_per_shard, workers=workers, echo=lambda s: None
+    )
 
 
 def square_clip(speed, frames, size=64):
@@ -55,14 +57,25 @@ def _samples(out):
 def test_build_filters_counts_and_resumes(video_folder, tmp_path):
     out = tmp_path / "shards"
     summary = build(video_folder, out, workers=2)  # 4 shards over 2 spawned processes
-    assert (summary["items"], summary["kept"], summary["filtered_short"], summary["filtered_motion"], summary["failed"]) == (8, 5, 1, 1, 1)
+    assert (
+        summary["items"],
+        summary["kept"],
+        summary["filtered_short"],
+        summary["filtered_motion"],
+        summary["failed"],
+    ) == (8, 5, 1, 1, 1)
     assert summary["failures"][0][0].endswith("broken.mp4")
     samples = _samples(out)
     assert len(samples) == 5 and all(len(k) == 6 and k.isdigit() for k in samples)
     metas = {os.path.basename(m["source"]): m for m, _ in samples.values()}
     assert set(metas) == {"move0.mp4", "move1.mp4", "move2.mp4", "move3.mp4", "sub_move.mov"}
     m = metas["move0.mp4"]
-    assert m["caption"] == "a square slides right" and (m["fps"], m["num_frames"], m["width"], m["height"]) == (16.0, 24, 64, 64)
+    assert m["caption"] == "a square slides right" and (m["fps"], m["num_frames"], m["width"], m["height"]) == (
+        16.0,
+        24,
+        64,
+        64,
+    )
     assert m["motion_method"] == "framediff" and m["frames_at_target_fps"] == 12
     speeds = [metas[f"move{i}.mp4"]["motion"] for i in range(4)]
     assert speeds == sorted(speeds) and speeds[0] > 0.5
@@ -85,12 +98,22 @@ def test_build_filters_counts_and_resumes(video_folder, tmp_path):
 
 def test_manifest_input_and_transcoding(video_folder, tmp_path):
     manifest = tmp_path / "list.jsonl"
-    manifest.write_text("\n".join(json.dumps({"path": str(video_folder / f), "caption": f"clip {f}"}) for f in ("move1.mp4", "short.mp4")) + "\n")
+    manifest.write_text(
+        "\n".join(
+            json.dumps({"path": str(video_folder / f), "caption": f"clip {f}"}) for f in ("move1.mp4", "short.mp4")
+        )
+        + "\n"
+    )
     out = tmp_path / "t"
     summary = build(manifest, out, samples_per_shard=200, min_motion=0.0, transcode=True, short_side=32, max_frames=10)
     assert (summary["kept"], summary["filtered_short"]) == (1, 1)
-    (meta, data), = _samples(out).values()
-    assert meta["caption"] == "clip move1.mp4" and (meta["fps"], meta["num_frames"], meta["width"], meta["height"]) == (8.0, 10, 32, 32)
+    ((meta, data),) = _samples(out).values()
+    assert meta["caption"] == "clip move1.mp4" and (meta["fps"], meta["num_frames"], meta["width"], meta["height"]) == (
+        8.0,
+        10,
+        32,
+        32,
+    )
     info = probe_video(data)
     assert (info.fps, info.num_frames, info.width) == (8.0, 10, 32)
 
@@ -178,7 +201,7 @@ def test_a_video_cut_short_is_failed_not_kept(tmp_path):
     summary = build(d, tmp_path / "out", score_frames=4, min_motion=0.0)
     assert (summary["kept"], summary["failed"], summary["filtered_short"]) == (1, 1, 0)
     assert summary["failures"][0][0].endswith("cut.mp4") and "decod" in summary["failures"][0][1]
-    (meta, _), = _samples(tmp_path / "out").values()
+    ((meta, _),) = _samples(tmp_path / "out").values()
     assert meta["source"].endswith("whole.mp4") and meta["num_frames"] == 48
     assert inspect_shards(str(tmp_path / "out"))["problems"] == []  # what the builder keeps, its inspector accepts
 
@@ -191,7 +214,7 @@ def test_reencoding_an_odd_size_crops_instead_of_resampling(tmp_path):
     write_mp4(tmp_path / "in" / "odd.mp4", src, fps=8, **lossless)
     summary = build(tmp_path / "in", tmp_path / "out", min_motion=0.0, transcode=True, **lossless)
     assert summary["kept"] == 1, summary
-    (meta, data), = _samples(tmp_path / "out").values()
+    ((meta, data),) = _samples(tmp_path / "out").values()
     assert (meta["height"], meta["width"], meta["num_frames"]) == (32, 46, 16)
     stored = np.stack(list(iter_frames(data)))
     assert np.array_equal(stored, src[:, :32, :46])  # one row and one column dropped, nothing resampled
@@ -202,8 +225,23 @@ def test_command_lines_are_thin_and_report_bad_input_in_one_line(video_folder, t
         return subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=300)
 
     out = tmp_path / "cli"
-    r = run("data_tools/build_shards.py", "--input", str(video_folder), "--out", str(out), "--fps", "8", "--min-frames", "9",
-            "--min-motion", "0.5", "--samples-per-shard", "4", "--workers", "1")
+    r = run(
+        "data_tools/build_shards.py",
+        "--input",
+        str(video_folder),
+        "--out",
+        str(out),
+        "--fps",
+        "8",
+        "--min-frames",
+        "9",
+        "--min-motion",
+        "0.5",
+        "--samples-per-shard",
+        "4",
+        "--workers",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert "kept 5 / filtered short 1 / filtered motion 1 / failed 1 of 8 inputs" in r.stdout
     r = run("data_tools/inspect_shards.py", str(out), "--json", str(tmp_path / "r.json"))

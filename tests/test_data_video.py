@@ -25,6 +25,8 @@ from mogan_ds.data.video import (
     verify_video,
     write_mp4,
 )
+from mogan_ds.models.builders import build_raft, load_raft
+from mogan_ds.motion.flow import RaftFlow
 
 
 def level_video(num_frames=30, h=48, w=64):
@@ -117,9 +119,6 @@ def test_framediff_motion_is_zero_when_static_and_grows_with_speed():
 
 
 def test_raft_score_is_the_training_raft_flow_magnitude(tmp_path):
-    from mogan_ds.models.builders import build_raft, load_raft
-    from mogan_ds.motion.flow import RaftFlow
-
     torch.manual_seed(0)
     torch.save(build_raft("raft_small").state_dict(), tmp_path / "raft_small.pth")
     raft = RaftScorer(str(tmp_path / "raft_small.pth"), "raft_small", iters=2)
@@ -130,7 +129,9 @@ def test_raft_score_is_the_training_raft_flow_magnitude(tmp_path):
     # the score is RaftFlow's mean flow magnitude, rescaled from a 128-px to a 256-px short side
     frames = np.stack([np.roll(moving_square(2.0, frames=1, size=128)[0], 3 * t, axis=1) for t in range(3)])
     with torch.no_grad():
-        flow = RaftFlow(load_raft(tmp_path / "raft_small.pth", "raft_small"), num_iters=2)(to_model_layout(frames)[None])
+        flow = RaftFlow(load_raft(tmp_path / "raft_small.pth", "raft_small"), num_iters=2)(
+            to_model_layout(frames)[None]
+        )
     assert raft(frames) == pytest.approx(float(flow.norm(dim=1).mean()) * 256 / 128, rel=1e-5)
     with pytest.raises(ValueError, match="multiples of 8"):
         raft(np.zeros((2, 30, 30, 3), np.uint8))
@@ -142,7 +143,8 @@ def test_pixel_conversions_are_inverse_and_exact():
     assert unit.dtype == torch.float32 and unit[0] == -1 and unit[-1] == 1
     assert torch.equal(unit, levels.float() / 127.5 - 1)
     assert torch.equal(to_uint8(unit), levels)  # every level survives the round trip
-    assert torch.equal(to_uint8(torch.tensor([-3.0, 1.7, 0.0])), torch.tensor([0, 255, 128], dtype=torch.uint8))  # clamp, round
+    clamped = to_uint8(torch.tensor([-3.0, 1.7, 0.0]))  # clamp, scale, round
+    assert torch.equal(clamped, torch.tensor([0, 255, 128], dtype=torch.uint8))
     assert to_unit(levels.numpy(), torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(TypeError, match="uint8"):
         to_unit(unit)

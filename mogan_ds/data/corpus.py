@@ -40,7 +40,24 @@ _TAG_CLIPS, _TAG_OFFSET = 0xC11B, 0x0FF5
 class _ClipWorkerDataset(torch.utils.data.IterableDataset):
     """What one loader worker (or the main process, with 0 workers) iterates."""
 
-    def __init__(self, urls, *, num_frames, fps, height, width, dp_rank, dp_size, seed, logical_workers, batch_size, shuffle_buffer, min_motion, decode_threads, log_skips):
+    def __init__(
+        self,
+        urls,
+        *,
+        num_frames,
+        fps,
+        height,
+        width,
+        dp_rank,
+        dp_size,
+        seed,
+        logical_workers,
+        batch_size,
+        shuffle_buffer,
+        min_motion,
+        decode_threads,
+        log_skips,
+    ):
         super().__init__()
         self.urls, self.num_frames, self.fps, self.height, self.width = urls, num_frames, fps, height, width
         self.dp_rank, self.dp_size, self.seed, self.logical_workers = dp_rank, dp_size, seed, logical_workers
@@ -92,7 +109,11 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
                 self._skip(stats, "skipped_corrupt", sample, "no .mp4 member")
                 continue
             try:
-                if isinstance(meta.get("fps"), (int, float)) and isinstance(meta.get("num_frames"), int) and meta["fps"] > 0:
+                if (
+                    isinstance(meta.get("fps"), (int, float))
+                    and isinstance(meta.get("num_frames"), int)
+                    and meta["fps"] > 0
+                ):
                     src_fps, src_frames = float(meta["fps"]), meta["num_frames"]
                 else:  # no usable metadata: read the container header
                     probe = probe_video(data)
@@ -102,7 +123,9 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
                 if max_start < 0:
                     raise ClipTooShortError(f"{src_frames} frames at {src_fps} fps < {F} frames at {fps} fps")
                 u = rng_for(*seed_key, _TAG_OFFSET, *sample["__sample_seed__"]).random()
-                frames = decode_clip(data, F, fps, self.height, self.width, start=u * max_start, threads=self.decode_threads)
+                frames = decode_clip(
+                    data, F, fps, self.height, self.width, start=u * max_start, threads=self.decode_threads
+                )
             except ClipTooShortError as exc:
                 self._skip(stats, "skipped_short", sample, exc)
                 continue
@@ -153,7 +176,9 @@ class MotionClipStream:
     """
 
     @classmethod
-    def from_config(cls, data, video, *, dp_rank: int, dp_size: int, seed: int, batch_size: int, **kwargs) -> "MotionClipStream":
+    def from_config(
+        cls, data, video, *, dp_rank: int, dp_size: int, seed: int, batch_size: int, **kwargs
+    ) -> MotionClipStream:
         """The stream of a recipe: `data` is its DataConfig (shards, workers, buffer, epoch,
         min_motion), `video` its VideoConfig (frames, fps, size); `kwargs` pass through."""
         return cls(
@@ -173,7 +198,27 @@ class MotionClipStream:
             **kwargs,
         )
 
-    def __init__(self, shards, *, num_frames: int, fps: float, height: int, width: int, dp_rank: int, dp_size: int, seed: int, num_workers: int, batch_size: int, shuffle_buffer: int, epoch_samples: int, min_motion: float = 0.0, decode_threads: int = 1, prefetch_factor: int = 2, log_skips: int = 10, output_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        shards,
+        *,
+        num_frames: int,
+        fps: float,
+        height: int,
+        width: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        num_workers: int,
+        batch_size: int,
+        shuffle_buffer: int,
+        epoch_samples: int,
+        min_motion: float = 0.0,
+        decode_threads: int = 1,
+        prefetch_factor: int = 2,
+        log_skips: int = 10,
+        output_dtype: torch.dtype = torch.float32,
+    ):
         if batch_size < 1 or num_frames < 1 or fps <= 0 or height < 1 or width < 1 or num_workers < 0:
             raise ValueError("need batch_size, num_frames, height, width >= 1, fps > 0 and num_workers >= 0")
         self.urls = expand_shards(shards)
@@ -185,9 +230,20 @@ class MotionClipStream:
             raise ValueError(f"output_dtype must be float32, float16, bfloat16 or uint8, got {output_dtype}")
         self.output_dtype = output_dtype
         self.dataset = _ClipWorkerDataset(
-            self.urls, num_frames=num_frames, fps=fps, height=height, width=width, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-            logical_workers=self.logical_workers, batch_size=batch_size, shuffle_buffer=shuffle_buffer, min_motion=min_motion,
-            decode_threads=decode_threads, log_skips=log_skips,
+            self.urls,
+            num_frames=num_frames,
+            fps=fps,
+            height=height,
+            width=width,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=seed,
+            logical_workers=self.logical_workers,
+            batch_size=batch_size,
+            shuffle_buffer=shuffle_buffer,
+            min_motion=min_motion,
+            decode_threads=decode_threads,
+            log_skips=log_skips,
         )
         self._identity = {
             "shards": shards_fingerprint(self.urls),
@@ -239,9 +295,16 @@ class MotionClipStream:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; takes effect at the next ``iter(stream)``."""
         ident = state.get("identity", {})
-        diff = {k: (ident.get(k), v) for k, v in self._identity.items() if ident.get(k) != v and not (isinstance(v, list) and list(ident.get(k) or []) == v)}
+        diff = {
+            k: (ident.get(k), v)
+            for k, v in self._identity.items()
+            if ident.get(k) != v and not (isinstance(v, list) and list(ident.get(k) or []) == v)
+        }
         if diff:
-            raise ValueError("data state was saved for another stream; (saved, now) differ in " + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+            raise ValueError(
+                "data state was saved for another stream; (saved, now) differ in "
+                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
         self._batches, self._epoch, self._in_epoch = int(state["batches"]), int(state["epoch"]), int(state["in_epoch"])
         self._workers = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
 

@@ -28,7 +28,10 @@ FRAMEDIFF_SHORT_SIDE = 128  # the cheap score works on small frames; the result 
 def analysis_size(height: int, width: int, short_side: int, multiple: int = 2) -> tuple[int, int]:
     """(h, w) with the given short side, the aspect ratio kept, rounded to `multiple`."""
     scale = short_side / min(height, width)
-    return (max(multiple, int(round(height * scale / multiple)) * multiple), max(multiple, int(round(width * scale / multiple)) * multiple))
+    return (
+        max(multiple, int(round(height * scale / multiple)) * multiple),
+        max(multiple, int(round(width * scale / multiple)) * multiple),
+    )
 
 
 def _box3(y: np.ndarray) -> np.ndarray:
@@ -69,9 +72,13 @@ class RaftScorer:
     in training; no gradients, so no activation checkpointing.
     """
 
-    def __init__(self, weights: str, arch: str = "raft_large", device: str = "cpu", iters: int = 12, pairs_per_chunk: int = 8):
+    def __init__(
+        self, weights: str, arch: str = "raft_large", device: str = "cpu", iters: int = 12, pairs_per_chunk: int = 8
+    ):
         self.device = torch.device(device)
-        self.flow = RaftFlow(load_raft(weights, arch), num_iters=iters, pairs_per_chunk=pairs_per_chunk, checkpoint=False).to(self.device)
+        self.flow = RaftFlow(
+            load_raft(weights, arch), num_iters=iters, pairs_per_chunk=pairs_per_chunk, checkpoint=False
+        ).to(self.device)
 
     def size_for(self, height: int, width: int) -> tuple[int, int]:
         return analysis_size(height, width, MOTION_SHORT_SIDE, multiple=8)
@@ -88,7 +95,9 @@ class RaftScorer:
         return speed * MOTION_SHORT_SIDE / min(frames.shape[1], frames.shape[2])
 
 
-def motion_score(src: Source, fps: float, max_frames: int = 64, raft: RaftScorer | None = None, threads: int = 1) -> float:
+def motion_score(
+    src: Source, fps: float, max_frames: int = 64, raft: RaftScorer | None = None, threads: int = 1
+) -> float:
     """Motion score of a video over its first `max_frames` frames at `fps` (see above).
 
     RAFT when a `RaftScorer` is given, the frame-difference estimate otherwise.

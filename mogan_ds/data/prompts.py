@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 _TAG_PROMPTS = 0x9A0B
 
 
-class NegativePromptMismatch(BadFileError):
+class NegativePromptMismatchError(BadFileError):
     """An embedding folder was encoded with another CFG negative prompt than the recipe's."""
 
 
@@ -56,7 +56,9 @@ def clean_prompt(text: str) -> str:
 
 
 @torch.no_grad()
-def encode_texts(texts: list[str], tokenizer, text_encoder, max_length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def encode_texts(
+    texts: list[str], tokenizer, text_encoder, max_length: int, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
     """UMT5 embeddings of `texts`, each trimmed to its true length: list of [len_i, D] float32.
 
     Padding them with zeros to `max_length` gives WanPipeline._get_t5_prompt_embeds.
@@ -97,7 +99,9 @@ def read_meta(path: str) -> dict:
     try:
         meta = json.loads(_read(_join(str(path), "meta.json")))
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"prompt embeddings: no readable meta.json in {path} (written by data_tools/encode_prompts.py): {exc}") from exc
+        raise FileNotFoundError(
+            f"prompt embeddings: no readable meta.json in {path} (written by data_tools/encode_prompts.py): {exc}"
+        ) from exc
     return meta
 
 
@@ -115,16 +119,25 @@ def load_special_embeddings(path: str, negative_prompt: str | None = None) -> di
     negative: the teacher's CFG negative prompt (``--negative-prompt`` of
     encode_prompts.py); disc: the discriminator's fixed prompt (``--disc-prompt``).
     With `negative_prompt` (the recipe's ``text.negative_prompt``) the folder must have
-    been encoded with exactly that text, else NegativePromptMismatch names both.
+    been encoded with exactly that text, else NegativePromptMismatchError names both.
     """
     meta = read_meta(path)
     if negative_prompt is not None:
         stored = stored_negative_prompt(meta)
         if stored != negative_prompt:
-            def show(t):
-                return "an unrecorded negative prompt" if t is None else "the empty prompt" if t == "" else "Wan's standard negative prompt" if t == WAN_NEGATIVE_PROMPT else repr(t[:60] + ("..." if len(t) > 60 else ""))
 
-            raise NegativePromptMismatch(
+            def show(t):
+                return (
+                    "an unrecorded negative prompt"
+                    if t is None
+                    else "the empty prompt"
+                    if t == ""
+                    else "Wan's standard negative prompt"
+                    if t == WAN_NEGATIVE_PROMPT
+                    else repr(t[:60] + ("..." if len(t) > 60 else ""))
+                )
+
+            raise NegativePromptMismatchError(
                 f"text.negative_prompt is {show(negative_prompt)}, but the prompt embeddings in {path} (data.prompts) were "
                 f"encoded with {show(stored)}: re-encode them (data_tools/encode_prompts.py --negative-prompt ..., or "
                 "--empty-negative-prompt) or set text.negative_prompt to the folder's prompt"
@@ -153,7 +166,14 @@ class PromptEmbeddings:
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed_key = (seed, dp_rank, 0, _TAG_PROMPTS)
         self.slot = slot_split(self.urls, dp_rank, dp_size, 0, 1)
-        self._identity = {"shards": shards_fingerprint(self.urls), "seed": seed, "dp_rank": dp_rank, "dp_size": dp_size, "batch_size": batch_size, "shuffle_buffer": shuffle_buffer}
+        self._identity = {
+            "shards": shards_fingerprint(self.urls),
+            "seed": seed,
+            "dp_rank": dp_rank,
+            "dp_size": dp_size,
+            "batch_size": batch_size,
+            "shuffle_buffer": shuffle_buffer,
+        }
         self._cursor = [0, 0, 0, 0]
         self._stats = Counter()
         self._batches = 0
@@ -176,16 +196,32 @@ class PromptEmbeddings:
             if len(batch) == self.batch_size:
                 self._cursor, self._stats = list(batch[-1][3]), Counter(stats)
                 self._batches += 1
-                yield {"embeds": torch.stack([b[2] for b in batch]), "prompt": [b[1] for b in batch], "key": [b[0] for b in batch]}
+                yield {
+                    "embeds": torch.stack([b[2] for b in batch]),
+                    "prompt": [b[1] for b in batch],
+                    "key": [b[0] for b in batch],
+                }
                 batch = []
 
     def state_dict(self) -> dict:
-        return {"identity": dict(self._identity), "cursor": list(self._cursor), "stats": dict(self._stats), "batches": self._batches}
+        return {
+            "identity": dict(self._identity),
+            "cursor": list(self._cursor),
+            "stats": dict(self._stats),
+            "batches": self._batches,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        diff = {k: (state.get("identity", {}).get(k), v) for k, v in self._identity.items() if state.get("identity", {}).get(k) != v}
+        diff = {
+            k: (state.get("identity", {}).get(k), v)
+            for k, v in self._identity.items()
+            if state.get("identity", {}).get(k) != v
+        }
         if diff:
-            raise ValueError("prompt state was saved for another stream; (saved, now) differ in " + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+            raise ValueError(
+                "prompt state was saved for another stream; (saved, now) differ in "
+                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
         self._cursor, self._stats, self._batches = list(state["cursor"]), Counter(state["stats"]), int(state["batches"])
 
     def stats(self) -> dict:
@@ -193,7 +229,6 @@ class PromptEmbeddings:
 
     def __repr__(self) -> str:
         return f"PromptEmbeddings({self.path!r}, {self.meta.get('num_prompts')} prompts, L={self.max_length}, D={self.dim})"
-
 
 
 # --------------------------------------------------------------------------- encoding
@@ -211,7 +246,11 @@ def read_prompts(path: str) -> list[str]:
                     row = json.loads(line)
                 except ValueError as exc:
                     raise ManifestError(f"{path}:{n}: not JSON: {exc}") from None
-                text = next((row[k] for k in ("prompt", "caption", "text") if isinstance(row.get(k), str)), None) if isinstance(row, dict) else None
+                text = (
+                    next((row[k] for k in ("prompt", "caption", "text") if isinstance(row.get(k), str)), None)
+                    if isinstance(row, dict)
+                    else None
+                )
                 if text is None:
                     raise ManifestError(f"{path}:{n}: no 'prompt', 'caption' or 'text' string field")
                 out.append(text)
@@ -315,5 +354,7 @@ def encode_prompt_folder(
     with open(meta_path + ".tmp", "w") as fh:
         json.dump(meta, fh, indent=1, ensure_ascii=False)
     os.replace(meta_path + ".tmp", meta_path)
-    echo(f"encoded {len(prompts)} prompts (dim {dim}, max_length {max_length}, {truncated} at the limit) into {len(shards)} shards in {out} in {time.time() - t0:.1f} s")
+    echo(
+        f"encoded {len(prompts)} prompts (dim {dim}, max_length {max_length}, {truncated} at the limit) into {len(shards)} shards in {out} in {time.time() - t0:.1f} s"
+    )
     return meta

@@ -18,8 +18,8 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -56,10 +56,6 @@ _RUNTIME_OPTIONS = ("device", "torch_threads")
 
 class ManifestError(BadFileError):
     """An input list (CSV / JSONL manifest) that cannot be read; the message names the file."""
-
-
-class _Filtered(Exception):
-    """An input the filters drop; args[0] is the stats counter to bump."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -157,15 +153,16 @@ def shard_done(out: str, index: int) -> bool:
     return tar is None or os.path.exists(os.path.join(out, tar))
 
 
-def _kept_clip(data: bytes, path: str, opts: dict, raft: RaftScorer | None) -> tuple[bytes, dict]:
-    """(mp4 bytes to store, metadata) of one input, or _Filtered / a decode error."""
+def _kept_clip(data: bytes, path: str, opts: dict, raft: RaftScorer | None) -> tuple[bytes, dict] | str:
+    """(mp4 bytes to store, metadata) of one input, or the filter that drops it
+    ("filtered_short" / "filtered_motion"); raises for input that cannot be decoded."""
     fps, min_frames = float(opts["fps"]), int(opts["min_frames"])
     info = probe_video(data)
     if info.frames_at(fps) < min_frames:  # the header already says too short: no decoding
-        raise _Filtered("filtered_short")
+        return "filtered_short"
     score = motion_score(data, fps, max_frames=opts["score_frames"], raft=raft)
     if score < opts["min_motion"]:
-        raise _Filtered("filtered_motion")
+        return "filtered_motion"
     meta = {"source": path}
     if opts["transcode"] or "mp4" not in info.format.split(","):
         if opts["short_side"]:
@@ -176,7 +173,9 @@ def _kept_clip(data: bytes, path: str, opts: dict, raft: RaftScorer | None) -> t
             h, w = even_size(info.height, info.width)
             frames = iter_frames(data, fps=fps, height=h, width=w, max_frames=opts["max_frames"] or None, resize=False)
         frames = np.stack(list(frames))  # decodes to the end (or max_frames): damage raises here
-        data = encode_mp4(frames, fps, codec=opts["codec"], crf=opts["crf"], preset=opts["preset"], pix_fmt=opts["pix_fmt"])
+        data = encode_mp4(
+            frames, fps, codec=opts["codec"], crf=opts["crf"], preset=opts["preset"], pix_fmt=opts["pix_fmt"]
+        )
         n = int(frames.shape[0])
         meta.update(fps=fps, num_frames=n, width=w, height=h, duration=round(n / fps, 4))
         n_at_fps = n
@@ -184,9 +183,15 @@ def _kept_clip(data: bytes, path: str, opts: dict, raft: RaftScorer | None) -> t
         # The header's frame count is what the loader trusts: the file must decode that far.
         info = verify_video(data)
         n_at_fps = info.frames_at(fps)
-        meta.update(fps=info.fps, num_frames=info.num_frames, width=info.width, height=info.height, duration=round(info.duration, 4))
+        meta.update(
+            fps=info.fps,
+            num_frames=info.num_frames,
+            width=info.width,
+            height=info.height,
+            duration=round(info.duration, 4),
+        )
     if n_at_fps < min_frames:
-        raise _Filtered("filtered_short")
+        return "filtered_short"
     meta.update(
         motion=round(float(score), 4),
         motion_method="raft" if raft is not None else "framediff",
@@ -208,19 +213,23 @@ def build_shard(job: dict) -> dict:
     opts, out, index = {**DEFAULT_OPTIONS, **job["opts"]}, job["out"], job["index"]
     if opts["torch_threads"]:
         torch.set_num_threads(int(opts["torch_threads"]))
-    raft = _raft_scorer(opts["raft"], opts["raft_arch"], opts["device"], int(opts["raft_iters"])) if opts["raft"] else None
+    raft = (
+        _raft_scorer(opts["raft"], opts["raft_arch"], opts["device"], int(opts["raft_iters"])) if opts["raft"] else None
+    )
     stats, failures, samples = Counter(), [], []
     for gidx, path, caption in job["items"]:
         try:
             with wds.gopen(path, "rb") as fh:
                 data = fh.read()
-            data, meta = _kept_clip(data, path, opts, raft)
+            kept = _kept_clip(data, path, opts, raft)
+            if isinstance(kept, str):
+                stats[kept] += 1
+                continue
+            data, meta = kept
             meta["caption"] = caption or ""
             samples.append({"__key__": f"{gidx:06d}", "mp4": data, "json": json.dumps(meta).encode()})
             stats["kept"] += 1
             stats["bytes"] += len(data)
-        except _Filtered as f:
-            stats[f.args[0]] += 1
         except ClipTooShortError:
             stats["filtered_short"] += 1
         except Exception as exc:  # a bad input is reported, never fatal for the build
@@ -229,7 +238,13 @@ def build_shard(job: dict) -> dict:
     tar = f"{index:06d}.tar" if samples else None
     if samples:
         write_tar_atomic(os.path.join(out, tar), samples)
-    result = {"index": index, "items": len(job["items"]), "tar": tar, "failures": failures, "seconds": round(time.time() - t0, 3)}
+    result = {
+        "index": index,
+        "items": len(job["items"]),
+        "tar": tar,
+        "failures": failures,
+        "seconds": round(time.time() - t0, 3),
+    }
     result.update({k: int(stats[k]) for k in ("kept", "filtered_short", "filtered_motion", "failed", "bytes")})
     # Stats are written after the tar: their presence marks the shard as finished.
     path = build_stats_path(out, index)
@@ -309,14 +324,23 @@ def run_build(
 
     per = samples_per_shard
     jobs = [
-        {"index": s, "out": out, "opts": opts, "items": [[i, items[i][0], items[i][1]] for i in range(s * per, min(len(items), (s + 1) * per))]}
+        {
+            "index": s,
+            "out": out,
+            "opts": opts,
+            "items": [[i, items[i][0], items[i][1]] for i in range(s * per, min(len(items), (s + 1) * per))],
+        }
         for s in range((len(items) + per - 1) // per)
     ]
     todo = [j for j in jobs if not shard_done(out, j["index"])]
-    echo(f"{len(items)} inputs -> {len(jobs)} shards ({len(jobs) - len(todo)} already finished, {len(todo)} to build, {workers} workers)")
+    echo(
+        f"{len(items)} inputs -> {len(jobs)} shards ({len(jobs) - len(todo)} already finished, {len(todo)} to build, {workers} workers)"
+    )
 
     def report(result: dict) -> None:
-        echo(f"shard {result['index']:06d}/{len(jobs)}: kept {result['kept']} of {result['items']} ({result['seconds']} s)")
+        echo(
+            f"shard {result['index']:06d}/{len(jobs)}: kept {result['kept']} of {result['items']} ({result['seconds']} s)"
+        )
 
     t0 = time.time()
     if workers <= 1 or len(todo) <= 1:
@@ -333,7 +357,9 @@ def run_build(
     for j in jobs:
         with open(build_stats_path(out, j["index"])) as fh:
             results.append(json.load(fh))
-    summary = {k: sum(r[k] for r in results) for k in ("items", "kept", "filtered_short", "filtered_motion", "failed", "bytes")}
+    summary = {
+        k: sum(r[k] for r in results) for k in ("items", "kept", "filtered_short", "filtered_motion", "failed", "bytes")
+    }
     shards = [r["tar"] for r in results if r["tar"]]
     summary.update(
         shards=len(shards),

@@ -22,13 +22,24 @@ from .video import VideoDecodeError, probe_video, verify_video
 
 def inspect_shard(url: str, decode: bool = True, fps: float = 0.0, num_frames: int = 0) -> dict:
     """Per-shard facts: samples, durations, motion scores, problems [(key, what)]."""
-    out = {"url": url, "samples": 0, "bytes": 0, "durations": [], "motion": [], "problems": [], "too_short": 0, "methods": Counter()}
+    out = {
+        "url": url,
+        "samples": 0,
+        "bytes": 0,
+        "durations": [],
+        "motion": [],
+        "problems": [],
+        "too_short": 0,
+        "methods": Counter(),
+    }
     try:
         for s in iter_shard(url):
             key = s["__key__"]
             out["samples"] += 1
             if "mp4" not in s or "json" not in s:
-                out["problems"].append([key, f"missing member(s): has {sorted(k for k in s if not k.startswith('__'))}"])
+                out["problems"].append(
+                    [key, f"missing member(s): has {sorted(k for k in s if not k.startswith('__'))}"]
+                )
                 continue
             out["bytes"] += len(s["mp4"])
             try:
@@ -59,7 +70,9 @@ def _inspect(args):
     return inspect_shard(*args)
 
 
-def inspect_shards(spec: str | list[str], decode: bool = True, fps: float = 0.0, num_frames: int = 0, workers: int = 1, bins: int = 10) -> dict:
+def inspect_shards(
+    spec: str | list[str], decode: bool = True, fps: float = 0.0, num_frames: int = 0, workers: int = 1, bins: int = 10
+) -> dict:
     """The corpus report over all shards of `spec` (shards in `workers` spawned processes).
 
     Plain JSON types; the motion histogram has `bins` bins.
@@ -82,8 +95,22 @@ def inspect_shards(spec: str | list[str], decode: bool = True, fps: float = 0.0,
         "good": len(durations),
         "bytes": sum(r["bytes"] for r in results),
         "hours": round(sum(durations) / 3600, 4),
-        "duration_s": {"mean": float(np.mean(durations)), "min": float(np.min(durations)), "max": float(np.max(durations))} if durations else {},
-        "motion": {"mean": float(np.mean(motion)), "median": float(np.median(motion)), "min": float(np.min(motion)), "max": float(np.max(motion)), "methods": dict(methods)} if motion else {},
+        "duration_s": {
+            "mean": float(np.mean(durations)),
+            "min": float(np.min(durations)),
+            "max": float(np.max(durations)),
+        }
+        if durations
+        else {},
+        "motion": {
+            "mean": float(np.mean(motion)),
+            "median": float(np.median(motion)),
+            "min": float(np.min(motion)),
+            "max": float(np.max(motion)),
+            "methods": dict(methods),
+        }
+        if motion
+        else {},
         "motion_histogram": _histogram(motion, bins),
         "too_short": sum(r["too_short"] for r in results),
         "problems": [[r["url"], k, what] for r in results for k, what in r["problems"]],
@@ -105,12 +132,17 @@ def histogram_lines(hist: dict, width: int = 40) -> list[str]:
     if not counts:
         return ["  (no motion scores)"]
     top = max(1, max(counts))
-    return [f"  {edges[i]:8.3f} - {edges[i + 1]:8.3f} | {'#' * int(round(width * c / top)):<{width}} {c}" for i, c in enumerate(counts)]
+    return [
+        f"  {edges[i]:8.3f} - {edges[i + 1]:8.3f} | {'#' * int(round(width * c / top)):<{width}} {c}"
+        for i, c in enumerate(counts)
+    ]
 
 
 def report_lines(report: dict, max_problems: int = 50) -> list[str]:
     """The human-readable report: totals, durations, motion histogram, problems, verdict."""
-    lines = [f"{report['shards']} shards, {report['samples']} samples ({report['good']} good), {report['bytes'] / 2**20:.1f} MB, {report['hours']} h of video"]
+    lines = [
+        f"{report['shards']} shards, {report['samples']} samples ({report['good']} good), {report['bytes'] / 2**20:.1f} MB, {report['hours']} h of video"
+    ]
     if report["duration_s"]:
         d = report["duration_s"]
         lines.append(f"duration per clip: mean {d['mean']:.2f} s, min {d['min']:.2f} s, max {d['max']:.2f} s")

@@ -30,7 +30,8 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -99,14 +100,18 @@ def check_shard_source(spec: str | list[str], key: str = "data.shards") -> list[
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{key}: {len(missing)} of {len(urls)} shard file(s) do not exist: {shown} (from {spec!r})")
+        raise FileNotFoundError(
+            f"{key}: {len(missing)} of {len(urls)} shard file(s) do not exist: {shown} (from {spec!r})"
+        )
     remote = [u for u in urls if is_remote(u)]
     if remote:
         try:
             with wds.gopen(remote[0], "rb") as fh:
                 head = fh.read(512)  # one tar header block
         except Exception as exc:  # any scheme handler's failure (curl, pipe status, no handler) means unusable
-            raise FileNotFoundError(f"{key}: cannot open the first remote shard {remote[0]}: {type(exc).__name__}: {exc}") from None
+            raise FileNotFoundError(
+                f"{key}: cannot open the first remote shard {remote[0]}: {type(exc).__name__}: {exc}"
+            ) from None
         if not head:
             raise FileNotFoundError(f"{key}: the first remote shard {remote[0]} is empty or unreachable")
     return urls
@@ -237,7 +242,7 @@ def resumable_samples(
     source = raw(draw, index)
     while True:
         buf = []
-        for d, j, sample in source:
+        for d, j, sample in source:  # noqa: B007 - d, j (the raw position) are read after the loop
             buf.append(sample)
             if len(buf) == bufsize:
                 break

@@ -23,7 +23,14 @@ from .motion_score import motion_score
 from .shard_build import write_tar_atomic
 from .video import encode_mp4
 
-COLORS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230), "yellow": (235, 210, 40), "white": (240, 240, 240), "purple": (150, 60, 200)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 80, 230),
+    "yellow": (235, 210, 40),
+    "white": (240, 240, 240),
+    "purple": (150, 60, 200),
+}
 BACKGROUNDS = {"gray": (110, 110, 110), "black": (15, 15, 15), "teal": (30, 110, 120)}
 DIRECTIONS = ["right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right"]
 KINDS = ["static", "object", "object", "pan", "object+pan", "object+pan"]  # 1 in 6 static
@@ -54,7 +61,11 @@ def render_clip(rng: np.random.Generator, frames: int, height: int, width: int) 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     # A background texture (plane waves) is drawn when the camera pans, so that the pan
     # is visible; it is evaluated at shifted coordinates, so sub-pixel pans are exact.
-    waves = [(rng.uniform(0.05, 0.25), rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)) for _ in range(3)] if panning else []
+    waves = (
+        [(rng.uniform(0.05, 0.25), rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)) for _ in range(3)]
+        if panning
+        else []
+    )
     n_obj = 1 + int(rng.random() < 0.4)
     objs = []
     for _ in range(n_obj):
@@ -71,7 +82,9 @@ def render_clip(rng: np.random.Generator, frames: int, height: int, width: int) 
     for t in range(frames):
         img = np.broadcast_to(bg, (height, width, 3)).copy()
         if waves:
-            tex = sum(np.cos(k * ((xx - px * t) * math.cos(a) + (yy - py * t) * math.sin(a)) + ph) for k, a, ph in waves) / len(waves)
+            tex = sum(
+                np.cos(k * ((xx - px * t) * math.cos(a) + (yy - py * t) * math.sin(a)) + ph) for k, a, ph in waves
+            ) / len(waves)
             img += 60.0 * tex[..., None]
         for color_name, shape, r, cx, cy, ovx, ovy in objs:
             dx, dy = xx - (cx + ovx * t), yy - (cy + ovy * t)
@@ -84,7 +97,9 @@ def render_clip(rng: np.random.Generator, frames: int, height: int, width: int) 
     if kind == "static":
         caption = f"a {main[0]} {main[1]} resting on a {bg_name} background, static camera"
     elif moving:
-        caption = f"a {main[0]} {main[1]} moving {_direction_word(vx, vy)} {_speed_word(speed)} on a {bg_name} background"
+        caption = (
+            f"a {main[0]} {main[1]} moving {_direction_word(vx, vy)} {_speed_word(speed)} on a {bg_name} background"
+        )
     else:
         caption = f"a {main[0]} {main[1]} on a {bg_name} patterned background"
     if panning:
@@ -118,7 +133,17 @@ def write_synthetic_corpus(
         raise ValueError(f"size must be even and >= 16 on both sides, got {h}x{w}")
     if num_clips < 1 or shards < 1 or shards > num_clips or frames < 2:
         raise ValueError("need num_clips >= shards >= 1 and frames >= 2")
-    record = {"crf": crf, "fps": fps, "frames": frames, "num_clips": num_clips, "out": out, "prompts": prompts, "seed": seed, "shards": shards, "size": [h, w]}
+    record = {
+        "crf": crf,
+        "fps": fps,
+        "frames": frames,
+        "num_clips": num_clips,
+        "out": out,
+        "prompts": prompts,
+        "seed": seed,
+        "shards": shards,
+        "size": [h, w],
+    }
     os.makedirs(out, exist_ok=True)
     done = os.path.join(out, "synthetic.json")
     if os.path.exists(done) and not overwrite:
@@ -155,7 +180,13 @@ def write_synthetic_corpus(
         os.makedirs(os.path.dirname(os.path.abspath(prompts)), exist_ok=True)
         with open(prompts, "w") as fh:
             fh.write("\n".join(captions) + "\n")
-    summary = {"num_clips": num_clips, "shards": shards, "kinds": kinds, "seconds": round(time.time() - t0, 2), "args": record}
+    summary = {
+        "num_clips": num_clips,
+        "shards": shards,
+        "kinds": kinds,
+        "seconds": round(time.time() - t0, 2),
+        "args": record,
+    }
     with open(done, "w") as fh:
         json.dump(summary, fh, indent=1)
     echo(f"wrote {num_clips} clips in {shards} shards to {out} in {summary['seconds']} s ({kinds})")

@@ -19,9 +19,10 @@ import dataclasses
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 # doubling the rate holds each frame twice (the tolerance absorbs float error).
 _TIE = 1e-6
 
-Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO
 
 # Encoders that take x264's rate-control options (crf, preset, mbtree).
 _X264 = ("libx264", "libx264rgb")
@@ -133,7 +134,15 @@ def probe_video(src: Source) -> VideoInfo:
         fps = _stream_fps(vs)
         duration = _stream_duration(container, vs)
         frames = vs.frames or int(round(duration * fps))
-        return VideoInfo(fps, frames, duration, vs.codec_context.width, vs.codec_context.height, vs.codec_context.name, container.format.name)
+        return VideoInfo(
+            fps,
+            frames,
+            duration,
+            vs.codec_context.width,
+            vs.codec_context.height,
+            vs.codec_context.name,
+            container.format.name,
+        )
 
 
 def resized_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int]:
@@ -152,7 +161,9 @@ def _to_rgb(frame, height: int | None, width: int | None, resize: bool = True) -
         return frame.to_ndarray(format="rgb24")
     if resize:
         rh, rw = resized_size(frame.height, frame.width, height, width)
-        img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh < frame.height else "BILINEAR").to_ndarray()
+        img = frame.reformat(
+            width=rw, height=rh, format="rgb24", interpolation="AREA" if rh < frame.height else "BILINEAR"
+        ).to_ndarray()
     else:
         if height > frame.height or width > frame.width:
             raise ValueError(f"cannot crop a {frame.height}x{frame.width} frame to {height}x{width}")
@@ -325,14 +336,36 @@ def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- writing
 
 
-def encode_mp4(frames, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True, pad_odd: bool = False) -> bytes:
+def encode_mp4(
+    frames,
+    fps: float,
+    codec: str = "libx264",
+    crf: int = 18,
+    preset: str = "veryfast",
+    pix_fmt: str = "yuv420p",
+    options: dict | None = None,
+    deterministic: bool = True,
+    pad_odd: bool = False,
+) -> bytes:
     """uint8 [F, H, W, 3] RGB -> mp4 bytes (see `write_mp4` for the arguments)."""
     buf = io.BytesIO()
     _encode(buf, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd)
     return buf.getvalue()
 
 
-def write_mp4(path: str | os.PathLike | BinaryIO, frames, fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast", pix_fmt: str = "yuv420p", options: dict | None = None, deterministic: bool = True, pad_odd: bool = False, faststart: bool = False) -> None:
+def write_mp4(
+    path: str | os.PathLike | BinaryIO,
+    frames,
+    fps: float,
+    codec: str = "libx264",
+    crf: int = 18,
+    preset: str = "veryfast",
+    pix_fmt: str = "yuv420p",
+    options: dict | None = None,
+    deterministic: bool = True,
+    pad_odd: bool = False,
+    faststart: bool = False,
+) -> None:
     """Write uint8 [F, H, W, 3] RGB frames (numpy or a torch tensor) as an mp4 file or into a binary file object.
 
     A path is written to ``<path>.tmp`` and renamed, so an interrupted run never leaves a
@@ -356,7 +389,19 @@ def write_mp4(path: str | os.PathLike | BinaryIO, frames, fps: float, codec: str
     tmp = f"{path}.tmp"
     try:
         if faststart:
-            _encode(tmp, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd, {"movflags": "faststart"})
+            _encode(
+                tmp,
+                frames,
+                fps,
+                codec,
+                crf,
+                preset,
+                pix_fmt,
+                options,
+                deterministic,
+                pad_odd,
+                {"movflags": "faststart"},
+            )
         else:
             with open(tmp, "wb") as fh:
                 _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd)
@@ -366,7 +411,9 @@ def write_mp4(path: str | os.PathLike | BinaryIO, frames, fps: float, codec: str
             os.remove(tmp)
 
 
-def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd, container_options=None) -> None:
+def _encode(
+    fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic, pad_odd, container_options=None
+) -> None:
     frames = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if frames.dtype != np.uint8:
         raise TypeError(f"frames must be uint8, got {frames.dtype}")
@@ -377,7 +424,9 @@ def _encode(fh, frames, fps, codec, crf, preset, pix_fmt, options, deterministic
     _, h, w, _ = frames.shape
     if pix_fmt in ("yuv420p", "yuv422p", "nv12") and (h % 2 or w % 2):
         if not pad_odd:
-            raise ValueError(f"{pix_fmt} needs even height and width, got {h}x{w} (crop, pad_odd=True or pix_fmt='yuv444p')")
+            raise ValueError(
+                f"{pix_fmt} needs even height and width, got {h}x{w} (crop, pad_odd=True or pix_fmt='yuv444p')"
+            )
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         h, w = frames.shape[1:3]
     rate = Fraction(fps).limit_denominator(1001)
