@@ -10,7 +10,7 @@ STAMP := $(VENV)/.mogan_installed
 # Idle OpenMP threads sleep rather than spin: ranks and loader workers share few cores here.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests -m "not slow"
+
+# ruff: one linter and formatter (config in pyproject.toml); CI runs `make lint`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/motion_path.py

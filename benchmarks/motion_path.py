@@ -101,7 +101,7 @@ def _setup(args):
     paths = builders.wan_paths(models / "wan")
     vae = builders.load_vae(paths["vae"])
     raft = builders.load_raft(models / f"{cfg.models.raft_arch}.pth", cfg.models.raft_arch)
-    path = MotionPath.from_config(cfg.gan, vae, raft)
+    path = MotionPath.from_config(cfg.gan, cfg.latent_frames, vae, raft)
     torch.manual_seed(0)
     text_dim = builders.read_transformer_config(paths["transformer"])["text_dim"]
     # A seeded stand-in for the UMT5 embedding of text.disc_prompt: the benchmark times the

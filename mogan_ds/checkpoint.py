@@ -28,20 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from .parallel.ranks import barrier, process_rank
 
 ENGINE_TAG = "state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def process_rank() -> int:
-    """This process's global rank (0 without torch.distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def rng_state() -> dict:
@@ -88,14 +79,14 @@ class CheckpointManager:
                 if stale.exists():
                     shutil.rmtree(stale)
             partial.mkdir(parents=True)
-        _barrier()
+        barrier()
         for role, engine in engines.items():
             engine.save_checkpoint(str(partial / role), tag=ENGINE_TAG, save_latest=False)
         (partial / "trainer").mkdir(exist_ok=True)
         tmp = partial / "trainer" / f".rank_{process_rank():05d}.pt.tmp"
         torch.save({**trainer_state, "rng": rng_state()}, tmp)
         os.replace(tmp, partial / "trainer" / f"rank_{process_rank():05d}.pt")
-        _barrier()
+        barrier()
         if process_rank() == 0:
             os.replace(partial, final)
             (final / "COMPLETE").write_text(f"{step}\n")
@@ -104,7 +95,7 @@ class CheckpointManager:
             os.replace(tmp_latest, self.root / "latest")
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
         return final
 
     # ------------------------------------------------------------------ load

@@ -27,6 +27,8 @@ import yaml
 from .data.wan_prompts import WAN_NEGATIVE_PROMPT
 from .errors import UserError
 from .models.presets import PRESETS
+from .motion.latents import num_latent_frames
+from .motion.window import WindowSpec
 
 
 class ConfigError(UserError, ValueError):
@@ -107,18 +109,19 @@ class GANConfig:
     space: Literal["flow", "latent"] = F("flow", "Discriminator input: RAFT flow of decoded clips, or the video latents ('w/o optical flow').")
     weight_g: float = F(1.0, "lambda_G, weight of the generator's GAN loss (value lost in the paper text).", ge=0)
     weight_d: float = F(1.0, "lambda_D, weight of the discriminator's logistic loss.", ge=0)
-    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). 0 disables it.", ge=0)
-    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7). 0 disables it.", ge=0)
-    sigma: float = F(0.01, "Noise std of the approximate R1/R2 perturbation (0.01 public Wan GAN code, 0.1 Seaweed APT).", gt=0)
+    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). The penalty lambda*(D(m)-D(m+sigma*n))^2 ~ lambda*sigma^2*|grad D|^2: its effective gradient-penalty weight is r1*sigma^2 (logged as r1_gp_weight). 0 disables it.", ge=0)
+    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7); effective gradient-penalty weight r2*sigma^2 (logged as r2_gp_weight). 0 disables it.", ge=0)
+    sigma: float = F(0.1, "Noise std of the approximate R1/R2 perturbation. Only lambda*sigma^2 matters to first order: the default pair (100, 0.1) is Seaweed APT's for video, effective weight 1.", gt=0)
     interval: int = F(1, "Run the GAN phases every N iterations.", ge=1)
     window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).", ge=1)
-    window_start: str = F("random", "'random' (drawn per step) or an integer chunk index.")
+    window_start: str = F("random", "'random' (drawn per step, uniform over the starts that fit) or an integer latent-chunk index; checked by the motion path's WindowSpec.")
     raft_iters: int = F(12, "RAFT flow-update iterations.", ge=1)
     flow_scale: float = F(20.0, "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.", gt=0)
     raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).", ge=1)
     disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).", ge=1)
     head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.", ge=0)
     head_dim: int = F(256, "Hidden width of each prediction head's MLP.", ge=1)
+    disc_batch_size: int = F(0, "Global clips per side (real and fake) per discriminator update; 0 = train.batch_size. Larger than the generator's batch, the extra fakes are fresh detached generator samples through the same window (the paper trains D with a larger batch than G). A multiple of train.micro_batch_size * dp.", ge=0)
     disc_timestep: int = F(0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).", ge=0)
 
 
@@ -160,7 +163,7 @@ class TrainConfig:
     batch_size: int = F(8, "Global generator batch (clips per iteration over all data-parallel ranks).", ge=1)
     micro_batch_size: int = F(1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).", ge=1)
     seed: int = F(0, "Global seed (per-rank streams derive from it).", ge=0)
-    ema_decay: float = F(0.0, "Generator EMA decay; 0 disables the EMA.", ge=0, lt=1)
+    ema_decay: float = F(0.0, "Generator EMA decay: an EMA of the optimizer's fp32 master weights, exported instead of them when > 0; 0 disables the EMA.", ge=0, lt=1)
     max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.", ge=1)
 
 
@@ -199,7 +202,7 @@ class Config:
     @property
     def latent_frames(self) -> int:
         """Latent frames of a clip: 1 + (F - 1) / 4 for the Wan VAE."""
-        return 1 + (self.video.num_frames - 1) // 4
+        return num_latent_frames(self.video.num_frames)
 
 
 # --------------------------------------------------------------------------- loading
@@ -423,13 +426,12 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
     _require(s.min_timestep < s.max_timestep <= s.num_train_timesteps, "schedule.min_timestep", f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}")
     _require(g.disc_timestep <= s.num_train_timesteps, "gan.disc_timestep", f"{g.disc_timestep} is past the timestep grid's end schedule.num_train_timesteps={s.num_train_timesteps}")
     _require(cfg.dmd.enabled or g.enabled, "dmd.enabled", "DMD and the GAN are both disabled: nothing would train the generator")
-    _require(g.window <= cfg.latent_frames, "gan.window", f"{g.window} latent chunks exceed the clip's {cfg.latent_frames}")
-    if g.window_start != "random":
-        try:
-            start = int(g.window_start)
-        except ValueError:
-            raise ConfigError(f"gan.window_start: expected 'random' or an integer, got {g.window_start!r}") from None
-        _require(0 <= start and start + g.window <= cfg.latent_frames, "gan.window_start", f"window [{start}, {start + g.window}) does not fit {cfg.latent_frames} latent chunks")
+    try:
+        # The motion path's own window check (one place), so a recipe fails here, not at step 0.
+        WindowSpec.from_config(g, cfg.latent_frames)
+    except ValueError as e:
+        key = "gan.window" if g.window_start == "random" else "gan.window_start"
+        raise ConfigError(f"{key}: {e}") from None
     _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
     _require(all(b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
     _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
@@ -443,6 +445,7 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
         _require(len(o.betas) == 2, f"optim.{role}.betas", f"two values (beta1, beta2), got {len(o.betas)}")
     t = cfg.train
     _require(t.batch_size % t.micro_batch_size == 0, "train.batch_size", f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _require(g.disc_batch_size % t.micro_batch_size == 0, "gan.disc_batch_size", f"{g.disc_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if num_heads is not None:
         _require(num_heads % cfg.parallel.sp_size == 0, "parallel.sp_size", f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads")
     if num_layers is not None and g.enabled:
@@ -452,3 +455,6 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
         _require(world_size % sp == 0, "parallel.sp_size", f"{sp} does not divide the world size {world_size}")
         dp = world_size // sp
         _require(t.batch_size % (t.micro_batch_size * dp) == 0, "train.batch_size", f"{t.batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+        if g.enabled and g.disc_batch_size:
+            _require(g.disc_batch_size % (t.micro_batch_size * dp) == 0, "gan.disc_batch_size",
+                     f"{g.disc_batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")

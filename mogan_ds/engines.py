@@ -15,9 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from .config import Config, ConfigError, OptimConfig
+from .parallel import zero_config_fixups
 
 ROLES = ("generator", "fake_score", "discriminator")
 
@@ -52,29 +55,34 @@ def load_ds_config(path: str | Path) -> dict:
     return ds
 
 
-def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * dp_size
-    if t.batch_size % per_step:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size*dp = {per_step}")
-    return t.batch_size // per_step
+def role_batch_size(cfg: Config, role: str) -> int:
+    """Global clips per update of `role`: train.batch_size, or gan.disc_batch_size for D (0 = the same)."""
+    if role == "discriminator" and cfg.gan.disc_batch_size > 0:
+        return cfg.gan.disc_batch_size
+    return cfg.train.batch_size
+
+
+def gradient_accumulation_steps(cfg: Config, dp_size: int, role: str = "generator") -> int:
+    """Micro steps per update of `role` on each data-parallel rank."""
+    batch = role_batch_size(cfg, role)
+    key = "gan.disc_batch_size" if role == "discriminator" and cfg.gan.disc_batch_size else "train.batch_size"
+    per_step = cfg.train.micro_batch_size * dp_size
+    if batch % per_step:
+        raise ConfigError(f"{key}: {batch} is not a multiple of micro_batch_size*dp = {per_step}")
+    return batch // per_step
 
 
 def _on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
     return get_accelerator().device_name() == "cpu"
 
 
 def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
     """The final DeepSpeed dict of one role: the JSON + the recipe's optimiser/batch values."""
-    from .parallel import zero_config_fixups
-
     o: OptimConfig = getattr(cfg.optim, role)
     ds = copy.deepcopy(base)
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size)
-    ds["train_batch_size"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size, role)
+    ds["train_batch_size"] = role_batch_size(cfg, role)
     ds["gradient_clipping"] = o.grad_clip
     params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if _on_cpu():
@@ -100,8 +108,6 @@ class Engines:
 
 
 def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, topo):
-    import deepspeed
-
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{role}: no trainable parameters")
@@ -114,11 +120,6 @@ def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, to
 def build_engines(cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None]) -> Engines:
     """One engine per trainable role that is in use; a disabled role gets None."""
     return Engines(**{role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()})
-
-
-def freeze(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A frozen replica: eval mode, no grads, in `dtype` on `device`."""
-    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 class no_param_grads:  # noqa: N801 - used as a context manager

@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from .checkpoint import process_rank
+
 from .master_weights import full_master
+from .parallel.ranks import process_rank
 
 
 def _link_or_copy(src: str, dst: str) -> None:

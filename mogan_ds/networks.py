@@ -24,8 +24,17 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .engines import freeze
-from .models.builders import DTYPES, load_raft, load_transformer, load_vae, wan_paths
+from .models.builders import DTYPES, freeze, load_raft, load_transformer, load_vae, wan_paths
+from .motion.discriminator import build_discriminator
+from .parallel import (
+    Gather,
+    ModulePlan,
+    configure_attention,
+    install_ulysses_attention,
+    parallelize_module,
+    parallelize_wan,
+    wan_plan,
+)
 
 
 @dataclass
@@ -40,9 +49,6 @@ class Networks:
 
 def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor) -> Networks:
     """Load and prepare every network this recipe uses (disabled phases load nothing extra)."""
-    from .motion.discriminator import build_discriminator
-    from .parallel import configure_attention, parallelize_wan
-
     paths = wan_paths(cfg.models.root)
     frozen = DTYPES[cfg.models.frozen_dtype]
     teacher_path = paths["transformer"]
@@ -85,8 +91,6 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
 
 def configure_trainable_attention(engines, backend: str) -> None:
     """Attention kernel of each engine's (already precision-cast) DiT."""
-    from .parallel import configure_attention
-
     for role, engine in engines.items():
         configure_attention(engine.module.backbone if role == "discriminator" else engine.module, backend)
 
@@ -99,8 +103,6 @@ def parallelize_discriminator(disc: torch.nn.Module, topo):
     token attends over all of them), so heads and the final MLP see exactly what they
     would at sp=1. No-op at sp=1.
     """
-    from .parallel import Gather, ModulePlan, install_ulysses_attention, parallelize_module, wan_plan
-
     handle = install_ulysses_attention(disc.backbone, topo)
     plan = {**wan_plan(disc.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})}
     return handle.extend(parallelize_module(disc, plan, topo))

@@ -24,20 +24,8 @@ import torch
 
 from .data.video import to_uint8
 from .motion import latents as latents_lib
+from .motion.latents import latent_shape  # noqa: F401 - re-exported: samplers' callers size noise with it
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
-
-LATENT_CHANNELS = 16  # Wan2.1 VAE z_dim
-VAE_SPATIAL = 8
-VAE_TEMPORAL = 4
-
-
-def latent_shape(video_cfg, batch: int) -> tuple[int, int, int, int, int]:
-    """(B, 16, T, H/8, W/8) for a `VideoConfig`: T = 1 + (F - 1) / 4 (Wan's causal VAE keeps frame 0 alone)."""
-    f, h, w = video_cfg.num_frames, video_cfg.height, video_cfg.width
-    if (f - 1) % VAE_TEMPORAL or h % VAE_SPATIAL or w % VAE_SPATIAL:
-        raise ValueError(f"video {f}x{h}x{w}: need 4k+1 frames and H, W multiples of 8 for the Wan VAE")
-    return (int(batch), LATENT_CHANNELS, 1 + (f - 1) // VAE_TEMPORAL, h // VAE_SPATIAL, w // VAE_SPATIAL)
-
 
 def transformer_velocity_fn(transformer) -> ModelFn:
     """`model_fn(x_t, t, cond) -> v` around a diffusers `WanTransformer3DModel` (or a DeepSpeed

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -64,8 +65,6 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
     so a seed gives the same noise on CPU and CUDA; a list of generators draws each batch
     row from its own generator (a sample's noise does not depend on its batch neighbours).
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     shape = tuple(int(s) for s in shape)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:

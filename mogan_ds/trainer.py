@@ -22,18 +22,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from . import metric_names as M
 from .checkpoint import CheckpointManager
 from .config import Config, dump_yaml, to_dict, validate
+from .data.corpus import MotionClipStream
+from .data.prompts import PromptEmbeddings, load_special_embeddings
+from .data.streaming import check_shard_source
+from .ema import ShardedEMA
 from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
+from .export import export_generator
 from .losses.dmd import dmd_loss
 from .losses.flow_matching import flow_matching_loss
 from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
 from .metrics import MetricsLogger, peak_memory_gib
-from .motion.latents import pixel_frame_range
-from .schedule import FlowMatchSchedule, randn
+from .models.presets import transformer_limits
+from .motion.pipeline import MotionPath
+from .motion.window import Window
+from .networks import build_networks, configure_trainable_attention
+from .parallel import Topology, init_distributed, resolve_attention_backend
 from .sampling import latent_shape, transformer_velocity_fn
+from .schedule import FlowMatchSchedule, randn
+from .training_samples import render_samples
 
 log = logging.getLogger("mogan_ds")
 PHASES = ("generator_dmd", "fake_score", "generator_gan", "discriminator")
@@ -55,17 +66,6 @@ def _mean_logs(rows: list[dict]) -> dict:
 
 class MoGANTrainer:
     def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False):
-        from deepspeed.accelerator import get_accelerator
-
-        from .data.corpus import MotionClipStream
-        from .data.prompts import PromptEmbeddings, load_special_embeddings
-        from .data.streaming import check_shard_source
-        from .ema import ShardedEMA
-        from .models.presets import transformer_limits
-        from .motion.pipeline import MotionPath
-        from .networks import build_networks, configure_trainable_attention
-        from .parallel import Topology, init_distributed
-
         init_distributed()
         self.cfg = cfg
         # The DiT's head/block counts from the weights folder's config.json: SP vs heads/world
@@ -100,9 +100,10 @@ class MoGANTrainer:
         self.gen_fn = transformer_velocity_fn(self.engines.generator)
         self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
         self.teacher_fn = transformer_velocity_fn(self.teacher) if cfg.dmd.enabled else None
-        self.motion = MotionPath.from_config(cfg.gan, self.vae, nets.raft) if cfg.gan.enabled else None
+        self.motion = MotionPath.from_config(cfg.gan, cfg.latent_frames, self.vae, nets.raft) if cfg.gan.enabled else None
         self.schedule = FlowMatchSchedule.from_config(cfg)
         self.gas = gradient_accumulation_steps(cfg, self.topo.dp_size)
+        self.disc_gas = gradient_accumulation_steps(cfg, self.topo.dp_size, "discriminator")
         self.micro = cfg.train.micro_batch_size
         dp_rank, dp_size = self.topo.dp_rank, self.topo.dp_size
         self.prompts = PromptEmbeddings(cfg.data.prompts, dp_rank, dp_size, cfg.train.seed, self.micro)
@@ -117,6 +118,24 @@ class MoGANTrainer:
         self._clip_iter = iter(self.clips) if self.clips is not None else None
         self.metrics = MetricsLogger(self.run_dir, to_dict(cfg), self.rank0, cfg.train.max_steps, self.step,
                                      cfg.logging.wandb_mode, cfg.logging.wandb_project)
+        if self.rank0:
+            log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """One paragraph for the run's log (rank 0, once): layout, batches and the GAN's effective settings."""
+        cfg, g = self.cfg, self.cfg.gan
+        attn = resolve_attention_backend(cfg.models.attention_backend, self.engines.generator.module, self.device)
+        t = self.topo
+        lines = [f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size}; engines: {', '.join(r for r, _ in self.engines.items())}; attention: {attn}",
+                 f"batch {cfg.train.batch_size} (micro {self.micro} x dp {self.topo.dp_size} x accumulation {self.gas})"]
+        if g.enabled:
+            w = self.motion.window
+            lines.append(f"GAN: {g.space} space, window {w.length} of {w.num_latent} latent chunks from "
+                         f"{w.start if w.start == 'random' else f'chunk {w.start}'}, D batch "
+                         f"{g.disc_batch_size or cfg.train.batch_size} (accumulation {self.disc_gas}), approximate R1/R2 "
+                         f"lambda ({g.r1:g}, {g.r2:g}) x sigma^2 ({g.sigma:g}^2) = effective gradient-penalty weights "
+                         f"({g.r1 * g.sigma**2:g}, {g.r2 * g.sigma**2:g})")
+        return "\n  ".join(lines)
 
     # ================================================================== the iteration
     def train_step(self, step: int) -> dict:
@@ -128,8 +147,8 @@ class MoGANTrainer:
             for k in range(cfg.dmd.critic_updates):
                 logs |= self._timed("fake_score", self.fake_score_update, step, k)                   # (2)
         if cfg.gan.enabled and step % cfg.gan.interval == 0:
-            g_logs, fakes, start = self._timed("generator_gan", self.generator_gan_update, step)     # (3)
-            logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, start)  # (4)
+            g_logs, fakes, window = self._timed("generator_gan", self.generator_gan_update, step)    # (3)
+            logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, window)  # (4)
         return logs | {M.time_key(k): v for k, v in self._times.items()}
 
     # ------------------------------------------------------------------ (1) G <- DMD
@@ -163,35 +182,31 @@ class MoGANTrainer:
         return _mean_logs(rows)
 
     # ------------------------------------------------------------------ (3) G <- motion GAN
-    def generator_gan_update(self, step: int) -> tuple[dict, list[torch.Tensor], int]:
+    def generator_gan_update(self, step: int) -> tuple[dict, list[torch.Tensor], Window]:
         """Also returns the detached discriminator inputs of the fakes (phase 4 reuses them: no second decode)."""
-        rows, fakes = [], []
-        shared, _ = self._rngs(step, "gan_window")
-        g = self.cfg.gan
-        mode = g.window_start if g.window_start == "random" else int(g.window_start)
-        start = self.motion.draw_start(self.cfg.latent_frames, g.window, mode, shared)
+        rows, fakes, g = [], [], self.cfg.gan
+        window = self.motion.draw_window(self._rngs(step, "gan_window")[0])
         disc = self.engines.discriminator
         # D is a path for the gradient, not a learner, during G's update.
         with no_param_grads(disc):
             for micro in range(self.gas):
                 shared, local = self._rngs(step, "gan_g", micro)
-                embeds = self._next_prompts()
-                x0 = self._generate(embeds, shared, local, grad=True)
-                d_in = self.motion.fake(x0, start, g.window).d_input
+                x0 = self._generate(self._next_prompts(), shared, local, grad=True)
+                d_in = self.motion.fake(x0, window).d_input
                 loss, logs = g_logistic_loss(disc.module(d_in))
                 self._backward_step("generator", g.weight_g * loss)
                 rows.append(logs)
                 fakes.append(d_in.detach())
-        return _mean_logs(rows) | {M.GAN_WINDOW_START: start}, fakes, start
+        return _mean_logs(rows) | {M.GAN_WINDOW_START: window.start}, fakes, window
 
     # ------------------------------------------------------------------ (4) D <- logistic + R1/R2
-    def discriminator_update(self, step: int, fakes: list[torch.Tensor], start: int) -> dict:
+    def discriminator_update(self, step: int, fakes: list[torch.Tensor], window: Window) -> dict:
+        """gan.disc_batch_size clips per side: phase 3's fakes first, extra detached samples if D's batch is larger."""
         rows, g = [], self.cfg.gan
         disc = self.engines.discriminator
-        first, stop = pixel_frame_range(start, g.window)  # the real clips' frames of the same window
-        for micro, d_fake in enumerate(fakes):
-            clip = next(self._clip_iter)["video"][:, :, first:stop].to(self.device)
-            d_real = self.motion.real(clip).d_input
+        for micro in range(self.disc_gas):
+            d_fake = fakes[micro] if micro < len(fakes) else self._extra_fake(step, micro, window)
+            d_real = self.motion.real(next(self._clip_iter)["video"].to(self.device), window).d_input
             real_logits, fake_logits = disc(torch.cat([d_real, d_fake])).split([len(d_real), len(d_fake)])
             loss, logs = d_logistic_loss(real_logits, fake_logits)
             noise = torch.Generator(self.device).manual_seed(_seed(self.cfg.train.seed, step, "r1r2", micro, self.topo.dp_rank))
@@ -200,6 +215,13 @@ class MoGANTrainer:
             self._backward_step("discriminator", g.weight_d * loss + reg)
             rows.append(logs | reg_logs)
         return _mean_logs(rows)
+
+    @torch.no_grad()
+    def _extra_fake(self, step: int, micro: int, window: Window) -> torch.Tensor:
+        """A detached fake for D beyond the generator's batch: a fresh sample through the same window."""
+        shared, local = self._rngs(step, "gan_d_extra", micro)
+        x0 = self._generate(self._next_prompts(), shared, local, grad=False)
+        return self.motion.fake(x0, window).d_input
 
     # ================================================================== helpers of the phases
     def _rngs(self, step: int, *phase) -> tuple[torch.Generator, torch.Generator]:
@@ -263,8 +285,6 @@ class MoGANTrainer:
 
     def _timed(self, phase: str, fn, *args):
         """Run one phase and add its wall time (after an accelerator sync) to this iteration's."""
-        from deepspeed.accelerator import get_accelerator
-
         t0 = time.perf_counter()
         result = fn(*args)
         get_accelerator().synchronize()
@@ -343,8 +363,6 @@ class MoGANTrainer:
     @torch.no_grad()
     def write_samples(self) -> None:
         """Few-step samples of fixed prompts with their RAFT flow side by side. Collective (ZeRO-3)."""
-        from .training_samples import render_samples
-
         render_samples(
             velocity_fn=self.gen_fn, schedule=self.schedule, vae=self.vae,
             raft=self.motion.raft if self.motion is not None else None,
@@ -353,6 +371,4 @@ class MoGANTrainer:
             out_dir=self.run_dir / "samples", step=self.step)
 
     def export(self) -> Path | None:
-        from .export import export_generator
-
         return export_generator(self.engines.generator.module, self.cfg.models.root, self.run_dir / "export", self.ema)

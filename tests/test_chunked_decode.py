@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mogan_ds.motion.chunked_decode import ChunkedWanDecoder, draw_window_start, plain_decode
+from mogan_ds.motion.chunked_decode import ChunkedWanDecoder, plain_decode
 from mogan_ds.motion.latents import denormalize, normalize, num_latent_frames, num_pixel_frames, pixel_frame_range
 
 T = 4  # latent chunks of the test clip (13 frames); 4x4 latents = 32x32 pixels keep it fast
@@ -159,22 +159,6 @@ def test_bf16_vae_with_fp32_latents(vae, latents, full):
     assert (out.float() - full[:, :, 1:5]).abs().max().item() < 0.1  # bf16 rounding only
     out.float().sum().backward()
     assert z.grad.dtype == torch.float32 and z.grad[:, :, 1].abs().sum() > 0
-
-
-def test_draw_window_start():
-    g = torch.Generator().manual_seed(0)
-    starts = [draw_window_start(13, 12, "random", g) for _ in range(64)]
-    assert set(starts) == {0, 1}
-    assert draw_window_start(13, 12, "random", torch.Generator().manual_seed(0)) == starts[0]
-    assert draw_window_start(13, 4, "3") == 3 and draw_window_start(13, 4, 9) == 9
-    with pytest.raises(ValueError, match="does not fit"):
-        draw_window_start(13, 4, 10)
-    with pytest.raises(ValueError, match="'random' or an integer"):
-        draw_window_start(13, 4, "first")
-    # min_start (the flow path's one-chunk windows) removes early starts from the draw.
-    assert {draw_window_start(3, 1, "random", g, min_start=1) for _ in range(32)} == {1, 2}
-    with pytest.raises(ValueError, match="first allowed start 1"):
-        draw_window_start(3, 1, 0, min_start=1)
 
 
 def test_window_must_fit(vae, latents):

@@ -14,6 +14,13 @@ def test_shipped_recipes_load_and_match_the_paper():
     assert wan.latent_frames == 13
     assert wan.schedule.denoising_timesteps == [1000, 757, 522] and wan.schedule.shift == 8.0
     assert wan.gan.disc_blocks == 16 and wan.gan.head_blocks == [7, 13, 15]
+    # APT's video pair for approximate R1/R2: effective gradient-penalty weight lambda * sigma^2 = 1.
+    assert wan.gan.r1 * wan.gan.sigma**2 == pytest.approx(1.0) and wan.gan.r2 * wan.gan.sigma**2 == pytest.approx(1.0)
+    # "12 latent chunks corresponding to 49 frames": the window decodes exactly 49 frames.
+    from mogan_ds.motion.window import WindowSpec
+
+    assert WindowSpec.from_config(wan.gan, wan.latent_frames).draw().frames == (0, 49)
+    assert wan.gan.disc_batch_size in (0, wan.train.batch_size) or wan.gan.disc_batch_size > wan.train.batch_size
 
 
 def test_overrides_are_typed():

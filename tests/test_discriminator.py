@@ -114,13 +114,14 @@ def path_parts(tiny_models):
 
 def test_flow_path_end_to_end(path_parts, teacher_path, prompt):
     from mogan_ds.motion.pipeline import MotionPath
+    from mogan_ds.motion.window import Window
 
     vae, raft = path_parts
-    gan = GANConfig(raft_iters=2, raft_pairs_per_chunk=2, flow_scale=20.0)
-    path = MotionPath.from_config(gan, vae, raft)
+    gan = GANConfig(raft_iters=2, raft_pairs_per_chunk=2, flow_scale=20.0, window=1)
+    path = MotionPath.from_config(gan, 3, vae, raft)
     # 32x32 pixels keep the decoder cheap; RaftFlow resizes them to RAFT's 128x128 minimum.
     z = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    fake = path.fake(z, start=1, window=1)
+    fake = path.fake(z, Window(1, 1))
     assert fake.frames.shape == (1, 3, 4, 32, 32)  # latent chunk 1 -> pixel frames 1..4
     assert fake.flow.shape == (1, 2, 3, 32, 32) and fake.motion.shape == (1, 3, 4, 32, 32)
     assert fake.d_input.shape == (1, 16, 1, 4, 4)  # w latent frames, whatever the start
@@ -128,31 +129,68 @@ def test_flow_path_end_to_end(path_parts, teacher_path, prompt):
     logit.sum().backward()
     assert z.grad[:, :, 1].abs().sum() > 0  # through D, the VAE encoder, RAFT and the decoder
     assert z.grad[:, :, 0].abs().sum() == 0 and z.grad[:, :, 2].abs().sum() == 0  # truncated BPTT, early stop
-    # Real clips take the same road without gradient: identical pixels give an identical D input.
-    real = path.real(fake.frames.detach())
-    assert not real.d_input.requires_grad
+    # Real clips take the same road without gradient: a whole clip whose window frames are the
+    # fake's decoded pixels gives an identical D input.
+    clip = torch.zeros(1, 3, 9, 32, 32)
+    clip[:, :, 1:5] = fake.frames.detach()
+    real = path.real(clip, Window(1, 1))
+    assert not real.d_input.requires_grad and torch.equal(real.frames, clip[:, :, 1:5])
     assert (real.d_input - fake.d_input.detach()).abs().max().item() <= 1e-5
     # A window starting at chunk 0 spans 4w-3 frames (no padding needed) and also gives w latent frames.
     with torch.no_grad():
         assert path.encode_frames(torch.zeros(1, 3, 5, 32, 32)).shape == (1, 16, 2, 4, 4)
     with pytest.raises(ValueError, match="4w or 4w-3"):
         path.encode_frames(torch.zeros(1, 3, 6, 32, 32))
-    with pytest.raises(ValueError, match="single frame"):
-        path.fake(z, start=0, window=1)
+    with pytest.raises(ValueError, match="needs 9 frames"):
+        path.real(clip[:, :, :8], Window(2, 1))
     g = torch.Generator().manual_seed(0)
-    assert {path.draw_start(3, 1, "random", g) for _ in range(32)} == {1, 2}  # never the 1-frame chunk 0
-    assert path.draw_start(3, 2, 0) == 0
+    assert {path.draw_window(g).start for _ in range(32)} == {1, 2}  # never the 1-frame chunk 0
 
 
-def test_latent_path_is_the_latent_window(path_parts):
+def test_window_spec_parses_checks_and_draws():
+    from mogan_ds.motion.window import Window, WindowSpec
+
+    spec = WindowSpec.from_config(GANConfig(window=12), 13)
+    g = torch.Generator().manual_seed(0)
+    starts = [spec.draw(g).start for _ in range(64)]
+    assert set(starts) == {0, 1}
+    assert spec.draw(torch.Generator().manual_seed(0)).start == starts[0]  # seeded: every rank draws alike
+    assert WindowSpec.from_config(GANConfig(window=4, window_start="3"), 13).draw() == Window(3, 4)
+    assert Window(1, 12).frames == (1, 49) and Window(0, 13).frames == (0, 49) and Window(2, 2).context_frames == 13
+    with pytest.raises(ValueError, match="does not fit"):
+        WindowSpec.from_config(GANConfig(window=4, window_start="10"), 13)
+    with pytest.raises(ValueError, match="'random' or an integer"):
+        WindowSpec.from_config(GANConfig(window=4, window_start="first"), 13)
+    with pytest.raises(ValueError, match="does not fit"):
+        WindowSpec.from_config(GANConfig(window=14), 13)
+    # flow space: a one-chunk window never starts at chunk 0 (a single frame has no flow) ...
+    with pytest.raises(ValueError, match="allowed starts 1"):
+        WindowSpec.from_config(GANConfig(window=1, window_start="0"), 3)
+    # ... while the latent space may start anywhere.
+    assert WindowSpec.from_config(GANConfig(space="latent", window=1, window_start="0"), 3).draw() == Window(0, 1)
+
+
+def test_latent_path_slices_the_whole_clip_encoding(path_parts):
+    """gan.space=latent: the real clip's window equals the slice of its full encoding, for every
+    start: the same layout as the generator's whole-clip latents (no window-only artefact)."""
     from mogan_ds.motion.pipeline import MotionPath
+    from mogan_ds.motion.window import Window
 
     vae, _ = path_parts
-    path = MotionPath.from_config(GANConfig(space="latent"), vae, None)
-    z = torch.randn(1, 16, 3, 4, 4, requires_grad=True)
-    fake = path.fake(z, 1, 2)
+    path = MotionPath.from_config(GANConfig(space="latent", window=2), 4, vae, None)
+    z = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
+    fake = path.fake(z, Window(1, 2))
     assert fake.flow is None and torch.equal(fake.d_input, z[:, :, 1:3])
-    frames = torch.rand(1, 3, 8, 32, 32) * 2 - 1  # a real clip of that window's length
-    assert path.real(frames).d_input.shape == (1, 16, 2, 4, 4)
+    clip = torch.rand(1, 3, 13, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        full = path.codec.encode(clip)  # [1, 16, 4, 4, 4]
+    for window in (Window(s, w) for w in (1, 2, 3) for s in range(0, 5 - w)):
+        real = path.real(clip, window)
+        assert torch.allclose(real.d_input, full[:, :, window.start : window.stop], rtol=0, atol=1e-5), window
+    # The old construction (encode only the window's frames) differs: the test can tell them apart.
+    first, stop = Window(2, 2).frames
+    with torch.no_grad():
+        alone = path.encode_frames(clip[:, :, first:stop])
+    assert (alone - full[:, :, 2:4]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="needs the RAFT"):
-        MotionPath.from_config(GANConfig(space="flow"), vae, None)
+        MotionPath.from_config(GANConfig(space="flow"), 4, vae, None)

@@ -66,3 +66,16 @@ def test_train_entry_point_fails_clearly(args, message, tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
+
+
+def test_discriminator_batch_is_its_own():
+    cfg = load_config("wan2.1-t2v-1.3b", ["train.batch_size=16", "gan.disc_batch_size=64"])
+    base = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    g, d = ds_config_for("generator", cfg, base, topo(16)), ds_config_for("discriminator", cfg, base, topo(16))
+    assert (g["train_batch_size"], g["gradient_accumulation_steps"]) == (16, 1)
+    assert (d["train_batch_size"], d["gradient_accumulation_steps"]) == (64, 4)
+    assert gradient_accumulation_steps(load_config("wan2.1-t2v-1.3b"), 16, "discriminator") == 1  # 0 = the generator's
+    with pytest.raises(ConfigError, match="gan.disc_batch_size"):
+        gradient_accumulation_steps(load_config("wan2.1-t2v-1.3b", ["gan.disc_batch_size=24"]), 16, "discriminator")
+    with pytest.raises(ConfigError, match="gan.disc_batch_size"):
+        load_config("wan2.1-t2v-1.3b", ["train.micro_batch_size=2", "gan.disc_batch_size=3", "train.batch_size=16"])

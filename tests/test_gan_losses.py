@@ -65,6 +65,8 @@ def test_approx_r1r2_by_hand():
     assert logs["r1_gap"] == pytest.approx(gap_real, rel=1e-5)
     assert logs["r2_gap"] == pytest.approx(gap_fake, rel=1e-5)
     assert loss.item() == pytest.approx(r1 * gap_real + r2 * gap_fake, rel=1e-5)
+    # The effective gradient-penalty weights lambda * sigma^2 are logged (100 * 0.01, 10 * 0.01).
+    assert logs["r1_gp_weight"] == pytest.approx(1.0) and logs["r2_gp_weight"] == pytest.approx(0.1)
     loss.backward()
     # It trains D (w gets a gradient; b cancels in the difference) and never the inputs.
     assert d.w.grad.abs().sum() > 0 and d.b.grad.abs().item() < 1e-6
@@ -82,7 +84,7 @@ def test_r1r2_weights_may_be_zero_and_skip_their_passes():
     assert d.calls == 2 and "r1_gap" not in logs
     d.calls = 0
     loss, logs = approx_r1r2(d, x, x, 0.01, r1=0.0, r2=0.0)
-    assert d.calls == 0 and loss.item() == 0.0 and logs == {"r_loss": 0.0}
+    assert d.calls == 0 and loss.item() == 0.0 and logs == {"r_loss": 0.0, "r1_gp_weight": 0.0, "r2_gp_weight": 0.0}
     # Precomputed clean logits save the clean forward.
     d.calls = 0
     approx_r1r2(d, x, None, 0.01, r1=1.0, r2=0.0, real_logits=d(x))

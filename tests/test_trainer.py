@@ -139,3 +139,34 @@ def test_missing_weights_folder_is_a_clear_error(tiny_workdir, tmp_path):
 
     with pytest.raises(MissingWeightsError, match="nowhere"):
         make_trainer(tiny_workdir, tmp_path, f"models.generator={tmp_path / 'nowhere'}")
+
+
+def test_discriminator_batch_larger_than_the_generators(tiny_workdir, tmp_path, monkeypatch):
+    """gan.disc_batch_size=2 with a generator batch of 1: D's engine accumulates two micro steps,
+    each with one real clip and one fake; the second fake is an extra detached generator sample."""
+    t = make_trainer(tiny_workdir, tmp_path, "gan.disc_batch_size=2", "dmd.enabled=false")
+    d = t.engines.discriminator
+    assert (t.gas, t.disc_gas, d.gradient_accumulation_steps(), d.train_batch_size()) == (1, 2, 2, 2)
+    assert t.engines.generator.train_batch_size() == 1
+    # the run states it once, with the effective R1/R2 weights lambda * sigma^2 (defaults 100 x 0.1^2)
+    assert "D batch 2 (accumulation 2)" in t.describe() and "gradient-penalty weights (1, 1)" in t.describe()
+    calls = {"real": 0, "extra": 0}
+    real, extra = t.motion.real, t._extra_fake
+
+    def count_real(*a, **k):
+        calls["real"] += 1
+        return real(*a, **k)
+
+    def count_extra(*a, **k):
+        calls["extra"] += 1
+        out = extra(*a, **k)
+        assert not out.requires_grad
+        return out
+
+    monkeypatch.setattr(t.motion, "real", count_real)
+    monkeypatch.setattr(t, "_extra_fake", count_extra)
+    (logs, fakes, window), _ = run_phase(t, t.generator_gan_update, 0)
+    logs4, mv4 = run_phase(t, t.discriminator_update, 0, fakes, window)
+    assert calls == {"real": 2, "extra": 1}
+    assert any(mv4["discriminator"]) and not any(mv4["generator"])  # one applied update after two micro steps
+    assert d.global_steps == 1 and math.isfinite(logs4["d_loss"])

@@ -114,7 +114,8 @@ def approx_r1r2(
 
     Returns:
         Scalar loss r1 * L_R1' + r2 * L_R2' (fp32, zero when both weights are 0) and logs
-        r1_gap / r2_gap (the unweighted mean squared logit gaps, when computed) and r_loss.
+        r1_gap / r2_gap (the unweighted mean squared logit gaps, when computed), r_loss, and
+        r1_gp_weight / r2_gp_weight = lambda * sigma^2, the effective gradient-penalty weights.
     """
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
@@ -123,7 +124,11 @@ def approx_r1r2(
     ref = real_in if real_in is not None else fake_in
     loss = torch.zeros((), device=ref.device if ref is not None else None)
     logs: dict[str, float] = {}
-    for name, key, weight, x, clean in (("r1", M.R1_GAP, r1, real_in, real_logits), ("r2", M.R2_GAP, r2, fake_in, fake_logits)):
+    for name, key, gp_key, weight, x, clean in (("r1", M.R1_GAP, M.R1_GP_WEIGHT, r1, real_in, real_logits),
+                                                ("r2", M.R2_GAP, M.R2_GP_WEIGHT, r2, fake_in, fake_logits)):
+        # To first order the penalty is weight * sigma^2 * |grad D|^2: log that product, the
+        # number that is comparable across (lambda, sigma) pairs.
+        logs[gp_key] = weight * sigma**2
         if weight == 0:
             continue
         if x is None:

@@ -19,12 +19,21 @@ import re
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors import safe_open
+from torchvision.models.optical_flow import raft_large, raft_small
+from transformers import AutoTokenizer, UMT5EncoderModel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class MissingWeightsError(FileNotFoundError):
     """A weights folder or file is missing; the message says what was expected where."""
+
+
+def freeze(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A frozen replica: eval mode, no grads, in `dtype` on `device`."""
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 def _expect_folder(path: str | os.PathLike, what: str, marker: str = "config.json") -> Path:
@@ -44,8 +53,6 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     `num_layers` keeps only the first N blocks (the discriminator's backbone): the model
     is built with N blocks and the checkpoint's later blocks are never instantiated.
     """
-    from diffusers import WanTransformer3DModel
-
     p = _expect_folder(path, "Wan transformer")
     if num_layers is None:
         return WanTransformer3DModel.from_pretrained(p, torch_dtype=dtype)
@@ -78,8 +85,6 @@ def _is_block_at_or_after(key: str, n: int) -> bool:
 
 def _read_safetensors_folder(folder: Path, keep) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors folder whose key passes `keep`."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MissingWeightsError(f"{folder}: no *.safetensors weights found next to config.json")
@@ -93,8 +98,6 @@ def _read_safetensors_folder(folder: Path, keep) -> dict[str, torch.Tensor]:
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKLWan
-
     p = _expect_folder(path, "Wan VAE")
     vae = AutoencoderKLWan.from_pretrained(p, torch_dtype=dtype)
     vae.requires_grad_(False).eval()
@@ -102,8 +105,6 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    from transformers import UMT5EncoderModel
-
     p = _expect_folder(path, "UMT5 text encoder")
     enc = UMT5EncoderModel.from_pretrained(p, dtype=dtype)
     enc.requires_grad_(False).eval()
@@ -111,16 +112,12 @@ def load_text_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
     p = _expect_folder(path, "tokenizer", marker="tokenizer_config.json")
     return AutoTokenizer.from_pretrained(p)
 
 
 def build_raft(arch: str):
     """An untrained torchvision RAFT of the given architecture (weights=None: no download)."""
-    from torchvision.models.optical_flow import raft_large, raft_small
-
     builders = {"raft_large": raft_large, "raft_small": raft_small}
     if arch not in builders:
         raise ValueError(f"unknown RAFT architecture {arch!r}; choose one of {sorted(builders)}")

@@ -32,9 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .latents import chunk_frame_slice, denormalize, normalize
+from .latents import chunk_frame_slice, denormalize, normalize, num_latent_frames
 
 # Kinds of a feat_cache slot. A slot holds None (its conv has not run yet), the string
 # "Rep" (WanResample's upsample3d marker after the first chunk) or a tensor.
@@ -43,8 +44,6 @@ _TENSOR = "tensor"
 
 def _count_causal_convs(module: torch.nn.Module) -> int:
     """Length of a feat_cache list for `module` (what AutoencoderKLWan.clear_cache allocates)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
     return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
 
 
@@ -147,8 +146,6 @@ class ChunkedWanDecoder:
     # ------------------------------------------------------------------ decoding
     def _decode_step(self, i: int, z_i: torch.Tensor, feat: list) -> torch.Tensor:
         """Latent chunk i (normalised, [B, C, 1, h, w]) -> its pixel frames, as `_decode` does it."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
         vae = self.vae
         raw = denormalize(z_i, vae.config).to(self.dtype)
         x = vae.post_quant_conv(raw)  # a 1x1x1 conv: per chunk == on the whole clip
@@ -184,8 +181,6 @@ class ChunkedWanDecoder:
     # ------------------------------------------------------------------ encoding
     def _encode_step(self, i: int, x_i: torch.Tensor, feat: list) -> torch.Tensor:
         """Pixel chunk i ([B, 3, 1 or 4, H, W]) -> its raw posterior parameters, as `_encode` does it."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
-
         vae = self.vae
         x = x_i.to(self.dtype)
         if vae.config.patch_size is not None:
@@ -203,34 +198,11 @@ class ChunkedWanDecoder:
         num_frames = frames.shape[2]
         if (num_frames - 1) % 4:
             raise ValueError(f"the Wan VAE encodes 4k+1 frames, got {num_frames}")
-        chunks = [frames[:, :, chunk_frame_slice(i)] for i in range(1 + (num_frames - 1) // 4)]
+        chunks = [frames[:, :, chunk_frame_slice(i)] for i in range(num_latent_frames(num_frames))]
         outs = run_recurrent(self._encode_step, chunks, self._enc_slots, grad_from=0, checkpoint=self.checkpoint)
         moments = torch.cat(outs, dim=2)
         mode = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution: mean first, logvar second
         return normalize(mode, self.vae.config)
-
-
-def draw_window_start(
-    num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None, min_start: int = 0
-) -> int:
-    """First latent chunk of this step's decoding window.
-
-    ``mode="random"`` draws uniformly from min_start .. num_latent - window (with
-    `generator`, so a seeded run is reproducible); an integer (or its string, as
-    `gan.window_start` stores it) is a fixed start, checked to fit. `min_start` excludes
-    early starts (the flow path sets 1 for a one-chunk window: chunk 0 alone is one frame).
-    """
-    if window < 1 or min_start + window > num_latent:
-        raise ValueError(f"window {window} does not fit {num_latent} latent chunks from chunk {min_start} on")
-    if mode == "random":
-        return int(torch.randint(min_start, num_latent - window + 1, (1,), generator=generator).item())
-    try:
-        start = int(mode)
-    except (TypeError, ValueError):
-        raise ValueError(f"window start mode must be 'random' or an integer, got {mode!r}") from None
-    if not min_start <= start <= num_latent - window:
-        raise ValueError(f"window [{start}, {start + window}) does not fit {num_latent} latent chunks (first allowed start {min_start})")
-    return start
 
 
 def plain_decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -240,8 +212,6 @@ def plain_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     graph (no truncation, no checkpointing). This is the baseline the chunked decoder is
     tested and benchmarked against; do not train through it on long clips.
     """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
     raw = denormalize(latents, vae.config).to(next(vae.parameters()).dtype)
     vae.clear_cache()
     x = vae.post_quant_conv(raw)

@@ -27,7 +27,11 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from mogan_ds.models.builders import load_transformer
 
 
 class Fp32Linear(nn.Linear):
@@ -114,15 +118,11 @@ class MotionDiscriminator(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> MotionDiscriminator:
         """An uninitialised discriminator of this shape (load a state dict into it)."""
-        from diffusers import WanTransformer3DModel
-
         backbone = WanTransformer3DModel.from_config(config["backbone"])
         return cls(backbone, torch.zeros(config["prompt_shape"]), config["head_blocks"], config["head_dim"], config["timestep"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """config.json + model.safetensors (weights, heads and the prompt-embedding buffer)."""
-        from safetensors.torch import save_file
-
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         (p / "config.json").write_text(json.dumps(self.config, indent=2))
@@ -130,8 +130,6 @@ class MotionDiscriminator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> MotionDiscriminator:
-        from safetensors.torch import load_file
-
         p = Path(path)
         model = cls.from_config(json.loads((p / "config.json").read_text()))
         model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
@@ -181,8 +179,6 @@ def build_discriminator(
             `from_pretrained` does. The heads are freshly initialised (seed the RNG first).
         gradient_checkpointing: checkpoint each backbone block (`models.gradient_checkpointing`).
     """
-    from mogan_ds.models.builders import load_transformer
-
     backbone = load_transformer(teacher_transformer_path, dtype=dtype, num_layers=gan_cfg.disc_blocks)
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()

@@ -20,6 +20,10 @@ import torch
 
 #: Temporal compression of the Wan2.1 VAE (``vae.config.scale_factor_temporal``).
 TEMPORAL = 4
+#: Spatial compression of the Wan2.1 VAE (``vae.config.scale_factor_spatial``).
+SPATIAL = 8
+#: Latent channels of the Wan2.1 VAE (``vae.config.z_dim``).
+LATENT_CHANNELS = 16
 
 
 def _stats(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +64,14 @@ def num_pixel_frames(num_latent: int, temporal: int = TEMPORAL) -> int:
     if num_latent < 1:
         raise ValueError(f"need at least one latent chunk, got {num_latent}")
     return temporal * (num_latent - 1) + 1
+
+
+def latent_shape(video_cfg, batch: int) -> tuple[int, int, int, int, int]:
+    """(B, 16, T, H/8, W/8) of a `VideoConfig`'s clips: T = 1 + (F - 1) / 4 (chunk 0 is frame 0 alone)."""
+    f, h, w = video_cfg.num_frames, video_cfg.height, video_cfg.width
+    if h % SPATIAL or w % SPATIAL:
+        raise ValueError(f"video {f}x{h}x{w}: H and W must be multiples of {SPATIAL} for the Wan VAE")
+    return (int(batch), LATENT_CHANNELS, num_latent_frames(f), h // SPATIAL, w // SPATIAL)
 
 
 def pixel_frame_range(start: int, window: int, temporal: int = TEMPORAL) -> tuple[int, int]:

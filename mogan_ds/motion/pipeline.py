@@ -15,12 +15,19 @@ chunks, and the padding's chunk is dropped; a 4w-3-frame one encodes to w chunks
 is. Either way D sees exactly w latent frames, for fake and real alike, and the token
 count does not depend on where the window starts.
 
+The window. `MotionPath` owns it: a `WindowSpec` (`motion.window`) parses and checks
+`gan.window` / `gan.window_start`, `draw_window` picks each step's `Window`, and both
+entry points take that `Window`: `fake` decodes the generator's latent chunks of it,
+`real` cuts the same span out of a whole real clip. In latent space the real clip is
+encoded from frame 0 to the window's end and the window's chunks are sliced, exactly as
+the generator's whole-clip latents are laid out (a causal encoder given only the
+window's frames would produce different latents, an artefact D could separate on).
+
 The trainer calls `fake` (with grad, for the generator's GAN loss; detach `d_input` for
-the discriminator's update) and `real` (no grad) with real clips of the same window
-length. For the approximate R1/R2 perturbation, `encode_motion` is the map from the
-paper's motion tensor m to D's input, so ``d_fn = lambda m: D(path.encode_motion(m))``
-perturbs m itself; perturbing `d_input` instead is cheaper and is what ``space=latent``
-does by construction.
+the discriminator's update) and `real` (no grad). For the approximate R1/R2
+perturbation, `encode_motion` is the map from the paper's motion tensor m to D's input,
+so ``d_fn = lambda m: D(path.encode_motion(m))`` perturbs m itself; perturbing `d_input`
+instead is cheaper and is what ``space=latent`` does by construction.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .chunked_decode import ChunkedWanDecoder, draw_window_start
+from .chunked_decode import ChunkedWanDecoder
 from .flow import RaftFlow, motion_tensor
+from .window import Window, WindowSpec
 
 
 @dataclass
@@ -56,39 +64,40 @@ class MotionPath:
     Args:
         vae: frozen `AutoencoderKLWan` (any dtype/device; inputs are cast to it).
         raft: `RaftFlow` (required for space="flow", ignored for "latent").
+        window: the `WindowSpec` of `gan.window` / `gan.window_start` for this clip length.
         space: "flow" or "latent" (`gan.space`).
         flow_scale: `gan.flow_scale`, the motion-tensor normalisation (see `motion_tensor`).
         checkpoint: activation checkpointing in the decoder/encoder chunks (RAFT has its own).
     """
 
-    def __init__(self, vae, raft: RaftFlow | None = None, space: str = "flow", flow_scale: float = 20.0, checkpoint: bool = True):
+    def __init__(self, vae, raft: RaftFlow | None, window: WindowSpec, *, space: str = "flow", flow_scale: float = 20.0,
+                 checkpoint: bool = True):
         if space not in ("flow", "latent"):
             raise ValueError(f"space must be 'flow' or 'latent', got {space!r}")
         if space == "flow" and raft is None:
             raise ValueError("space='flow' needs a RaftFlow")
+        window.check()
         self.codec = ChunkedWanDecoder(vae, checkpoint=checkpoint)
         self.raft = raft
+        self.window = window
         self.space = space
         self.flow_scale = float(flow_scale)
 
     @classmethod
-    def from_config(cls, gan_cfg, vae, raft_model: nn.Module | None = None, checkpoint: bool = True) -> MotionPath:
-        """Build from `GANConfig` (space, flow_scale, raft_iters, raft_pairs_per_chunk) and a loaded RAFT."""
+    def from_config(cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True) -> MotionPath:
+        """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*) for clips of
+        `num_latent` latent chunks, and a loaded RAFT."""
         raft = None
         if gan_cfg.space == "flow":
             if raft_model is None:
                 raise ValueError("gan.space=flow needs the RAFT model (models.raft)")
             raft = RaftFlow(raft_model, num_iters=gan_cfg.raft_iters, pairs_per_chunk=gan_cfg.raft_pairs_per_chunk, checkpoint=checkpoint)
-        return cls(vae, raft, gan_cfg.space, gan_cfg.flow_scale, checkpoint)
+        window = WindowSpec.from_config(gan_cfg, num_latent)
+        return cls(vae, raft, window, space=gan_cfg.space, flow_scale=gan_cfg.flow_scale, checkpoint=checkpoint)
 
-    def draw_start(self, num_latent: int, window: int, mode: str | int = "random", generator: torch.Generator | None = None) -> int:
-        """The window's first latent chunk for this step (`gan.window_start`).
-
-        In flow space a one-chunk window never starts at chunk 0, which decodes to a single
-        frame (no flow); a fixed start of 0 with window 1 is rejected.
-        """
-        min_start = 1 if self.space == "flow" and window == 1 else 0
-        return draw_window_start(num_latent, window, mode, generator, min_start=min_start)
+    def draw_window(self, generator: torch.Generator | None = None) -> Window:
+        """This step's window (`WindowSpec.draw`); pass a generator seeded alike on every rank."""
+        return self.window.draw(generator)
 
     # ------------------------------------------------------------------ pieces
     def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
@@ -114,26 +123,38 @@ class MotionPath:
         return flow, motion_tensor(flow, self.flow_scale)
 
     # ------------------------------------------------------------------ the two entry points
-    def fake(self, latents: torch.Tensor, start: int, window: int) -> MotionSample:
-        """Generator latents (normalised, with grad) -> D input for latent chunks [start, start + window).
+    def fake(self, latents: torch.Tensor, window: Window) -> MotionSample:
+        """Generator latents [B, C, T, h, w] (normalised, with grad) -> D input for `window`.
 
-        Gradients reach ``latents[:, :, start:start+window]`` (truncated BPTT: nothing
+        Gradients reach ``latents[:, :, window.start:window.stop]`` (truncated BPTT: nothing
         before the window, and nothing after it is even decoded).
         """
+        self._check_fits(window, latents.shape[2], "latent chunks")
         if self.space == "latent":
-            if not (0 <= start and window >= 1 and start + window <= latents.shape[2]):
-                raise ValueError(f"window [{start}, {start + window}) does not fit {latents.shape[2]} latent chunks")
-            return MotionSample(d_input=latents[:, :, start : start + window])
-        frames = self.codec.decode_window(latents, start, window)
-        if frames.shape[2] < 2:
-            raise ValueError(f"window [{start}, {start + window}) decodes to a single frame: no flow; use a window >= 2 or start >= 1")
+            return MotionSample(d_input=latents[:, :, window.start : window.stop])
+        frames = self.codec.decode_window(latents, window.start, window.length)
         flow, motion = self.flow_and_motion(frames)
         return MotionSample(d_input=self.encode_motion(motion), frames=frames, flow=flow, motion=motion)
 
     @torch.no_grad()
-    def real(self, frames: torch.Tensor) -> MotionSample:
-        """Real clips of the window's length, [B, 3, F_w, H, W] in [-1, 1] -> D input (no grad)."""
+    def real(self, clip: torch.Tensor, window: Window) -> MotionSample:
+        """A whole real clip [B, 3, F, H, W] in [-1, 1] -> D input for the same `window` (no grad).
+
+        flow: the window's frames go through RAFT exactly as decoded fakes do. latent: the
+        clip is encoded from frame 0 to the window's end and the window's chunks are taken,
+        so real latents carry the same causal context as the generator's.
+        """
+        first, stop = window.frames
+        self._check_fits(window, clip.shape[2], "frames", need=stop)
         if self.space == "latent":
-            return MotionSample(d_input=self.encode_frames(frames), frames=frames)
+            latents = self.codec.encode(clip[:, :, : window.context_frames])
+            return MotionSample(d_input=latents[:, :, window.start : window.stop], frames=clip[:, :, first:stop])
+        frames = clip[:, :, first:stop]
         flow, motion = self.flow_and_motion(frames)
         return MotionSample(d_input=self.encode_motion(motion), frames=frames, flow=flow, motion=motion)
+
+    @staticmethod
+    def _check_fits(window: Window, have: int, unit: str, need: int | None = None) -> None:
+        need = window.stop if need is None else need
+        if have < need:
+            raise ValueError(f"window [{window.start}, {window.stop}) needs {need} {unit}, the input has {have}")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 
 import torch
+from deepspeed.accelerator import get_accelerator
+from diffusers import ModelMixin
+from diffusers.utils import is_flash_attn_available
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,7 @@ def resolve_attention_backend(backend: str, model: nn.Module | None = None, devi
         raise ValueError(f"models.attention_backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    from diffusers.utils import is_flash_attn_available
-
     if device is None:
-        from deepspeed.accelerator import get_accelerator
-
         device = get_accelerator().device_name()
     on_cuda = torch.device(device).type == "cuda"
     half = model is None or _compute_dtype(model) in _HALF
@@ -58,8 +57,6 @@ def configure_attention(model: nn.Module, backend: str = "auto", device: torch.d
     ``engine.module`` after ``deepspeed.initialize``), so that ``auto`` sees bf16. Works
     before or after `mogan_ds.parallel.parallelize_wan`.
     """
-    from diffusers import ModelMixin
-
     name = resolve_attention_backend(backend, model, device)
     # A diffusers model directly, or the diffusers models inside a plain module (the
     # motion discriminator wraps a Wan backbone).
@@ -69,5 +66,6 @@ def configure_attention(model: nn.Module, backend: str = "auto", device: torch.d
         raise ValueError(f"{type(model).__name__} contains no diffusers model to set an attention backend on")
     for m in outer:
         m.set_attention_backend(name)
-    log.info("attention backend of %s: %s (asked: %s)", type(model).__name__, name, backend)
+    # debug: it runs once per network per rank; the trainer states the choice once on rank 0.
+    log.debug("attention backend of %s: %s (asked: %s)", type(model).__name__, name, backend)
     return name

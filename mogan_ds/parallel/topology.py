@@ -27,9 +27,11 @@ import logging
 import os
 from datetime import timedelta
 
+import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
-from ..launcher import free_port
+from .ranks import free_port
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,6 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     environment, no MPI) this sets up a world of one on a free local port, so single-process runs
     and tests take the same code path as ``deepspeed --num_gpus N``. Idempotent.
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     if not torch.distributed.is_initialized():
         if not any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
             # Not under a launcher (torchrun/deepspeed set WORLD_SIZE; MPI launches are

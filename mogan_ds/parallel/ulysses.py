@@ -51,7 +51,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+import deepspeed.comm as dist
 import torch
+from deepspeed.sequence.layer import DistributedAttention
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock, _get_qkv_projections
 from torch import nn
 
 _MARK = "_mogan_sp_hooked"  # attribute set on every module we hooked (guards double sharding)
@@ -102,8 +107,6 @@ Plan = Mapping[str, Any]  # module path ("" = root, one "*" atom = every child) 
 
 def plan_from_cp_plan(cp_plan: Mapping[str, Any]) -> dict[str, ModulePlan]:
     """Translate a diffusers ``_cp_plan`` (ContextParallelInput/Output) into `ModulePlan`s."""
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
     out: dict[str, ModulePlan] = {}
     for path, spec in cp_plan.items():
         if isinstance(spec, ModulePlan):
@@ -193,8 +196,6 @@ class _GatherFromSequenceParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, group, sp: int) -> torch.Tensor:
-        import deepspeed.comm as dist
-
         ctx.dim, ctx.group, ctx.sp = dim, group, sp
         # Collectives concatenate along dim 0: move the token dim there and back.
         xt = x.movedim(dim, 0).contiguous()
@@ -204,8 +205,6 @@ class _GatherFromSequenceParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        import deepspeed.comm as dist
-
         gt = grad.movedim(ctx.dim, 0).contiguous()
         out = torch.empty((gt.shape[0] // ctx.sp, *gt.shape[1:]), dtype=gt.dtype, device=gt.device)
         dist.reduce_scatter_fn(out, gt, group=ctx.group)
@@ -382,21 +381,15 @@ class UlyssesWanAttnProcessor:
     _parallel_config = None
 
     def __init__(self, sp_group, attention_backend=None):
-        from deepspeed.sequence.layer import DistributedAttention
-
         self._attention_backend = attention_backend
         self.dist_attn = DistributedAttention(self._local_attention, sp_group, scatter_idx=2, gather_idx=1)
 
     def _local_attention(self, query, key, value):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         return dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend, parallel_config=None
         )
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             raise ValueError("UlyssesWanAttnProcessor is for self-attention (attn1); cross-attention needs no all-to-all")
         if attention_mask is not None:
@@ -424,8 +417,6 @@ def install_ulysses_attention(model: nn.Module, topo) -> SequenceParallelHandle:
     Only processors; no token sharding (see `parallelize_module` / `parallelize_wan`).
     Checks that sp divides every block's head count.
     """
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
     handle = SequenceParallelHandle()
     if topo.sp_size == 1:
         return handle
