@@ -1,0 +1,9 @@
+"""`python -m mogan_ds plan`: one rank of a MoGAN iteration run on fake tensors at the recipe's shape.
+
+flops.py     FLOP counting (FlopCounterMode + the CPU flash-SDPA formula), per network
+memory.py    live-bytes tracking on fake tensors; ZeRO model states per engine
+hardware.py  GPU table (peak bf16, memory) and the iteration-time estimate
+comm.py      local stand-ins for the sequence-parallel collectives (bytes counted), ZeRO-3 traffic
+runner.py    networks on the meta device -> fake tensors, the trainer's phases for one rank
+report.py    the table, the fit verdict and suggestions, the JSON line
+"""

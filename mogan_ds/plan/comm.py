@@ -1,0 +1,148 @@
+"""Communication per rank and iteration: Ulysses collectives as they run, ZeRO-3 traffic by arithmetic.
+
+Sequence parallelism is planned with the project's real hooks (`mogan_ds.parallel`:
+`UlyssesWanAttnProcessor` + DeepSpeed's `DistributedAttention`, the `_cp_plan` shard and
+gather hooks) installed with a stand-in SP group. `LocalCollectives` replaces the four
+`deepspeed.comm` functions they call with local operations of the same output shape, so
+one process runs rank 0's shard exactly as the trainer would (S/sp tokens per rank outside
+attention, all S tokens and heads/sp inside it) and counts the bytes each call moves:
+
+    all_to_all_single   output <- input (equal split: every rank sends (sp-1)/sp of it)
+    allgather_fn        output <- sp copies of the shard (receives (sp-1)/sp of output)
+    reduce_scatter_fn   output <- sum of the sp chunks (sends (sp-1)/sp of the input)
+
+Data values are meaningless (fake tensors); shapes, dtypes and autograd structure are
+the real ones. ZeRO-3's own collectives are not run (the engines are stand-ins): their
+bytes follow from each engine's parameter count and how often its module runs
+(`zero3_traffic`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PlanSPGroup:
+    """Stands for a sequence-parallel process group of `size` ranks in `LocalCollectives`."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"PlanSPGroup(size={self.size})"
+
+
+class PlanTopology:
+    """The attributes of `mogan_ds.parallel.Topology` the trainer's phases and the SP hooks read, for rank 0."""
+
+    def __init__(self, world_size: int, sp_size: int):
+        if world_size % sp_size:
+            raise ValueError(f"parallel.sp_size={sp_size} does not divide the world size {world_size}")
+        self.world_size, self.sp_size, self.dp_size = world_size, sp_size, world_size // sp_size
+        self.rank = self.sp_rank = self.dp_rank = 0
+        self.sp_group = PlanSPGroup(sp_size)
+
+
+@dataclass
+class CollectiveBytes:
+    """Bytes this rank sends/receives per collective kind (counted while enabled)."""
+
+    enabled: bool = True
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, nbytes: float) -> None:
+        if self.enabled:
+            self.bytes[kind] += int(nbytes)
+            self.calls[kind] += 1
+
+
+class LocalCollectives:
+    """Context manager: deepspeed.comm's SP collectives become local ops on `PlanSPGroup`s.
+
+    Other groups fall through to DeepSpeed's functions unchanged.
+    """
+
+    NAMES = ("get_world_size", "all_to_all_single", "allgather_fn", "reduce_scatter_fn")
+
+    def __init__(self, counter: CollectiveBytes):
+        self.counter = counter
+        self._saved = {}
+
+    def __enter__(self):
+        import deepspeed.comm as dist
+
+        self._saved = {n: getattr(dist, n) for n in self.NAMES}
+        saved, counter = self._saved, self.counter
+
+        def get_world_size(group=None):
+            return group.size if isinstance(group, PlanSPGroup) else saved["get_world_size"](group)
+
+        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            if not isinstance(group, PlanSPGroup):
+                return saved["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group, async_op)
+            output.copy_(input)
+            counter.add("ulysses_all_to_all", input.numel() * input.element_size() * (group.size - 1) / group.size)
+            return None
+
+        def allgather_fn(output_tensor, input_tensor, group=None, async_op=False, debug=None):
+            if not isinstance(group, PlanSPGroup):
+                return saved["allgather_fn"](output_tensor, input_tensor, group=group, async_op=async_op)
+            output_tensor.view(group.size, *input_tensor.shape).copy_(input_tensor.unsqueeze(0).expand(group.size, *input_tensor.shape))
+            counter.add("sp_all_gather", output_tensor.numel() * output_tensor.element_size() * (group.size - 1) / group.size)
+            return None
+
+        def reduce_scatter_fn(output_tensor, tensor, op=None, group=None, async_op=False, prof=False, debug=None):
+            if not isinstance(group, PlanSPGroup):
+                return saved["reduce_scatter_fn"](output_tensor, tensor, group=group, async_op=async_op)
+            output_tensor.copy_(tensor.view(group.size, *output_tensor.shape).sum(0))
+            counter.add("sp_reduce_scatter", tensor.numel() * tensor.element_size() * (group.size - 1) / group.size)
+            return None
+
+        dist.get_world_size = get_world_size
+        dist.all_to_all_single = all_to_all_single
+        dist.allgather_fn = allgather_fn
+        dist.reduce_scatter_fn = reduce_scatter_fn
+        return self
+
+    def __exit__(self, *exc):
+        import deepspeed.comm as dist
+
+        for n, f in self._saved.items():
+            setattr(dist, n, f)
+        return False
+
+
+# --------------------------------------------------------------------------- ZeRO-3
+
+
+@dataclass
+class EngineCalls:
+    """How often an engine's module ran in one iteration (counted by the runner's hooks)."""
+
+    forwards: int = 0        # every forward: one all-gather of the parameters
+    grad_forwards: int = 0   # forwards recorded by autograd: their backward re-gathers the parameters
+    updates: int = 0         # backward+step calls: one gradient reduce-scatter each
+
+
+def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int = 2) -> dict[str, int]:
+    """Bytes per rank of one engine's ZeRO-3 collectives (our arithmetic, ring algorithms).
+
+    A ring all-gather of P parameters partitioned over N ranks receives (N-1)/N * P *
+    param_bytes per rank; a reduce-scatter of the gradients sends as much. The parameters
+    are gathered at each forward and again in backward (ZeRO-3 releases them after
+    forward; an activation-checkpoint recomputation fetches them for the backward that
+    follows); gradients (bf16, the communication dtype of a bf16 engine) are
+    reduce-scattered once per backward. Persistent small parameters
+    (stage3_param_persistence_threshold) and prefetch reuse are ignored.
+    """
+    if world <= 1:
+        return {"zero3_all_gather": 0, "zero3_reduce_scatter": 0}
+    shard = params * param_bytes * (world - 1) / world
+    return {
+        "zero3_all_gather": int(shard * (calls.forwards + calls.grad_forwards)),
+        "zero3_reduce_scatter": int(shard * calls.updates),
+    }

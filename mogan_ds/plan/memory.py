@@ -1,0 +1,151 @@
+"""Per-rank memory: live activation/temporary bytes tracked on (fake) tensors, and ZeRO model states.
+
+Activations. `LiveBytes` is a TorchDispatchMode that sees every tensor an operator
+returns, keys it by its untyped storage (views share one) and keeps a running total of
+the bytes of storages still alive (a weakref finalizer subtracts a storage when autograd
+or Python drops it). It works on FakeTensors, where no allocator exists, and on frozen
+modules, where torch's MemTracker fails (it registers gradient hooks, DESIGN.md).
+Storages that exist before the mode is entered (parameters, buffers, inputs made
+beforehand) are never counted: the tracker reports what a phase allocates on top of the
+model states. Parameter gradients are excluded by `drop_param_grads` (ZeRO-3
+reduce-scatters each gradient into its partition as soon as it is complete; the partition
+is a model state). Do not count FLOPs in the same pass: FlopCounterMode's module tracker
+keeps references to tensors and inflates the peak (DESIGN.md).
+
+Model states. `zero_model_states` asks DeepSpeed's own ZeRO-3 estimator
+(`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`) for the GPU
+bytes of one trainable engine, and adds a per-component breakdown (that arithmetic is
+ours, see the function).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of storages created while the mode is active; `peak` is their maximum.
+
+    Use `reset_peak()` between phases; `live` and `peak` are in bytes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, int] = {}  # id(storage object) -> bytes, for storages we count
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _release(self, key: int) -> None:
+        self.live -= self._seen.pop(key, 0)
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # tensor subclasses without a storage
+            return
+        key = id(st)
+        if key in self._seen:
+            return
+        nbytes = st.nbytes()
+        self._seen[key] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def drop_param_grads(modules) -> list:
+    """Free each trainable parameter's .grad as soon as autograd has accumulated it.
+
+    Models ZeRO-3, which reduce-scatters a finished gradient into this rank's partition
+    (counted in the model states) and frees the full-size buffer. Returns the hook handles.
+    """
+    handles = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
+    return handles
+
+
+# --------------------------------------------------------------------------- model states
+
+
+@dataclass
+class ModelStates:
+    """GPU bytes of one network on one rank."""
+
+    name: str
+    params: int
+    trainable: bool
+    gpu_bytes: int              # what the plan adds up
+    breakdown: dict[str, int]   # component -> bytes (ours; see zero_model_states)
+    source: str
+
+
+def largest_layer_params(module: torch.nn.Module) -> int:
+    """DeepSpeed's `model_to_params` definition: the most parameters held directly by one module."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+
+
+def zero_model_states(name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_optimizer: bool,
+                      offload_param: bool) -> ModelStates:
+    """A trainable engine's model states per rank under ZeRO-3 over all nodes*gpus ranks.
+
+    The partition group is every rank (the topology's zero_group: dp*sp ranks), so the
+    divisor is the world size. `gpu_bytes` is DeepSpeed's estimator with zero_init=True
+    (the GPU figure does not depend on it): 18 bytes/param/world without offload, 2 with
+    the optimizer offloaded, 0 with parameters offloaded, plus 4 bytes per parameter of
+    the largest layer (its gathered fp32-sized working buffer).
+
+    The breakdown is our arithmetic, for the table: bf16 parameter shard 2 B, bf16
+    gradient shard 2 B, fp32 master 4 B, Adam exp_avg + exp_avg_sq 8 B per parameter /
+    world, and 2 B fp32 gradient remainder that DeepSpeed's 18 B includes (its fp32 grad
+    buffer for the optimizer step is 4 B where we count the bf16 shard's 2 B).
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    total = sum(p.numel() for p in module.parameters())
+    largest = largest_layer_params(module)
+    world = gpus_per_node * nodes
+    _, gpu_bytes, largest_mem = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+        cpu_offload=offload_optimizer or offload_param, cpu_offload_params=offload_param, zero_init=True)
+    on_gpu = not (offload_optimizer or offload_param)
+    breakdown = {
+        "bf16 params": 0 if offload_param else 2 * total // world,
+        "bf16 grads": 2 * total // world if on_gpu else 0,
+        "fp32 master": 4 * total // world if on_gpu else 0,
+        "adam moments": 8 * total // world if on_gpu else 0,
+        "fp32 grad (step)": 2 * total // world if on_gpu else 0,
+        "largest layer": largest_mem,
+    }
+    where = "optimizer offloaded to CPU" if offload_optimizer and not offload_param else (
+        "params+optimizer offloaded to CPU" if offload_param else "all on GPU")
+    return ModelStates(name, total, True, int(gpu_bytes), breakdown,
+                       f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks, {where}")
+
+
+def frozen_model_states(name: str, module: torch.nn.Module) -> ModelStates:
+    """A frozen replica (teacher, VAE, RAFT): every rank holds all of it, at its parameters' dtype."""
+    total = sum(p.numel() for p in module.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    nbytes += sum(b.numel() * b.element_size() for b in module.buffers())
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()})
+    return ModelStates(name, total, False, nbytes, {"weights": nbytes}, f"frozen replica, {'/'.join(dtypes)}")

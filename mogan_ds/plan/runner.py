@@ -1,0 +1,353 @@
+"""Run one rank of a MoGAN iteration on fake tensors: the trainer's own phases, at the recipe's shape.
+
+Networks are built on the meta device from the recipe's architecture (`models.root`'s
+config.json files, else the `models.arch` preset; `mogan_ds.models.presets.architecture`),
+cast there (diffusers' `.to(dtype)` fails after `to_empty` on fake tensors), prepared as
+`mogan_ds.networks.build_networks` prepares them (frozen replicas, gradient
+checkpointing, Ulysses hooks), then materialised as fake CPU tensors with `to_empty`.
+No weight is read and no memory is allocated.
+
+The trainer is `MoGANTrainer.__new__` (no `__init__`: no process group, no data, no
+DeepSpeed) with the attributes its phases read filled in: `PlanEngine`s in place of the
+DeepSpeed engines (backward = `loss.backward()`, step = no-op), `PlanTopology` for rank 0
+of dp x sp, prompt and clip iterators yielding fake tensors, the real `FlowMatchSchedule`
+and `MotionPath`. Its `generator_dmd_update`, `fake_score_update`, `generator_gan_update`
+and `discriminator_update` then run unchanged. Deliberate differences, all stated in the
+report:
+
+* one micro step per phase (`gas = disc_gas = 1`) and one critic update: the others
+  repeat the same work, so FLOPs and traffic are multiplied by the real counts and the
+  activation peak is that of one micro step (gradient accumulation lives in the ZeRO
+  partitions, i.e. in the model states);
+* `.item()` returns 1 (`ScalarStub`): fake tensors hold no values. Logged losses are
+  placeholders and the trainer's finite-loss check passes;
+* a random GAN window start (`gan.window_start=random`) is fixed at the middle allowed start;
+* the distilled entry of the backward simulation is fixed at (K-1)//2 of K entries (1 of
+  3, the mean number of no-grad generator forwards for K = 3);
+* sequence parallelism runs rank 0's shard through the real Ulysses hooks with local
+  stand-ins for the collectives (`mogan_ds.plan.comm.LocalCollectives`).
+
+FLOPs and memory are measured in two separate passes (DESIGN.md: FlopCounterMode's
+module tracker holds tensors and inflates a memory peak measured alongside it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..config import Config
+from ..engines import Engines, gradient_accumulation_steps
+from ..models.builders import DTYPES, build_raft
+from ..models.presets import architecture
+from .comm import CollectiveBytes, EngineCalls, LocalCollectives, PlanTopology
+from .flops import Flops, count_flops
+from .memory import LiveBytes, drop_param_grads
+
+log = logging.getLogger("mogan_ds")
+
+aten = torch.ops.aten
+
+
+class ScalarStub(TorchDispatchMode):
+    """`.item()` on a fake tensor returns 1 (True / 1 / 1.0) instead of failing."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten._local_scalar_dense.default:
+            t = args[0]
+            if t.dtype == torch.bool:
+                return True
+            return 1 if not t.is_floating_point() else 1.0
+        return func(*args, **(kwargs or {}))
+
+
+class PlanEngine:
+    """Stands for a DeepSpeed engine in the trainer's phases: `module`, call, backward, step."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.calls = EngineCalls()
+        self.counting = False
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        if self.counting:
+            self.calls.forwards += 1
+            self.calls.grad_forwards += int(torch.is_grad_enabled())
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.counting:
+            self.calls.updates += 1
+        loss.backward()
+
+    def step(self) -> None:
+        pass
+
+    def was_step_applied(self) -> bool:
+        return True
+
+
+class _Endless:
+    """An iterator yielding the same batch dict forever (fresh fake tensors each time)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.make()
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    repeats: int                      # how many times the trainer runs this per iteration
+    flops: Flops = field(default_factory=Flops)     # one run
+    act_peak_bytes: int = 0           # live activation bytes at the phase's peak (incl. earlier phases' survivors)
+    collectives: dict[str, int] = field(default_factory=dict)   # SP bytes of one run
+    engine_calls: dict[str, EngineCalls] = field(default_factory=dict)  # one run
+
+
+@dataclass
+class RunResult:
+    phases: list[PhaseResult]
+    modules: dict[str, torch.nn.Module]   # name -> module (fake parameters), for the model states
+    trainable: list[str]
+    gas: int
+    disc_gas: int
+    entry_index: int
+
+
+def _strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str = "meta") -> dict[str, torch.nn.Module]:
+    """Every network of the recipe, cast and prepared as `build_networks` does, with fresh weights.
+
+    device="meta" (the planner): no memory; "cpu": real, randomly initialised modules of the
+    same architectures (the calibration tests run the phases on them for real).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from ..motion.discriminator import MotionDiscriminator
+
+    arch, _ = architecture(cfg.models)
+    tcfg = _strip(arch["transformer"])
+    frozen = DTYPES[cfg.models.frozen_dtype]
+    ckpt = cfg.models.gradient_checkpointing
+    nets: dict[str, torch.nn.Module] = {}
+    with torch.device(device):
+        nets["generator"] = WanTransformer3DModel.from_config(tcfg)
+        if cfg.dmd.enabled:
+            nets["fake_score"] = WanTransformer3DModel.from_config(tcfg)
+            nets["teacher"] = WanTransformer3DModel.from_config(tcfg)
+        if cfg.gan.enabled:
+            backbone = WanTransformer3DModel.from_config({**tcfg, "num_layers": cfg.gan.disc_blocks})
+            prompt = torch.zeros(1, cfg.text.max_length, tcfg["text_dim"])
+            nets["discriminator"] = MotionDiscriminator(backbone, prompt, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep)
+            if cfg.gan.space == "flow":
+                nets["raft"] = build_raft(arch["raft_arch"])
+        nets["vae"] = AutoencoderKLWan.from_config(_strip(arch["vae"]))
+    for name, m in nets.items():
+        if name in ("generator", "fake_score", "discriminator"):
+            m.to(trainable_dtype).train()  # the DeepSpeed engine casts to the ds_config's precision
+        elif name == "raft":
+            m.float().requires_grad_(False).eval()  # RaftFlow keeps RAFT in fp32 (it fails in bf16)
+        else:
+            m.to(frozen).requires_grad_(False).eval()
+    if ckpt:
+        for name in ("generator", "fake_score"):
+            if name in nets:
+                nets[name].enable_gradient_checkpointing()
+        if "discriminator" in nets:
+            nets["discriminator"].backbone.enable_gradient_checkpointing()
+    return nets
+
+
+def _parallelize(nets: dict[str, torch.nn.Module], topo: PlanTopology) -> None:
+    """The trainer's Ulysses hooks (networks.build_networks), with `topo`'s stand-in SP group."""
+    from ..networks import parallelize_discriminator
+    from ..parallel import parallelize_wan
+
+    for name in ("generator", "fake_score", "teacher"):
+        if name in nets:
+            parallelize_wan(nets[name], topo)
+    if "discriminator" in nets:
+        parallelize_discriminator(nets["discriminator"], topo)
+
+
+def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopology, text_dim: int, entry_index: int):
+    """A `MoGANTrainer` without `__init__`, holding what its four phases read."""
+    from ..motion.pipeline import MotionPath
+    from ..motion.window import RANDOM, Window
+    from ..sampling import transformer_velocity_fn
+    from ..schedule import FlowMatchSchedule
+    from ..trainer import MoGANTrainer
+
+    tr = MoGANTrainer.__new__(MoGANTrainer)
+    tr.cfg, tr.topo, tr.device = cfg, topo, torch.device("cpu")
+    tr.rank0 = True
+    tr.engines = Engines(
+        generator=PlanEngine(nets["generator"]),
+        fake_score=PlanEngine(nets["fake_score"]) if "fake_score" in nets else None,
+        discriminator=PlanEngine(nets["discriminator"]) if "discriminator" in nets else None,
+    )
+    tr.teacher, tr.vae = nets.get("teacher"), nets["vae"]
+    tr.gen_fn = transformer_velocity_fn(tr.engines.generator)
+    tr.fake_fn = transformer_velocity_fn(tr.engines.fake_score) if cfg.dmd.enabled else None
+    tr.teacher_fn = transformer_velocity_fn(tr.teacher) if cfg.dmd.enabled else None
+    tr.motion = MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft")) if cfg.gan.enabled else None
+    if tr.motion is not None and tr.motion.window.start == RANDOM:
+        # A random start is fixed at the middle of the allowed starts (chunks before the
+        # window are decoded without grad, so the start changes the cost a little).
+        spec = tr.motion.window
+        fixed = Window((spec.min_start + spec.num_latent - spec.length) // 2, spec.length)
+        tr.motion.draw_window = lambda generator=None: fixed
+    tr.schedule = FlowMatchSchedule.from_config(cfg)
+    tr.schedule.draw_index = lambda generator=None: entry_index
+    tr.gas = tr.disc_gas = 1
+    tr.micro = cfg.train.micro_batch_size
+    tr.ema = None
+    tr.step, tr.nonfinite_streak, tr.nonfinite_total = 0, 0, 0
+    L, v = cfg.text.max_length, cfg.video
+    tr.negative = torch.zeros(1, L, text_dim)
+    tr._prompt_iter = _Endless(lambda: {"embeds": torch.zeros(tr.micro, L, text_dim)})
+    tr._clip_iter = _Endless(lambda: {"video": torch.zeros(tr.micro, 3, v.num_frames, v.height, v.width)})
+    return tr
+
+
+def _labels(tr, nets) -> dict[torch.nn.Module, str]:
+    labels = {nets["generator"]: "generator"}
+    for name in ("fake_score", "teacher", "discriminator"):
+        if name in nets:
+            labels[nets[name]] = name
+    vae = nets["vae"]
+    labels.update({vae.decoder: "vae_decode", vae.post_quant_conv: "vae_decode", vae.encoder: "vae_encode", vae.quant_conv: "vae_encode"})
+    if tr.motion is not None and tr.motion.raft is not None:
+        labels[tr.motion.raft] = "raft"
+    return labels
+
+
+def _phase_plan(cfg: Config, gas: int, disc_gas: int) -> list[tuple[str, int]]:
+    """(phase, repeats per iteration) in the order train_step runs them (every phase due at step 0)."""
+    out = []
+    if cfg.dmd.enabled:
+        out += [("generator_dmd", gas), ("fake_score", gas * cfg.dmd.critic_updates)]
+    if cfg.gan.enabled:
+        out += [("generator_gan", gas), ("discriminator", min(gas, disc_gas))]
+        if disc_gas > gas:
+            out.append(("discriminator_extra_fake", disc_gas - gas))
+    return out
+
+
+def _run_phase(tr, name: str, state: dict) -> None:
+    if name == "generator_dmd":
+        tr.generator_dmd_update(0)
+    elif name == "fake_score":
+        tr.fake_score_update(0, 0)
+    elif name == "generator_gan":
+        _, state["fakes"], state["window"] = tr.generator_gan_update(0)
+    elif name == "discriminator":
+        tr.discriminator_update(0, state["fakes"], state["window"])
+    elif name == "discriminator_extra_fake":
+        # micro steps beyond the generator's batch: D's fake is a fresh detached sample (_extra_fake)
+        tr.discriminator_update(0, [], state["window"])
+    else:
+        raise ValueError(name)
+
+
+@dataclass
+class Prepared:
+    """A trainer stand-in for rank 0 with its networks and the phases to run."""
+
+    trainer: Any
+    nets: dict[str, torch.nn.Module]
+    phases: list[PhaseResult]
+    labels: dict[torch.nn.Module, str]
+    gas: int
+    disc_gas: int
+    entry_index: int
+
+
+def prepare(cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> Prepared:
+    """Networks (with the SP hooks for `cfg.parallel.sp_size`) and the trainer stand-in around them.
+
+    With sp > 1 the phases must run inside `LocalCollectives`.
+    """
+    topo = PlanTopology(world_size, cfg.parallel.sp_size)
+    gas = gradient_accumulation_steps(cfg, topo.dp_size)
+    disc_gas = gradient_accumulation_steps(cfg, topo.dp_size, "discriminator") if cfg.gan.enabled else 0
+    nets = build_plan_networks(cfg, trainable_dtype, device)
+    _parallelize(nets, topo)
+    text_dim = int(architecture(cfg.models)[0]["transformer"]["text_dim"])
+    entry_index = (len(cfg.schedule.denoising_timesteps) - 1) // 2
+    # Built before to_empty: MotionPath's RaftFlow casts RAFT, which fails on fake parameters.
+    tr = _make_trainer(cfg, nets, topo, text_dim, entry_index)
+    phases = [PhaseResult(n, r) for n, r in _phase_plan(cfg, gas, disc_gas)]
+    return Prepared(tr, nets, phases, _labels(tr, nets), gas, disc_gas, entry_index)
+
+
+def flop_pass(prep: Prepared, counter: CollectiveBytes | None = None) -> None:
+    """Run every phase once under FlopCounterMode: fills flops, SP collective bytes and engine calls."""
+    engines = dict(prep.trainer.engines.items())
+    state: dict[str, Any] = {}
+    for ph in prep.phases:
+        if counter is not None:
+            counter.bytes.clear()
+        for e in engines.values():
+            e.calls, e.counting = EngineCalls(), True
+        _, ph.flops = count_flops(lambda: _run_phase(prep.trainer, ph.name, state), prep.labels)
+        ph.collectives = dict(counter.bytes) if counter is not None else {}
+        ph.engine_calls = {r: e.calls for r, e in engines.items()}
+        for e in engines.values():
+            e.counting = False
+    for m in prep.nets.values():
+        m.zero_grad(set_to_none=True)
+
+
+def memory_pass(prep: Prepared) -> None:
+    """Run every phase once under `LiveBytes`: fills each phase's activation peak.
+
+    Parameter gradients are freed as soon as they are complete (ZeRO-3 moves them into
+    the partitions, counted with the model states).
+    """
+    hooks = drop_param_grads(e.module for _, e in prep.trainer.engines.items())
+    state: dict[str, Any] = {}
+    try:
+        with LiveBytes() as mem:
+            for ph in prep.phases:
+                mem.reset_peak()
+                _run_phase(prep.trainer, ph.name, state)
+                ph.act_peak_bytes = mem.peak
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def run_iteration(cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16) -> RunResult:
+    """Build the networks on fake tensors and run every phase of one iteration for rank 0 (two passes)."""
+    counter = CollectiveBytes()
+    with LocalCollectives(counter):
+        prep = prepare(cfg, world_size, trainable_dtype)
+        with FakeTensorMode(allow_non_fake_inputs=True), ScalarStub():
+            for m in prep.nets.values():
+                m.to_empty(device="cpu")
+            flop_pass(prep, counter)
+            counter.enabled = False
+            memory_pass(prep)
+    trainable = [r for r in ("generator", "fake_score", "discriminator") if r in prep.nets]
+    return RunResult(prep.phases, prep.nets, trainable, prep.gas, prep.disc_gas, prep.entry_index)
