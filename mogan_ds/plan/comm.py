@@ -22,8 +22,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
 
 class PlanSPGroup:
     """Stands for a sequence-parallel process group of `size` ranks in `LocalCollectives`."""

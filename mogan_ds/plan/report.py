@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ConfigError, validate
-from ..models.builders import DTYPES
 from ..models.presets import transformer_limits
 from .comm import EngineCalls, zero3_traffic
 from .flops import Flops

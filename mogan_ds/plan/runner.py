@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -162,13 +163,14 @@ def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str =
             if cfg.gan.space == "flow":
                 nets["raft"] = build_raft(arch["raft_arch"])
         nets["vae"] = AutoencoderKLWan.from_config(_strip(arch["vae"]))
-    for name, m in nets.items():
-        if name in ("generator", "fake_score", "discriminator"):
-            m.to(trainable_dtype).train()  # the DeepSpeed engine casts to the ds_config's precision
-        elif name == "raft":
-            m.float().requires_grad_(False).eval()  # RaftFlow keeps RAFT in fp32 (it fails in bf16)
-        else:
-            m.to(frozen).requires_grad_(False).eval()
+    # diffusers warns on every `.to(dtype)` of a model with fp32-kept modules; DeepSpeed's bf16
+    # cast and `freeze` do the same cast in the trainer, so the warning says nothing here.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        _cast(nets, trainable_dtype, frozen)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if ckpt:
         for name in ("generator", "fake_score"):
             if name in nets:
@@ -176,6 +178,16 @@ def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str =
         if "discriminator" in nets:
             nets["discriminator"].backbone.enable_gradient_checkpointing()
     return nets
+
+
+def _cast(nets: dict[str, torch.nn.Module], trainable_dtype: torch.dtype, frozen: torch.dtype) -> None:
+    for name, m in nets.items():
+        if name in ("generator", "fake_score", "discriminator"):
+            m.to(trainable_dtype).train()  # the DeepSpeed engine casts to the ds_config's precision
+        elif name == "raft":
+            m.float().requires_grad_(False).eval()  # RaftFlow keeps RAFT in fp32 (it fails in bf16)
+        else:
+            m.to(frozen).requires_grad_(False).eval()
 
 
 def _parallelize(nets: dict[str, torch.nn.Module], topo: PlanTopology) -> None:
@@ -310,7 +322,7 @@ def flop_pass(prep: Prepared, counter: CollectiveBytes | None = None) -> None:
             counter.bytes.clear()
         for e in engines.values():
             e.calls, e.counting = EngineCalls(), True
-        _, ph.flops = count_flops(lambda: _run_phase(prep.trainer, ph.name, state), prep.labels)
+        _, ph.flops = count_flops(lambda name=ph.name: _run_phase(prep.trainer, name, state), prep.labels)
         ph.collectives = dict(counter.bytes) if counter is not None else {}
         ph.engine_calls = {r: e.calls for r, e in engines.items()}
         for e in engines.values():
