@@ -44,7 +44,9 @@ class ShardedEMA:
         self.decay = state["decay"]
         for s, v in zip(self.shadow, state["shadow"]):
             if s.shape != v.shape:
-                raise ValueError(f"EMA shard shape {tuple(v.shape)} != {tuple(s.shape)}: resumed with another DP layout?")
+                raise ValueError(
+                    f"EMA shard shape {tuple(v.shape)} != {tuple(s.shape)}: resumed with another DP layout?"
+                )
             s.copy_(v)
 
     @contextlib.contextmanager

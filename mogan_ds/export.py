@@ -47,8 +47,9 @@ def full_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_generator(module: torch.nn.Module, teacher_root: str | Path, out: str | Path, ema=None,
-                     dtype: torch.dtype = torch.float32) -> Path | None:
+def export_generator(
+    module: torch.nn.Module, teacher_root: str | Path, out: str | Path, ema=None, dtype: torch.dtype = torch.float32
+) -> Path | None:
     """Write `<out>/` = teacher release with `transformer/` := the generator. Collective; rank 0 writes.
 
     `module` is the generator engine's module (a WanTransformer3DModel, possibly with

@@ -66,7 +66,8 @@ def _require_fp32(p: torch.nn.Parameter) -> None:
     if p.dtype != torch.float32:
         raise ValueError(
             f"a {p.dtype} parameter without a reachable fp32 master (a half-precision engine at ZeRO stage 0 "
-            "keeps it inside FP16_Optimizer): use ZeRO stage >= 1 (the product runs ZeRO-3) or an fp32 engine")
+            "keeps it inside FP16_Optimizer): use ZeRO stage >= 1 (the product runs ZeRO-3) or an fp32 engine"
+        )
 
 
 @torch.no_grad()

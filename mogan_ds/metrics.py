@@ -31,8 +31,16 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, cfg_dict: dict, enabled: bool, total_steps: int, start_step: int,
-                 wandb_mode: str = "offline", wandb_project: str = "mogan_ds"):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg_dict: dict,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_mode: str = "offline",
+        wandb_project: str = "mogan_ds",
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None
@@ -47,8 +55,13 @@ class MetricsLogger:
             self._wandb = _start_wandb(run_dir, cfg_dict, wandb_mode, wandb_project)
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="mogan", dynamic_ncols=True,
-                         disable=not sys.stderr.isatty() and os.environ.get("MOGAN_PROGRESS") != "1")
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="mogan",
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty() and os.environ.get("MOGAN_PROGRESS") != "1",
+        )
 
     def log(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -100,8 +113,9 @@ def _start_wandb(run_dir, cfg_dict, mode, project):
     try:
         import wandb
 
-        return wandb.init(project=project, dir=str(run_dir), config=cfg_dict, mode=mode,
-                          name=Path(run_dir).name, resume="allow")
+        return wandb.init(
+            project=project, dir=str(run_dir), config=cfg_dict, mode=mode, name=Path(run_dir).name, resume="allow"
+        )
     except Exception as e:  # wandb is a convenience: a broken install or login never stops training
         log.warning("wandb disabled: %s", e)
         return None

@@ -43,8 +43,11 @@ def _bf16_engine(stage: int):
         for p in net.parameters():
             p.normal_(1.0, 0.1)  # |w| ~ 1: bf16 resolution 2^-7, Adam's update ~ lr = 1e-5
     config = {
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-        "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.0, 0.999], "torch_adam": True}},
     }
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)

@@ -19,8 +19,9 @@ def _one_step_of_loss_logs() -> dict:
     d_real, d_fake = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
     real_logits, fake_logits = d_real.sum(1), d_fake.sum(1)
     logs |= d_logistic_loss(real_logits, fake_logits)[1]
-    logs |= approx_r1r2(lambda m: m.sum(1), d_real, d_fake, 0.1, 1.0, 1.0, generator=g,
-                        real_logits=real_logits, fake_logits=fake_logits)[1]
+    logs |= approx_r1r2(
+        lambda m: m.sum(1), d_real, d_fake, 0.1, 1.0, 1.0, generator=g, real_logits=real_logits, fake_logits=fake_logits
+    )[1]
     return logs
 
 

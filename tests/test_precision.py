@@ -16,8 +16,15 @@ from mogan_ds.motion.chunked_decode import ChunkedWanDecoder
 from mogan_ds.motion.flow import RaftFlow
 
 DS_BF16 = str(REPO / "ds_configs" / "zero3_bf16.json")  # the cluster's DeepSpeed JSON, unchanged
-FAST = ["train.batch_size=1", "dmd.critic_updates=1", "logging.sample_every=0", "logging.wandb_mode=disabled",
-        "data.num_workers=0", "train.max_steps=1", "logging.num_samples=1"]
+FAST = [
+    "train.batch_size=1",
+    "dmd.critic_updates=1",
+    "logging.sample_every=0",
+    "logging.wandb_mode=disabled",
+    "data.num_workers=0",
+    "train.max_steps=1",
+    "logging.num_samples=1",
+]
 
 
 def _frames(dtype, seed=0):
