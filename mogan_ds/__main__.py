@@ -9,6 +9,9 @@
     demo  [--workdir .cache/mogan_tiny] [--run_dir runs/tiny] [--num_ranks 2] [key=value ...]
           the embedded tiny default: tiny models + synthetic shards if absent, then the
           real `deepspeed` launcher on CPU ranks running launch/train.py
+    plan  --config <recipe> --ds_config x.json [--nodes N] [--gpus-per-node G] [--gpu h100|h200] [key=value ...]
+          one rank of a training iteration on fake tensors at the recipe's shape: FLOPs per
+          phase and network, per-rank memory, communication, estimated time, fits or not
 
 A bad setting or a missing/malformed file ends in one line on stderr and exit code 2;
 `--debug` shows the traceback.
@@ -21,6 +24,8 @@ import sys
 
 from .cli import add_debug_flag, user_errors
 from .config import load_config
+from .plan.command import add_arguments as add_plan_arguments
+from .plan.command import run as run_plan
 
 
 def _trainable_dtype(ds: dict | None) -> str:
@@ -48,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--ds_config", default="ds_configs/zero3_cpu.json", help="DeepSpeed JSON for the demo")
     add_debug_flag(p_demo)
     p_demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the tiny recipe")
+    p_plan = sub.add_parser("plan", help="one rank of an iteration on fake tensors: FLOPs, memory, communication, fit")
+    add_plan_arguments(p_plan)
+    add_debug_flag(p_plan)
     return ap
 
 
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             # The trainer's own reader: a missing, malformed or clashing JSON fails here too.
             ds = load_ds_config(args.ds_config) if args.ds_config else None
             print(run_info(cfg, _trainable_dtype(ds)))
+            return 0
+        if args.cmd == "plan":
+            print(run_plan(args))
             return 0
         if args.cmd == "demo":
             from .demo import run_demo
