@@ -93,7 +93,9 @@ def _setup(args):
     from mogan_ds.motion.pipeline import MotionPath
 
     torch.set_num_threads(args.threads)
-    cfg = load_config("tiny", [f"video.num_frames={args.frames}", f"video.height={args.size}", f"video.width={args.size}"])
+    cfg = load_config(
+        "tiny", [f"video.num_frames={args.frames}", f"video.height={args.size}", f"video.width={args.size}"]
+    )
     models = Path(cfg.models.root).parent
     if not models.is_absolute():
         models = REPO / models
@@ -107,7 +109,9 @@ def _setup(args):
     # A seeded stand-in for the UMT5 embedding of text.disc_prompt: the benchmark times the
     # motion path, and D's cost does not depend on the embedding's values.
     prompt = torch.randn(1, cfg.text.max_length, text_dim)
-    disc = build_discriminator(paths["transformer"], cfg.gan, prompt, gradient_checkpointing=cfg.models.gradient_checkpointing)
+    disc = build_discriminator(
+        paths["transformer"], cfg.gan, prompt, gradient_checkpointing=cfg.models.gradient_checkpointing
+    )
     disc.requires_grad_(False)  # the generator's GAN step: gradient flows through D, D takes none
     num_latent = num_latent_frames(args.frames)
     latents = torch.randn(1, 16, num_latent, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1))
@@ -173,8 +177,22 @@ def _allocator_peak(step) -> int:
 
 def _run_worker(args, kind: str, window: int, dump: str) -> dict:
     cmd = [
-        sys.executable, __file__, "--worker", kind, "--window", str(window), "--dump", dump,
-        "--frames", str(args.frames), "--size", str(args.size), "--repeats", str(args.repeats), "--threads", str(args.threads),
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--window",
+        str(window),
+        "--dump",
+        dump,
+        "--frames",
+        str(args.frames),
+        "--size",
+        str(args.size),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
     ]
     # Passive OpenMP waits: with spinning (the default) a thread whose peer is descheduled
     # by other load burns its core, and a shared machine's timings blow up many-fold.
@@ -189,8 +207,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=29, help="pixel frames of the clip (4k+1; 29 = 8 latent chunks)")
     ap.add_argument("--size", type=int, default=128, help="frame height and width (RAFT needs >= 128)")
-    ap.add_argument("--repeats", type=int, default=1, help="timed warm steps per variant after the warm-up step (min is reported)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1 keeps times stable on a shared machine)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="timed warm steps per variant after the warm-up step (min is reported)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (1 keeps times stable on a shared machine)"
+    )
     ap.add_argument("--windows", type=str, default="", help="comma-separated window sizes (default 1..T)")
     ap.add_argument("--worker", choices=["chunked", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--window", type=int, help=argparse.SUPPRESS)
@@ -205,11 +227,26 @@ def main() -> None:
 
     num_latent = num_latent_frames(args.frames)
     windows = [int(w) for w in args.windows.split(",")] if args.windows else list(range(1, num_latent + 1))
-    print(f"motion path on the tiny recipe's models: {args.frames} frames ({num_latent} latent chunks) at "
-          f"{args.size}x{args.size}, fp32, {args.threads} threads; window = the last w chunks; decode -> RAFT -> "
-          "VAE encode -> D -> backward; one fresh process per cell")
+    print(
+        f"motion path on the tiny recipe's models: {args.frames} frames ({num_latent} latent chunks) at "
+        f"{args.size}x{args.size}, fp32, {args.threads} threads; window = the last w chunks; decode -> RAFT -> "
+        "VAE encode -> D -> backward; one fresh process per cell"
+    )
     print("peak = torch CPU-allocator peak during the step (MB); rss = resident-set high-water mark over baseline (MB)")
-    head = ("w", "frames", "chunked", "plain", "ratio", "rss chk", "rss pln", "chunked s", "plain s", "t ratio", "|dx|", "|dgrad|")
+    head = (
+        "w",
+        "frames",
+        "chunked",
+        "plain",
+        "ratio",
+        "rss chk",
+        "rss pln",
+        "chunked s",
+        "plain s",
+        "t ratio",
+        "|dx|",
+        "|dgrad|",
+    )
     widths = (3, 6, 8, 8, 6, 8, 8, 9, 8, 7, 8, 8)
     print(" ".join(f"{h:>{n}}" for h, n in zip(head, widths)))
     rows = {}
@@ -231,9 +268,20 @@ def main() -> None:
                 time_ratio=c["time_s"] / p["time_s"],
             )
             r = rows[w]
-            cells = (w, r["frames"], f"{mb(c['peak_bytes']):.1f}", f"{mb(p['peak_bytes']):.1f}", f"{r['mem_ratio']:.3f}",
-                     f"{mb(c['rss_peak_bytes']):.1f}", f"{mb(p['rss_peak_bytes']):.1f}", f"{c['time_s']:.2f}",
-                     f"{p['time_s']:.2f}", f"{r['time_ratio']:.2f}", f"{r['dx']:.1e}", f"{r['dg']:.1e}")
+            cells = (
+                w,
+                r["frames"],
+                f"{mb(c['peak_bytes']):.1f}",
+                f"{mb(p['peak_bytes']):.1f}",
+                f"{r['mem_ratio']:.3f}",
+                f"{mb(c['rss_peak_bytes']):.1f}",
+                f"{mb(p['rss_peak_bytes']):.1f}",
+                f"{c['time_s']:.2f}",
+                f"{p['time_s']:.2f}",
+                f"{r['time_ratio']:.2f}",
+                f"{r['dx']:.1e}",
+                f"{r['dg']:.1e}",
+            )
             print(" ".join(f"{x:>{n}}" for x, n in zip(cells, widths)), flush=True)
     full = max(rows)
     summary = {
@@ -257,8 +305,10 @@ def main() -> None:
     }
     if summary["peak_mem_ratio_window1"] is not None:
         ok = summary["peak_mem_ratio_window1"] <= 0.35
-        print(f"peak memory, chunked w=1 / plain (full-clip decode) w=1 = {summary['peak_mem_ratio_window1']:.3f} "
-              f"(target <= 0.35 for >= 8 chunks: {'met' if ok else 'NOT met'}); time ratio at w={full}: {summary['time_ratio']:.2f}")
+        print(
+            f"peak memory, chunked w=1 / plain (full-clip decode) w=1 = {summary['peak_mem_ratio_window1']:.3f} "
+            f"(target <= 0.35 for >= 8 chunks: {'met' if ok else 'NOT met'}); time ratio at w={full}: {summary['time_ratio']:.2f}"
+        )
     print(json.dumps(summary))
 
 

@@ -42,7 +42,9 @@ def main(argv=None) -> int:
 
         overrides = tiny_overrides(prepare_tiny_workdir(args.workdir)) + overrides
     run_dir = tempfile.mkdtemp(prefix="mogan_bench_")
-    cfg = load_config(args.config, [*overrides, f"output.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.sample_every=0"])
+    cfg = load_config(
+        args.config, [*overrides, f"output.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.sample_every=0"]
+    )
     trainer = MoGANTrainer(cfg, args.ds_config)
 
     def iteration(step: int, gan: bool) -> tuple[float, dict]:
@@ -71,8 +73,10 @@ def main(argv=None) -> int:
     }
     result["mogan_over_dmd_only"] = round(result["mogan_iteration_s"] / result["dmd_only_iteration_s"], 3)
     if trainer.rank0:
-        print(f"recipe {args.config}, {args.rounds} measured rounds (median), critic updates {cfg.dmd.critic_updates}, "
-              f"decode window {cfg.gan.window} of {cfg.latent_frames} latent chunks")
+        print(
+            f"recipe {args.config}, {args.rounds} measured rounds (median), critic updates {cfg.dmd.critic_updates}, "
+            f"decode window {cfg.gan.window} of {cfg.latent_frames} latent chunks"
+        )
         for p in PHASES:
             print(f"  phase {p:<14} {med[p]:8.3f} s")
         print(f"  MoGAN iteration     {result['mogan_iteration_s']:8.3f} s")

@@ -66,17 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--generator", help="diffusers WanTransformer3DModel folder of the few-step generator")
     src.add_argument("--checkpoint", help="run dir or export dir holding the generator in diffusers format (see above)")
-    ap.add_argument("--config", help="recipe YAML or shipped recipe name (default: the run's config.yaml with --checkpoint)")
+    ap.add_argument(
+        "--config", help="recipe YAML or shipped recipe name (default: the run's config.yaml with --checkpoint)"
+    )
     pr = ap.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompts", help="text file, one prompt per line (or .jsonl with 'prompt')")
     pr.add_argument("--prompt-embeds", dest="prompt_embeds", help="torch file {'embeds': [N,L,D], 'prompts': [...]}")
     ap.add_argument("--out", required=True, help="output directory for the mp4 files and samples.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--teacher", action="store_true", help="sample the teacher (models.root/transformer) with multi-step CFG")
-    ap.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="teacher's unconditional prompt (default: the config's text.negative_prompt, Wan's standard one; '' = empty)")
+    ap.add_argument(
+        "--teacher", action="store_true", help="sample the teacher (models.root/transformer) with multi-step CFG"
+    )
+    ap.add_argument(
+        "--negative-prompt",
+        dest="negative_prompt",
+        default=None,
+        help="teacher's unconditional prompt (default: the config's text.negative_prompt, Wan's standard one; '' = empty)",
+    )
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="prompts per network call")
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="transformer/text encoder dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="transformer/text encoder dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     ap.add_argument("--vae-dtype", dest="vae_dtype", choices=["bf16", "fp32"], default="fp32")
     add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")

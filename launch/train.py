@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
     ap.add_argument("--config", required=True, help="recipe YAML, or a shipped recipe name")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of output.run_dir")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint of output.run_dir"
+    )
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")

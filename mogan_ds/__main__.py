@@ -39,16 +39,25 @@ def _trainable_dtype(ds: dict | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mogan_ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mogan_ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="resolved config and per-network parameter counts and memory")
     p_info.add_argument("--config", help="recipe YAML or shipped recipe name (required unless --help-keys)")
     p_info.add_argument("--ds_config", default=None, help="DeepSpeed JSON (sets the trainable precision)")
-    p_info.add_argument("--help-keys", dest="help_keys", action="store_true", help="list every config key with its default, help and valid range")
+    p_info.add_argument(
+        "--help-keys",
+        dest="help_keys",
+        action="store_true",
+        help="list every config key with its default, help and valid range",
+    )
     add_debug_flag(p_info)
     p_info.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p_demo = sub.add_parser("demo", help="run the embedded tiny default end to end")
-    p_demo.add_argument("--workdir", default=".cache/mogan_tiny", help="where tiny models, shards and prompt embeddings go")
+    p_demo.add_argument(
+        "--workdir", default=".cache/mogan_tiny", help="where tiny models, shards and prompt embeddings go"
+    )
     p_demo.add_argument("--num_ranks", type=int, default=2, help="CPU ranks the deepspeed launcher starts")
     p_demo.add_argument("--ds_config", default="ds_configs/zero3_cpu.json", help="DeepSpeed JSON for the demo")
     add_debug_flag(p_demo)

@@ -35,8 +35,15 @@ class ConfigError(UserError, ValueError):
     """A recipe or override is invalid; the message names the key."""
 
 
-def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: N802 - a field constructor
-      le: float | None = None, lt: float | None = None):
+def F(  # noqa: N802 - a field constructor, named like one
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+):
     """A dataclass field with a help string and, for a number, its valid range.
 
     The bounds (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) live in the field's metadata so
@@ -56,14 +63,31 @@ def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = No
 
 @dataclass
 class ModelsConfig:
-    arch: str = F("auto", "Architecture preset (wan2.1-t2v-1.3b, tiny) used to plan a job before weights exist; 'auto' reads the folders' config.json. A folder that exists always wins.")
-    root: str = F("", "Diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/): the teacher, VAE and text encoder.")
-    generator: str = F("", "Folder of the few-step (DMD-distilled) generator transformer in diffusers format. Empty: start from the teacher's transformer (the DMD warm-up stage).")
+    arch: str = F(
+        "auto",
+        "Architecture preset (wan2.1-t2v-1.3b, tiny) used to plan a job before weights exist; 'auto' reads the folders' config.json. A folder that exists always wins.",
+    )
+    root: str = F(
+        "",
+        "Diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/): the teacher, VAE and text encoder.",
+    )
+    generator: str = F(
+        "",
+        "Folder of the few-step (DMD-distilled) generator transformer in diffusers format. Empty: start from the teacher's transformer (the DMD warm-up stage).",
+    )
     raft: str = F("", "Path of a torchvision RAFT state dict (.pth).")
-    raft_arch: Literal["raft_large", "raft_small"] = F("raft_large", "torchvision RAFT architecture the .pth belongs to.")
-    frozen_dtype: Literal["bf16", "fp32"] = F("bf16", "Precision of the frozen teacher and VAE (RAFT always runs in fp32).")
-    attention_backend: Literal["auto", "flash", "native"] = F("auto", "Attention kernel: flash-attn when installed (auto), or torch SDPA (native).")
-    gradient_checkpointing: bool = F(True, "Activation checkpointing of the trainable DiT blocks (generator, fake score, discriminator).")
+    raft_arch: Literal["raft_large", "raft_small"] = F(
+        "raft_large", "torchvision RAFT architecture the .pth belongs to."
+    )
+    frozen_dtype: Literal["bf16", "fp32"] = F(
+        "bf16", "Precision of the frozen teacher and VAE (RAFT always runs in fp32)."
+    )
+    attention_backend: Literal["auto", "flash", "native"] = F(
+        "auto", "Attention kernel: flash-attn when installed (auto), or torch SDPA (native)."
+    )
+    gradient_checkpointing: bool = F(
+        True, "Activation checkpointing of the trainable DiT blocks (generator, fake score, discriminator)."
+    )
 
 
 @dataclass
@@ -77,21 +101,41 @@ class VideoConfig:
 @dataclass
 class ScheduleConfig:
     num_train_timesteps: int = F(1000, "Length of the teacher's discrete timestep grid.", ge=1)
-    shift: float = F(8.0, "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma): shapes the DMD / fake-score timestep draw (and warps denoising_timesteps when warp_denoising_timesteps=true).", gt=0)
-    denoising_timesteps: list[int] = F([1000, 757, 522], "The generator's distilled timesteps on the 0..1000 model grid, highest first. Used as given (sigma = t/1000) unless warp_denoising_timesteps=true.", gt=0)
-    warp_denoising_timesteps: bool = F(False, "Self-Forcing convention: treat denoising_timesteps as positions on the shift-warped grid, t' = 1000*shift_sigma(t/1000). false = CausVid/FastWan convention of the [1000, 757, 522] 3-step Wan DMD models.")
-    min_timestep: int = F(20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).", ge=0)
+    shift: float = F(
+        8.0,
+        "Wan timestep shift sigma' = s*sigma / (1 + (s-1)*sigma): shapes the DMD / fake-score timestep draw (and warps denoising_timesteps when warp_denoising_timesteps=true).",
+        gt=0,
+    )
+    denoising_timesteps: list[int] = F(
+        [1000, 757, 522],
+        "The generator's distilled timesteps on the 0..1000 model grid, highest first. Used as given (sigma = t/1000) unless warp_denoising_timesteps=true.",
+        gt=0,
+    )
+    warp_denoising_timesteps: bool = F(
+        False,
+        "Self-Forcing convention: treat denoising_timesteps as positions on the shift-warped grid, t' = 1000*shift_sigma(t/1000). false = CausVid/FastWan convention of the [1000, 757, 522] 3-step Wan DMD models.",
+    )
+    min_timestep: int = F(
+        20, "Lowest timestep DMD and the fake-score loss draw (after the shift, on the 0..1000 grid).", ge=0
+    )
     max_timestep: int = F(980, "Highest timestep DMD and the fake-score loss draw.", ge=1)
     teacher_steps: int = F(50, "Steps of the teacher's CFG sampler (evaluation / reference samples).", ge=1)
     teacher_shift: float = F(3.0, "Timestep shift of the teacher's multi-step sampler (3.0 for 480p Wan2.1).", gt=0)
-    teacher_guidance_scale: float = F(5.0, "CFG scale of the teacher's sampler in WanPipeline's form v = v_u + g*(v_c - v_u) (Wan2.1 T2V default 5.0; 1.0 = no CFG).", ge=0)
+    teacher_guidance_scale: float = F(
+        5.0,
+        "CFG scale of the teacher's sampler in WanPipeline's form v = v_u + g*(v_c - v_u) (Wan2.1 T2V default 5.0; 1.0 = no CFG).",
+        ge=0,
+    )
 
 
 @dataclass
 class TextConfig:
     max_length: int = F(512, "Tokens per prompt embedding (Wan: 512, zero-padded past the prompt).", ge=1)
     disc_prompt: str = F("a video with good motion", "Fixed prompt of the motion discriminator (paper, section 4.3).")
-    negative_prompt: str = F(WAN_NEGATIVE_PROMPT, "The teacher's CFG negative prompt; default Wan2.1's standard one (it names static, motionless frames), '' for the empty prompt. Encoded offline by data_tools/encode_prompts.py; training checks that data.prompts was encoded with this text.")
+    negative_prompt: str = F(
+        WAN_NEGATIVE_PROMPT,
+        "The teacher's CFG negative prompt; default Wan2.1's standard one (it names static, motionless frames), '' for the empty prompt. Encoded offline by data_tools/encode_prompts.py; training checks that data.prompts was encoded with this text.",
+    )
 
 
 @dataclass
@@ -106,23 +150,52 @@ class DMDConfig:
 @dataclass
 class GANConfig:
     enabled: bool = F(True, "Phases 3 and 4: the motion GAN. false = the DMD-only baseline / warm-up.")
-    space: Literal["flow", "latent"] = F("flow", "Discriminator input: RAFT flow of decoded clips, or the video latents ('w/o optical flow').")
+    space: Literal["flow", "latent"] = F(
+        "flow", "Discriminator input: RAFT flow of decoded clips, or the video latents ('w/o optical flow')."
+    )
     weight_g: float = F(1.0, "lambda_G, weight of the generator's GAN loss (value lost in the paper text).", ge=0)
     weight_d: float = F(1.0, "lambda_D, weight of the discriminator's logistic loss.", ge=0)
-    r1: float = F(100.0, "lambda_R1, approximate R1 on real motion (eq. 6). The penalty lambda*(D(m)-D(m+sigma*n))^2 ~ lambda*sigma^2*|grad D|^2: its effective gradient-penalty weight is r1*sigma^2 (logged as r1_gp_weight). 0 disables it.", ge=0)
-    r2: float = F(100.0, "lambda_R2, approximate R2 on fake motion (eq. 7); effective gradient-penalty weight r2*sigma^2 (logged as r2_gp_weight). 0 disables it.", ge=0)
-    sigma: float = F(0.1, "Noise std of the approximate R1/R2 perturbation. Only lambda*sigma^2 matters to first order: the default pair (100, 0.1) is Seaweed APT's for video, effective weight 1.", gt=0)
+    r1: float = F(
+        100.0,
+        "lambda_R1, approximate R1 on real motion (eq. 6). The penalty lambda*(D(m)-D(m+sigma*n))^2 ~ lambda*sigma^2*|grad D|^2: its effective gradient-penalty weight is r1*sigma^2 (logged as r1_gp_weight). 0 disables it.",
+        ge=0,
+    )
+    r2: float = F(
+        100.0,
+        "lambda_R2, approximate R2 on fake motion (eq. 7); effective gradient-penalty weight r2*sigma^2 (logged as r2_gp_weight). 0 disables it.",
+        ge=0,
+    )
+    sigma: float = F(
+        0.1,
+        "Noise std of the approximate R1/R2 perturbation. Only lambda*sigma^2 matters to first order: the default pair (100, 0.1) is Seaweed APT's for video, effective weight 1.",
+        gt=0,
+    )
     interval: int = F(1, "Run the GAN phases every N iterations.", ge=1)
     window: int = F(12, "Latent chunks decoded with gradient (truncated-BPTT window).", ge=1)
-    window_start: str = F("random", "'random' (drawn per step, uniform over the starts that fit) or an integer latent-chunk index; checked by the motion path's WindowSpec.")
+    window_start: str = F(
+        "random",
+        "'random' (drawn per step, uniform over the starts that fit) or an integer latent-chunk index; checked by the motion path's WindowSpec.",
+    )
     raft_iters: int = F(12, "RAFT flow-update iterations.", ge=1)
-    flow_scale: float = F(20.0, "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.", gt=0)
-    raft_pairs_per_chunk: int = F(4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).", ge=1)
+    flow_scale: float = F(
+        20.0,
+        "Motion-tensor normalisation (appendix A): the channels (u, v, |(u, v)|), in pixels at the clip's resolution, are divided by flow_scale, so motions up to flow_scale px map into [-1, 1] (magnitude into [0, 1]). Linear, no clamp or tanh, so no gradient is zeroed; scale it with the resolution.",
+        gt=0,
+    )
+    raft_pairs_per_chunk: int = F(
+        4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).", ge=1
+    )
     disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).", ge=1)
     head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.", ge=0)
     head_dim: int = F(256, "Hidden width of each prediction head's MLP.", ge=1)
-    disc_batch_size: int = F(0, "Global clips per side (real and fake) per discriminator update; 0 = train.batch_size. Larger than the generator's batch, the extra fakes are fresh detached generator samples through the same window (the paper trains D with a larger batch than G). A multiple of train.micro_batch_size * dp.", ge=0)
-    disc_timestep: int = F(0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).", ge=0)
+    disc_batch_size: int = F(
+        0,
+        "Global clips per side (real and fake) per discriminator update; 0 = train.batch_size. Larger than the generator's batch, the extra fakes are fresh detached generator samples through the same window (the paper trains D with a larger batch than G). A multiple of train.micro_batch_size * dp.",
+        ge=0,
+    )
+    disc_timestep: int = F(
+        0, "Fixed diffusion timestep the discriminator's DiT runs at (value lost in the paper text).", ge=0
+    )
 
 
 @dataclass
@@ -138,8 +211,12 @@ class OptimConfig:
 @dataclass
 class OptimizersConfig:
     generator: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Generator optimiser."})
-    fake_score: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Fake-score (DMD critic) optimiser."})
-    discriminator: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Motion discriminator optimiser."})
+    fake_score: OptimConfig = field(
+        default_factory=OptimConfig, metadata={"help": "Fake-score (DMD critic) optimiser."}
+    )
+    discriminator: OptimConfig = field(
+        default_factory=OptimConfig, metadata={"help": "Motion discriminator optimiser."}
+    )
 
 
 @dataclass
@@ -161,9 +238,16 @@ class ParallelConfig:
 class TrainConfig:
     max_steps: int = F(2000, "Training iterations.", ge=1)
     batch_size: int = F(8, "Global generator batch (clips per iteration over all data-parallel ranks).", ge=1)
-    micro_batch_size: int = F(1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).", ge=1)
+    micro_batch_size: int = F(
+        1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).", ge=1
+    )
     seed: int = F(0, "Global seed (per-rank streams derive from it).", ge=0)
-    ema_decay: float = F(0.0, "Generator EMA decay: an EMA of the optimizer's fp32 master weights, exported instead of them when > 0; 0 disables the EMA.", ge=0, lt=1)
+    ema_decay: float = F(
+        0.0,
+        "Generator EMA decay: an EMA of the optimizer's fp32 master weights, exported instead of them when > 0; 0 disables the EMA.",
+        ge=0,
+        lt=1,
+    )
     max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.", ge=1)
 
 
@@ -172,7 +256,9 @@ class LoggingConfig:
     log_every: int = F(1, "Write metrics every N iterations.", ge=1)
     sample_every: int = F(500, "Write sample videos with their flow every N iterations; 0 disables.", ge=0)
     num_samples: int = F(2, "Prompts rendered at each sample interval.", ge=1)
-    wandb_mode: Literal["offline", "online", "disabled"] = F("offline", "wandb mode; offline unless you configure a project.")
+    wandb_mode: Literal["offline", "online", "disabled"] = F(
+        "offline", "wandb mode; offline unless you configure a project."
+    )
     wandb_project: str = F("mogan_ds", "wandb project.")
 
 
@@ -180,7 +266,9 @@ class LoggingConfig:
 class OutputConfig:
     run_dir: str = F("runs/mogan", "Run directory: resolved config, logs, checkpoints, samples.")
     checkpoint_every: int = F(500, "Checkpoint every N iterations.", ge=1)
-    keep_checkpoints: int = F(2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1)
+    keep_checkpoints: int = F(
+        2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1
+    )
 
 
 @dataclass
@@ -276,7 +364,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'; known keys under {prefix.rstrip('.') or '<root>'}: {sorted(names)}")
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}'; known keys under {prefix.rstrip('.') or '<root>'}: {sorted(names)}"
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -328,12 +418,20 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
             raise ConfigError(f"recipe {path}: not a UTF-8 text file") from None
         except yaml.YAMLError as e:
             mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else " ".join(str(e).split())
+            where = (
+                f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+                if mark and problem
+                else " ".join(str(e).split())
+            )
             raise ConfigError(f"recipe {path}: not valid YAML ({where})") from None
         if tree is None:  # an empty file is a mistake, not "all defaults": those name no weights
-            raise ConfigError(f"recipe {path}: empty; expected a mapping of config sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
+            raise ConfigError(
+                f"recipe {path}: empty; expected a mapping of config sections ({', '.join(f.name for f in dataclasses.fields(Config))})"
+            )
         if not isinstance(tree, dict):
-            raise ConfigError(f"recipe {path}: top level must be a mapping of config sections, got {type(tree).__name__}")
+            raise ConfigError(
+                f"recipe {path}: top level must be a mapping of config sections, got {type(tree).__name__}"
+            )
     for arg in overrides:
         keys, value = _parse_override(arg)
         _set_nested(tree, keys, value)
@@ -407,7 +505,9 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, num_heads: int | None = None, world_size: int | None = None, num_layers: int | None = None) -> None:
+def validate(
+    cfg: Config, num_heads: int | None = None, world_size: int | None = None, num_layers: int | None = None
+) -> None:
     """Every field's range (`check_ranges`), then the checks that involve more than one value.
 
     `num_heads`/`num_layers` (the DiT's, from `models.presets.architecture`) and
@@ -415,17 +515,40 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
     """
     check_ranges(cfg)
     v, s, g = cfg.video, cfg.schedule, cfg.gan
-    _require(cfg.models.arch == "auto" or cfg.models.arch in PRESETS, "models.arch",
-             f"unknown architecture preset {cfg.models.arch!r}; known: auto, {', '.join(PRESETS)}")
+    _require(
+        cfg.models.arch == "auto" or cfg.models.arch in PRESETS,
+        "models.arch",
+        f"unknown architecture preset {cfg.models.arch!r}; known: auto, {', '.join(PRESETS)}",
+    )
     _require((v.num_frames - 1) % 4 == 0, "video.num_frames", f"must be 4k+1 for the Wan VAE, got {v.num_frames}")
     _require(v.height % 16 == 0, "video.height", f"must be a multiple of 16, got {v.height}")
     _require(v.width % 16 == 0, "video.width", f"must be a multiple of 16, got {v.width}")
     _require(len(s.denoising_timesteps) >= 1, "schedule.denoising_timesteps", "needs at least one entry")
-    _require(all(t <= s.num_train_timesteps for t in s.denoising_timesteps), "schedule.denoising_timesteps", f"entries must lie in (0, {s.num_train_timesteps}]")
-    _require(list(s.denoising_timesteps) == sorted(s.denoising_timesteps, reverse=True), "schedule.denoising_timesteps", "must be in decreasing order")
-    _require(s.min_timestep < s.max_timestep <= s.num_train_timesteps, "schedule.min_timestep", f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}")
-    _require(g.disc_timestep <= s.num_train_timesteps, "gan.disc_timestep", f"{g.disc_timestep} is past the timestep grid's end schedule.num_train_timesteps={s.num_train_timesteps}")
-    _require(cfg.dmd.enabled or g.enabled, "dmd.enabled", "DMD and the GAN are both disabled: nothing would train the generator")
+    _require(
+        all(t <= s.num_train_timesteps for t in s.denoising_timesteps),
+        "schedule.denoising_timesteps",
+        f"entries must lie in (0, {s.num_train_timesteps}]",
+    )
+    _require(
+        list(s.denoising_timesteps) == sorted(s.denoising_timesteps, reverse=True),
+        "schedule.denoising_timesteps",
+        "must be in decreasing order",
+    )
+    _require(
+        s.min_timestep < s.max_timestep <= s.num_train_timesteps,
+        "schedule.min_timestep",
+        f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}",
+    )
+    _require(
+        g.disc_timestep <= s.num_train_timesteps,
+        "gan.disc_timestep",
+        f"{g.disc_timestep} is past the timestep grid's end schedule.num_train_timesteps={s.num_train_timesteps}",
+    )
+    _require(
+        cfg.dmd.enabled or g.enabled,
+        "dmd.enabled",
+        "DMD and the GAN are both disabled: nothing would train the generator",
+    )
     try:
         # The motion path's own window check (one place), so a recipe fails here, not at step 0.
         WindowSpec.from_config(g, cfg.latent_frames)
@@ -433,28 +556,60 @@ def validate(cfg: Config, num_heads: int | None = None, world_size: int | None =
         key = "gan.window" if g.window_start == "random" else "gan.window_start"
         raise ConfigError(f"{key}: {e}") from None
     _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
-    _require(all(b < g.disc_blocks for b in g.head_blocks), "gan.head_blocks", f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})")
+    _require(
+        all(b < g.disc_blocks for b in g.head_blocks),
+        "gan.head_blocks",
+        f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})",
+    )
     _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
     _require(list(g.head_blocks) == sorted(g.head_blocks), "gan.head_blocks", "indices must be increasing")
-    _require(max(g.head_blocks) == g.disc_blocks - 1, "gan.head_blocks",
-             f"the last head must follow the last block (gan.disc_blocks={g.disc_blocks}): blocks after it would never run")
+    _require(
+        max(g.head_blocks) == g.disc_blocks - 1,
+        "gan.head_blocks",
+        f"the last head must follow the last block (gan.disc_blocks={g.disc_blocks}): blocks after it would never run",
+    )
     if g.space == "flow":
-        _require(v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)")
+        _require(
+            v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)"
+        )
     for role in ("generator", "fake_score", "discriminator"):
         o: OptimConfig = getattr(cfg.optim, role)
         _require(len(o.betas) == 2, f"optim.{role}.betas", f"two values (beta1, beta2), got {len(o.betas)}")
     t = cfg.train
-    _require(t.batch_size % t.micro_batch_size == 0, "train.batch_size", f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
-    _require(g.disc_batch_size % t.micro_batch_size == 0, "gan.disc_batch_size", f"{g.disc_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _require(
+        t.batch_size % t.micro_batch_size == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}",
+    )
+    _require(
+        g.disc_batch_size % t.micro_batch_size == 0,
+        "gan.disc_batch_size",
+        f"{g.disc_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}",
+    )
     if num_heads is not None:
-        _require(num_heads % cfg.parallel.sp_size == 0, "parallel.sp_size", f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads")
+        _require(
+            num_heads % cfg.parallel.sp_size == 0,
+            "parallel.sp_size",
+            f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads",
+        )
     if num_layers is not None and g.enabled:
-        _require(g.disc_blocks <= num_layers, "gan.disc_blocks", f"{g.disc_blocks} blocks asked of a DiT that has {num_layers}")
+        _require(
+            g.disc_blocks <= num_layers,
+            "gan.disc_blocks",
+            f"{g.disc_blocks} blocks asked of a DiT that has {num_layers}",
+        )
     if world_size is not None:
         sp = cfg.parallel.sp_size
         _require(world_size % sp == 0, "parallel.sp_size", f"{sp} does not divide the world size {world_size}")
         dp = world_size // sp
-        _require(t.batch_size % (t.micro_batch_size * dp) == 0, "train.batch_size", f"{t.batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+        _require(
+            t.batch_size % (t.micro_batch_size * dp) == 0,
+            "train.batch_size",
+            f"{t.batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+        )
         if g.enabled and g.disc_batch_size:
-            _require(g.disc_batch_size % (t.micro_batch_size * dp) == 0, "gan.disc_batch_size",
-                     f"{g.disc_batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+            _require(
+                g.disc_batch_size % (t.micro_batch_size * dp) == 0,
+                "gan.disc_batch_size",
+                f"{g.disc_batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+            )

@@ -31,22 +31,58 @@ def prepare_tiny_workdir(workdir: str | Path, clips: int = 32, frames: int = 24)
     models = write_tiny_models(w / "models")
     shards, prompts_txt, prompts = w / "shards", w / "prompts.txt", w / "prompts"
     if not (shards / ".complete").exists():
-        _run([sys.executable, "data_tools/make_synthetic.py", "--out", str(shards), "--num-clips", str(clips),
-              "--frames", str(frames), "--size", "160x160", "--fps", "8", "--shards", "4", "--prompts", str(prompts_txt),
-              "--overwrite"])
+        _run(
+            [
+                sys.executable,
+                "data_tools/make_synthetic.py",
+                "--out",
+                str(shards),
+                "--num-clips",
+                str(clips),
+                "--frames",
+                str(frames),
+                "--size",
+                "160x160",
+                "--fps",
+                "8",
+                "--shards",
+                "4",
+                "--prompts",
+                str(prompts_txt),
+                "--overwrite",
+            ]
+        )
         (shards / ".complete").write_text("ok\n")
     if not (prompts / ".complete").exists():
-        _run([sys.executable, "data_tools/encode_prompts.py", "--prompts", str(prompts_txt),
-              "--text-encoder", str(models / "wan" / "text_encoder"), "--tokenizer", str(models / "wan" / "tokenizer"),
-              "--max-length", "32", "--out", str(prompts)])
+        _run(
+            [
+                sys.executable,
+                "data_tools/encode_prompts.py",
+                "--prompts",
+                str(prompts_txt),
+                "--text-encoder",
+                str(models / "wan" / "text_encoder"),
+                "--tokenizer",
+                str(models / "wan" / "tokenizer"),
+                "--max-length",
+                "32",
+                "--out",
+                str(prompts),
+            ]
+        )
         (prompts / ".complete").write_text("ok\n")
     return {"models": models, "shards": shards, "prompts": prompts}
 
 
 def tiny_overrides(paths: dict[str, Path]) -> list[str]:
     m = paths["models"]
-    return [f"models.root={m / 'wan'}", f"models.generator={m / 'generator'}", f"models.raft={m / 'raft_small.pth'}",
-            f"data.shards={paths['shards']}", f"data.prompts={paths['prompts']}"]
+    return [
+        f"models.root={m / 'wan'}",
+        f"models.generator={m / 'generator'}",
+        f"models.raft={m / 'raft_small.pth'}",
+        f"data.shards={paths['shards']}",
+        f"data.prompts={paths['prompts']}",
+    ]
 
 
 def run_demo(workdir: str, num_ranks: int, ds_config: str, overrides: list[str]) -> int:
@@ -59,7 +95,10 @@ def run_demo(workdir: str, num_ranks: int, ds_config: str, overrides: list[str])
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     last = rows[-1]
     print(f"\ndemo finished: {len(rows)} logged steps in {run_dir}")
-    print("last step:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if "loss" in k or k == "step"})
+    print(
+        "last step:",
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if "loss" in k or k == "step"},
+    )
     print("checkpoints:", sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")))
     print("samples:", sorted(p.name for p in (run_dir / "samples").glob("*.mp4")))
     print("export (WanPipeline.from_pretrained):", run_dir / "export")

@@ -92,7 +92,12 @@ def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
     if o.warmup_steps > 0:
         ds["scheduler"] = {
             "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps, "warmup_type": "linear"},
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": o.warmup_steps,
+                "warmup_type": "linear",
+            },
         }
     return zero_config_fixups(ds, topo)
 
@@ -119,7 +124,9 @@ def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, to
 
 def build_engines(cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None]) -> Engines:
     """One engine per trainable role that is in use; a disabled role gets None."""
-    return Engines(**{role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()})
+    return Engines(
+        **{role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()}
+    )
 
 
 class no_param_grads:  # noqa: N801 - used as a context manager

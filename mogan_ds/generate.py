@@ -20,9 +20,24 @@ import torch
 from .config import ConfigError, load_config
 from .data.video import write_mp4
 from .errors import BadFileError, UserError
-from .models.builders import DTYPES, MissingWeightsError, load_text_encoder, load_tokenizer, load_transformer, load_vae, wan_paths
+from .models.builders import (
+    DTYPES,
+    MissingWeightsError,
+    load_text_encoder,
+    load_tokenizer,
+    load_transformer,
+    load_vae,
+    wan_paths,
+)
 from .parallel.attention import configure_attention
-from .sampling import decode_to_uint8, encode_prompts, latent_shape, sample_few_step, sample_teacher_cfg, transformer_velocity_fn
+from .sampling import (
+    decode_to_uint8,
+    encode_prompts,
+    latent_shape,
+    sample_few_step,
+    sample_teacher_cfg,
+    transformer_velocity_fn,
+)
 from .schedule import FlowMatchSchedule, randn
 
 # Where `--checkpoint DIR` may hold the generator, in this order (the trainer's export is
@@ -47,7 +62,9 @@ def resolve_generator_folder(checkpoint: str | Path) -> Path:
     if (root / "generator").is_dir() or (root / "COMPLETE").exists() or (root / "checkpoints").is_dir():
         hint = " (DeepSpeed training checkpoints hold ZeRO partitions: sample from the run's export/ folder)"
     tried = ", ".join(str(c) for c in candidates)
-    raise MissingWeightsError(f"--checkpoint {root}: no diffusers-format generator (config.json + *.safetensors) at {tried}{hint}")
+    raise MissingWeightsError(
+        f"--checkpoint {root}: no diffusers-format generator (config.json + *.safetensors) at {tried}{hint}"
+    )
 
 
 def find_run_config(checkpoint: str | Path) -> Path | None:
@@ -100,7 +117,9 @@ def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, list[str], torch
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.load raises pickle, zip and runtime errors for a foreign file
-        raise BadFileError(f"--prompt-embeds {path}: not a torch.save'd file ({' '.join(str(e).split())[:200]})") from None
+        raise BadFileError(
+            f"--prompt-embeds {path}: not a torch.save'd file ({' '.join(str(e).split())[:200]})"
+        ) from None
     bad = f"--prompt-embeds {path}"
     if not isinstance(data, dict) or "embeds" not in data:
         raise BadFileError(f"{bad}: expected a dict with 'embeds' [N, L, D] and 'prompts' (list of N str)")
@@ -113,7 +132,12 @@ def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, list[str], torch
     if len(prompts) != embeds.shape[0]:
         raise BadFileError(f"{bad}: {len(prompts)} prompts for {embeds.shape[0]} embeddings")
     neg = data.get("negative_embeds")
-    if neg is not None and (not isinstance(neg, torch.Tensor) or neg.ndim != 3 or neg.shape[0] not in (1, embeds.shape[0]) or neg.shape[2] != embeds.shape[2]):
+    if neg is not None and (
+        not isinstance(neg, torch.Tensor)
+        or neg.ndim != 3
+        or neg.shape[0] not in (1, embeds.shape[0])
+        or neg.shape[2] != embeds.shape[2]
+    ):
         raise BadFileError(f"{bad}: 'negative_embeds' must be [1 or N, L, D] matching 'embeds' {tuple(embeds.shape)}")
     return embeds, list(prompts), neg
 
@@ -234,7 +258,18 @@ def generate_samples(
             video = decode_to_uint8(vae, latents[row : row + 1])[0]
             path = out / f"{i:04d}_{slug(texts[i])}.mp4"
             write_mp4(path, video, cfg.video.fps, pad_odd=True)
-            records.append({"index": i, "prompt": texts[i], "file": path.name, "seed": seed, "sample_seed": seeds[row], "frames": int(video.shape[0]), "height": int(video.shape[1]), "width": int(video.shape[2])})
+            records.append(
+                {
+                    "index": i,
+                    "prompt": texts[i],
+                    "file": path.name,
+                    "seed": seed,
+                    "sample_seed": seeds[row],
+                    "frames": int(video.shape[0]),
+                    "height": int(video.shape[1]),
+                    "width": int(video.shape[2]),
+                }
+            )
             print(f"[sample] {path}", flush=True)
     meta = {
         "sampler": "teacher_cfg" if teacher else "few_step",
@@ -243,7 +278,14 @@ def generate_samples(
         "seed": seed,
         "fps": cfg.video.fps,
         "denoising_timesteps": schedule.denoising_timesteps().tolist(),
-        "teacher": {"steps": schedule.teacher_steps, "shift": schedule.teacher_shift, "guidance_scale": schedule.teacher_guidance_scale, "negative_prompt": negative_prompt} if teacher else None,
+        "teacher": {
+            "steps": schedule.teacher_steps,
+            "shift": schedule.teacher_shift,
+            "guidance_scale": schedule.teacher_guidance_scale,
+            "negative_prompt": negative_prompt,
+        }
+        if teacher
+        else None,
         "samples": records,
     }
     (out / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")

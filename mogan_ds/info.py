@@ -64,7 +64,13 @@ def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[Netw
         NetworkPlan("generator", dit, trainable_dtype, True, source),
         NetworkPlan("fake_score", dit, trainable_dtype, cfg.dmd.enabled, source),
         NetworkPlan("teacher", dit, frozen, False, source),
-        NetworkPlan("discriminator", disc, trainable_dtype, cfg.gan.enabled, f"{source}, first {cfg.gan.disc_blocks} blocks + heads"),
+        NetworkPlan(
+            "discriminator",
+            disc,
+            trainable_dtype,
+            cfg.gan.enabled,
+            f"{source}, first {cfg.gan.disc_blocks} blocks + heads",
+        ),
         NetworkPlan("vae", vae, frozen, False, source),
         NetworkPlan("raft", raft, "fp32", False, arch["raft_arch"]),  # RAFT always runs in fp32 (networks.py)
         NetworkPlan("text_encoder", text, frozen, False, f"{source} (offline: data_tools/encode_prompts.py only)"),
@@ -94,9 +100,7 @@ def format_plan(plans: list[NetworkPlan]) -> str:
     resident = [p for p in plans if p.name != "text_encoder"]
     # train state already includes the trainable weights (TRAIN_STATE_BYTES)
     total = sum(p.train_state_bytes if p.trainable else p.weight_bytes for p in resident)
-    rows.append(
-        f"training job total (text encoder excluded; ZeRO-3 divides train state by the DP size): {_gib(total)}"
-    )
+    rows.append(f"training job total (text encoder excluded; ZeRO-3 divides train state by the DP size): {_gib(total)}")
     return "\n".join(rows)
 
 

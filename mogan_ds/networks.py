@@ -59,8 +59,9 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
     teacher = freeze(load_transformer(teacher_path, frozen), frozen, device) if cfg.dmd.enabled else None
     discriminator = None
     if cfg.gan.enabled:
-        discriminator = build_discriminator(teacher_path, cfg.gan, disc_prompt, torch.float32,
-                                            gradient_checkpointing=cfg.models.gradient_checkpointing)
+        discriminator = build_discriminator(
+            teacher_path, cfg.gan, disc_prompt, torch.float32, gradient_checkpointing=cfg.models.gradient_checkpointing
+        )
     vae = freeze(load_vae(paths["vae"], frozen), frozen, device)
     raft = None
     if cfg.gan.enabled and cfg.gan.space == "flow":
@@ -104,5 +105,8 @@ def parallelize_discriminator(disc: torch.nn.Module, topo):
     would at sp=1. No-op at sp=1.
     """
     handle = install_ulysses_attention(disc.backbone, topo)
-    plan = {**wan_plan(disc.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})}
+    plan = {
+        **wan_plan(disc.backbone, prefix="backbone", gather_output=False),
+        "heads.*": ModulePlan(inputs={0: Gather(1)}),
+    }
     return handle.extend(parallelize_module(disc, plan, topo))

@@ -27,6 +27,7 @@ from .motion import latents as latents_lib
 from .motion.latents import latent_shape  # noqa: F401 - re-exported: samplers' callers size noise with it
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
 
+
 def transformer_velocity_fn(transformer) -> ModelFn:
     """`model_fn(x_t, t, cond) -> v` around a diffusers `WanTransformer3DModel` (or a DeepSpeed
     engine wrapping one): inputs cast to the network's dtype, velocity returned in float32.
@@ -50,13 +51,17 @@ def transformer_velocity_fn(transformer) -> ModelFn:
 
 
 @torch.no_grad()
-def sample_few_step(model_fn: ModelFn, noise: torch.Tensor, cond: Any, schedule: FlowMatchSchedule, generator: Generators = None) -> torch.Tensor:
+def sample_few_step(
+    model_fn: ModelFn, noise: torch.Tensor, cond: Any, schedule: FlowMatchSchedule, generator: Generators = None
+) -> torch.Tensor:
     """x0 latents from the distilled generator: K evaluations for a K-entry list, no CFG.
 
     `generator` (one, or one per batch row) draws the re-noising noise; with the same noise
     and generator the result is bit-identical.
     """
-    return schedule.backward_simulation(model_fn, noise, cond, index=schedule.num_denoising_steps - 1, noise_generator=generator).x0
+    return schedule.backward_simulation(
+        model_fn, noise, cond, index=schedule.num_denoising_steps - 1, noise_generator=generator
+    ).x0
 
 
 @torch.no_grad()
@@ -121,7 +126,9 @@ def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, max_length: int, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_prompts(
+    prompts: Sequence[str], tokenizer, text_encoder, max_length: int, device=None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """[N, max_length, D] UMT5 embeddings exactly as WanPipeline._get_t5_prompt_embeds makes them.
 
     The same encoding as the offline prompt shards (`mogan_ds.data.prompts.encode_texts`:

@@ -43,12 +43,12 @@ would keep 8 mantissa bits. ``model_fn`` casts its inputs to the network dtype.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """``model_fn(x_t, t, cond) -> velocity``: x_t [B,C,T,H,W], t [B] float on the 0..1000 grid."""
 
@@ -58,7 +58,9 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device | str | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Gaussian noise, reproducible across devices and batch compositions.
 
     diffusers' ``randn_tensor``: a CPU generator draws on the CPU and the result is moved,
@@ -70,7 +72,9 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
         generator = list(generator)
-    return randn_tensor(shape, generator=generator, device=torch.device(device) if device is not None else None, dtype=dtype)
+    return randn_tensor(
+        shape, generator=generator, device=torch.device(device) if device is not None else None, dtype=dtype
+    )
 
 
 class SimulationResult(NamedTuple):
@@ -101,9 +105,18 @@ class FlowMatchSchedule:
         if n <= 0:
             raise ValueError(f"schedule.num_train_timesteps must be positive, got {n}")
         if shift <= 0 or teacher_shift <= 0:
-            raise ValueError(f"schedule.shift and schedule.teacher_shift must be positive, got {shift}, {teacher_shift}")
-        if not steps or any(not 0 < t <= n for t in steps) or steps != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
-            raise ValueError(f"schedule.denoising_timesteps must be distinct, decreasing and in (0, {n}], got {list(denoising_timesteps)}")
+            raise ValueError(
+                f"schedule.shift and schedule.teacher_shift must be positive, got {shift}, {teacher_shift}"
+            )
+        if (
+            not steps
+            or any(not 0 < t <= n for t in steps)
+            or steps != sorted(steps, reverse=True)
+            or len(set(steps)) != len(steps)
+        ):
+            raise ValueError(
+                f"schedule.denoising_timesteps must be distinct, decreasing and in (0, {n}], got {list(denoising_timesteps)}"
+            )
         if not 0 <= min_timestep < max_timestep <= n:
             raise ValueError(f"schedule.min_timestep/max_timestep: need 0 <= {min_timestep} < {max_timestep} <= {n}")
         if teacher_steps < 1:
@@ -119,7 +132,7 @@ class FlowMatchSchedule:
         self.teacher_guidance_scale = float(teacher_guidance_scale)
 
     @classmethod
-    def from_config(cls, cfg) -> "FlowMatchSchedule":
+    def from_config(cls, cfg) -> FlowMatchSchedule:
         """From a `mogan_ds.config.ScheduleConfig` (or a full `Config`, using its `.schedule`)."""
         s = getattr(cfg, "schedule", cfg)
         return cls(
@@ -230,7 +243,9 @@ class FlowMatchSchedule:
 
     # ------------------------------------------------------------------ DMD timestep
 
-    def sample_dmd_timestep(self, batch: int, generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_dmd_timestep(
+        self, batch: int, generator: torch.Generator | None = None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] (float32, 0..1000 grid) and sigma [B] for the DMD loss and the fake-score loss.
 
         u ~ U{0, ..., N-1} (integers, as CausVid/FastVideo draw it), t = N * shift_sigma(u/N),
@@ -239,7 +254,9 @@ class FlowMatchSchedule:
         timesteps on every device.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        u = torch.randint(0, self.num_train_timesteps, (int(batch),), generator=generator, device=gen_device).to(torch.float64)
+        u = torch.randint(0, self.num_train_timesteps, (int(batch),), generator=generator, device=gen_device).to(
+            torch.float64
+        )
         t = self.num_train_timesteps * self.shift_sigma(u / self.num_train_timesteps, self.shift)
         t = t.clamp(self.min_timestep, self.max_timestep).to(torch.float32)
         if device is not None:
@@ -248,7 +265,9 @@ class FlowMatchSchedule:
 
     # ------------------------------------------------------------------ teacher grid
 
-    def teacher_sigmas(self, steps: int | None = None, shift: float | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_sigmas(
+        self, steps: int | None = None, shift: float | None = None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps [S], sigmas [S+1]) of the teacher's Euler sampler, float32.
 
         Exactly ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=shift)
@@ -323,4 +342,3 @@ class FlowMatchSchedule:
                 x = self.add_noise(x0, eps, sigmas[k + 1])
         v = model_fn(x, ts[index].expand(batch), cond)
         return SimulationResult(self.velocity_to_x0(x, v, sigmas[index]), index)
-

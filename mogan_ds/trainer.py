@@ -81,7 +81,8 @@ class MoGANTrainer:
             # A fresh start would overwrite these step by step: refuse before anything is loaded.
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints (newest {self.ckpt.latest().name}): pass --resume to "
-                "continue that run, or choose another output.run_dir")
+                "continue that run, or choose another output.run_dir"
+            )
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -93,14 +94,20 @@ class MoGANTrainer:
         # Fresh weights (the discriminator's heads) must be identical on every rank.
         torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg, self.topo, self.device, special["disc"])
-        self.engines = build_engines(cfg, base_ds, self.topo, {
-            "generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator})
+        self.engines = build_engines(
+            cfg,
+            base_ds,
+            self.topo,
+            {"generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator},
+        )
         configure_trainable_attention(self.engines, cfg.models.attention_backend)
         self.teacher, self.vae = nets.teacher, nets.vae
         self.gen_fn = transformer_velocity_fn(self.engines.generator)
         self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
         self.teacher_fn = transformer_velocity_fn(self.teacher) if cfg.dmd.enabled else None
-        self.motion = MotionPath.from_config(cfg.gan, cfg.latent_frames, self.vae, nets.raft) if cfg.gan.enabled else None
+        self.motion = (
+            MotionPath.from_config(cfg.gan, cfg.latent_frames, self.vae, nets.raft) if cfg.gan.enabled else None
+        )
         self.schedule = FlowMatchSchedule.from_config(cfg)
         self.gas = gradient_accumulation_steps(cfg, self.topo.dp_size)
         self.disc_gas = gradient_accumulation_steps(cfg, self.topo.dp_size, "discriminator")
@@ -109,15 +116,24 @@ class MoGANTrainer:
         self.prompts = PromptEmbeddings(cfg.data.prompts, dp_rank, dp_size, cfg.train.seed, self.micro)
         self.clips = None
         if cfg.gan.enabled:
-            self.clips = MotionClipStream.from_config(cfg.data, cfg.video, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, batch_size=self.micro)
+            self.clips = MotionClipStream.from_config(
+                cfg.data, cfg.video, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, batch_size=self.micro
+            )
         self.ema = ShardedEMA(self.engines.generator.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step, self.nonfinite_streak, self.nonfinite_total = 0, 0, 0
         if resume:
             self._resume()
         self._prompt_iter = iter(self.prompts)
         self._clip_iter = iter(self.clips) if self.clips is not None else None
-        self.metrics = MetricsLogger(self.run_dir, to_dict(cfg), self.rank0, cfg.train.max_steps, self.step,
-                                     cfg.logging.wandb_mode, cfg.logging.wandb_project)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            to_dict(cfg),
+            self.rank0,
+            cfg.train.max_steps,
+            self.step,
+            cfg.logging.wandb_mode,
+            cfg.logging.wandb_project,
+        )
         if self.rank0:
             log.info("%s", self.describe())
 
@@ -126,15 +142,19 @@ class MoGANTrainer:
         cfg, g = self.cfg, self.cfg.gan
         attn = resolve_attention_backend(cfg.models.attention_backend, self.engines.generator.module, self.device)
         t = self.topo
-        lines = [f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size}; engines: {', '.join(r for r, _ in self.engines.items())}; attention: {attn}",
-                 f"batch {cfg.train.batch_size} (micro {self.micro} x dp {self.topo.dp_size} x accumulation {self.gas})"]
+        lines = [
+            f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size}; engines: {', '.join(r for r, _ in self.engines.items())}; attention: {attn}",
+            f"batch {cfg.train.batch_size} (micro {self.micro} x dp {self.topo.dp_size} x accumulation {self.gas})",
+        ]
         if g.enabled:
             w = self.motion.window
-            lines.append(f"GAN: {g.space} space, window {w.length} of {w.num_latent} latent chunks from "
-                         f"{w.start if w.start == 'random' else f'chunk {w.start}'}, D batch "
-                         f"{g.disc_batch_size or cfg.train.batch_size} (accumulation {self.disc_gas}), approximate R1/R2 "
-                         f"lambda ({g.r1:g}, {g.r2:g}) x sigma^2 ({g.sigma:g}^2) = effective gradient-penalty weights "
-                         f"({g.r1 * g.sigma**2:g}, {g.r2 * g.sigma**2:g})")
+            lines.append(
+                f"GAN: {g.space} space, window {w.length} of {w.num_latent} latent chunks from "
+                f"{w.start if w.start == 'random' else f'chunk {w.start}'}, D batch "
+                f"{g.disc_batch_size or cfg.train.batch_size} (accumulation {self.disc_gas}), approximate R1/R2 "
+                f"lambda ({g.r1:g}, {g.r2:g}) x sigma^2 ({g.sigma:g}^2) = effective gradient-penalty weights "
+                f"({g.r1 * g.sigma**2:g}, {g.r2 * g.sigma**2:g})"
+            )
         return "\n  ".join(lines)
 
     # ================================================================== the iteration
@@ -142,12 +162,12 @@ class MoGANTrainer:
         """One MoGAN iteration: the paper's four phases, each switchable with its own interval."""
         cfg, logs, self._times = self.cfg, {}, {}
         if cfg.dmd.enabled and step % cfg.dmd.interval == 0:
-            logs |= self._timed("generator_dmd", self.generator_dmd_update, step)                   # (1)
+            logs |= self._timed("generator_dmd", self.generator_dmd_update, step)  # (1)
         if cfg.dmd.enabled:
             for k in range(cfg.dmd.critic_updates):
-                logs |= self._timed("fake_score", self.fake_score_update, step, k)                   # (2)
+                logs |= self._timed("fake_score", self.fake_score_update, step, k)  # (2)
         if cfg.gan.enabled and step % cfg.gan.interval == 0:
-            g_logs, fakes, window = self._timed("generator_gan", self.generator_gan_update, step)    # (3)
+            g_logs, fakes, window = self._timed("generator_gan", self.generator_gan_update, step)  # (3)
             logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, window)  # (4)
         return logs | {M.time_key(k): v for k, v in self._times.items()}
 
@@ -209,9 +229,20 @@ class MoGANTrainer:
             d_real = self.motion.real(next(self._clip_iter)["video"].to(self.device), window).d_input
             real_logits, fake_logits = disc(torch.cat([d_real, d_fake])).split([len(d_real), len(d_fake)])
             loss, logs = d_logistic_loss(real_logits, fake_logits)
-            noise = torch.Generator(self.device).manual_seed(_seed(self.cfg.train.seed, step, "r1r2", micro, self.topo.dp_rank))
-            reg, reg_logs = approx_r1r2(disc, d_real, d_fake, g.sigma, g.r1, g.r2, generator=noise,
-                                        real_logits=real_logits, fake_logits=fake_logits)
+            noise = torch.Generator(self.device).manual_seed(
+                _seed(self.cfg.train.seed, step, "r1r2", micro, self.topo.dp_rank)
+            )
+            reg, reg_logs = approx_r1r2(
+                disc,
+                d_real,
+                d_fake,
+                g.sigma,
+                g.r1,
+                g.r2,
+                generator=noise,
+                real_logits=real_logits,
+                fake_logits=fake_logits,
+            )
             self._backward_step("discriminator", g.weight_d * loss + reg)
             rows.append(logs | reg_logs)
         return _mean_logs(rows)
@@ -234,11 +265,15 @@ class MoGANTrainer:
     def _next_prompts(self) -> torch.Tensor:
         return next(self._prompt_iter)["embeds"].to(self.device)
 
-    def _generate(self, embeds: torch.Tensor, shared: torch.Generator, local: torch.Generator, grad: bool) -> torch.Tensor:
+    def _generate(
+        self, embeds: torch.Tensor, shared: torch.Generator, local: torch.Generator, grad: bool
+    ) -> torch.Tensor:
         """The generator's x0 at a distilled entry drawn identically on every rank (backward simulation)."""
         noise = randn(latent_shape(self.cfg.video, len(embeds)), local, self.device)
         with torch.set_grad_enabled(grad):
-            return self.schedule.backward_simulation(self.gen_fn, noise, embeds, generator=shared, noise_generator=local).x0
+            return self.schedule.backward_simulation(
+                self.gen_fn, noise, embeds, generator=shared, noise_generator=local
+            ).x0
 
     def _noise(self, x0: torch.Tensor, local: torch.Generator):
         """x_t at a DMD timestep: (x_t, t [B], sigma [B,1,1,1,1], eps)."""
@@ -267,13 +302,19 @@ class MoGANTrainer:
         if finite.item() < 1:
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
-            log.warning("step %d: non-finite %s loss (%s); update skipped (%d in a row)", self.step, role,
-                        loss.detach().float().item(), self.nonfinite_streak)
+            log.warning(
+                "step %d: non-finite %s loss (%s); update skipped (%d in a row)",
+                self.step,
+                role,
+                loss.detach().float().item(),
+                self.nonfinite_streak,
+            )
             if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive non-finite losses (last: {role}) at step {self.step}; "
                     f"stopping (train.max_nonfinite={self.cfg.train.max_nonfinite}). "
-                    f"The newest complete checkpoint is {self.ckpt.latest()}")
+                    f"The newest complete checkpoint is {self.ckpt.latest()}"
+                )
             return False
         self.nonfinite_streak = 0
         engine = getattr(self.engines, role)
@@ -320,8 +361,14 @@ class MoGANTrainer:
         out = dict(zip(keys, vals.tolist()))
         for role, engine in self.engines.items():
             out[M.lr_key(role)] = engine.get_lr()[0]
-        out.update({M.STEP_TIME: dt, M.SAMPLES_PER_S: self.cfg.train.batch_size / dt,
-                    M.PEAK_MEM_GIB: peak_memory_gib(self.device), M.NONFINITE_TOTAL: self.nonfinite_total})
+        out.update(
+            {
+                M.STEP_TIME: dt,
+                M.SAMPLES_PER_S: self.cfg.train.batch_size / dt,
+                M.PEAK_MEM_GIB: peak_memory_gib(self.device),
+                M.NONFINITE_TOTAL: self.nonfinite_total,
+            }
+        )
         return out
 
     # ================================================================== checkpoints, samples, export
@@ -364,11 +411,19 @@ class MoGANTrainer:
     def write_samples(self) -> None:
         """Few-step samples of fixed prompts with their RAFT flow side by side. Collective (ZeRO-3)."""
         render_samples(
-            velocity_fn=self.gen_fn, schedule=self.schedule, vae=self.vae,
+            velocity_fn=self.gen_fn,
+            schedule=self.schedule,
+            vae=self.vae,
             raft=self.motion.raft if self.motion is not None else None,
-            prompts_path=self.cfg.data.prompts, num_samples=self.cfg.logging.num_samples, video=self.cfg.video,
-            device=self.device, is_rank0=self.rank0, log_video=self.metrics.log_video,
-            out_dir=self.run_dir / "samples", step=self.step)
+            prompts_path=self.cfg.data.prompts,
+            num_samples=self.cfg.logging.num_samples,
+            video=self.cfg.video,
+            device=self.device,
+            is_rank0=self.rank0,
+            log_video=self.metrics.log_video,
+            out_dir=self.run_dir / "samples",
+            step=self.step,
+        )
 
     def export(self) -> Path | None:
         return export_generator(self.engines.generator.module, self.cfg.models.root, self.run_dir / "export", self.ema)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import VideoConfig
-from .data.video import to_unit, write_mp4
 from .data.prompts import PromptEmbeddings
+from .data.video import to_unit, write_mp4
 from .motion.flow import flow_to_rgb
 from .sampling import decode_to_uint8, latent_shape, sample_few_step
 from .schedule import FlowMatchSchedule, ModelFn, randn

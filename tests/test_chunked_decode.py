@@ -32,7 +32,11 @@ def full(vae, latents):
 
 def test_latent_frame_bookkeeping():
     assert [pixel_frame_range(s, w) for s, w in [(0, 1), (1, 1), (0, 3), (2, 2), (1, 12)]] == [
-        (0, 1), (1, 5), (0, 9), (5, 13), (1, 49)
+        (0, 1),
+        (1, 5),
+        (0, 9),
+        (5, 13),
+        (1, 49),
     ]
     assert num_latent_frames(49) == 13 and num_pixel_frames(13) == 49 and num_latent_frames(1) == 1
     with pytest.raises(ValueError, match="4k\\+1"):
@@ -83,8 +87,16 @@ def _window_grad(fn, latents, start, window, weight):
 def test_window_gradients_equal_plain_autograd(vae, latents, start, window):
     first, stop = pixel_frame_range(start, window)
     weight = torch.randn(1, 3, stop - first, 32, 32, generator=torch.Generator().manual_seed(2))
-    ckpt = _window_grad(lambda z: ChunkedWanDecoder(vae).decode_window(z, start, window), latents, start, window, weight)
-    nockpt = _window_grad(lambda z: ChunkedWanDecoder(vae, checkpoint=False).decode_window(z, start, window), latents, start, window, weight)
+    ckpt = _window_grad(
+        lambda z: ChunkedWanDecoder(vae).decode_window(z, start, window), latents, start, window, weight
+    )
+    nockpt = _window_grad(
+        lambda z: ChunkedWanDecoder(vae, checkpoint=False).decode_window(z, start, window),
+        latents,
+        start,
+        window,
+        weight,
+    )
     # Plain autograd through the stock loop over the whole clip: the loss only sees the
     # window's frames, so (causality) the window's latents get the same gradient.
     plain = _window_grad(lambda z: plain_decode(vae, z), latents, start, window, weight)

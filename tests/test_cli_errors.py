@@ -53,7 +53,7 @@ def files(tmp_path):
     for part in ("transformer", "vae", "text_encoder"):
         (broken / part).mkdir(parents=True)
         (broken / part / "config.json").write_text("{}")
-    (broken / "transformer" / "config.json").write_text("{\"num_layers\": ")
+    (broken / "transformer" / "config.json").write_text('{"num_layers": ')
     return tmp_path
 
 
@@ -82,7 +82,10 @@ INFO_CASES = [
     (["--config", "tiny", "--ds_config", "{d}/missing.json"], ["--ds_config", "{d}/missing.json"]),
     (["--config", "tiny", "--ds_config", "{d}/bad.json"], ["--ds_config", "{d}/bad.json", "not valid JSON"]),
     (["--config", "tiny", "--ds_config", "{d}/list.json"], ["--ds_config", "{d}/list.json"]),
-    (["--config", "tiny", "models.arch=auto", "models.root={d}/no_weights"], ["{d}/no_weights/transformer/config.json"]),
+    (
+        ["--config", "tiny", "models.arch=auto", "models.root={d}/no_weights"],
+        ["{d}/no_weights/transformer/config.json"],
+    ),
     (["--config", "tiny", "models.root={d}/broken_wan"], ["{d}/broken_wan/transformer/config.json", "not valid JSON"]),
 ]
 
@@ -127,7 +130,9 @@ def test_train_missing_ds_config_is_one_line(tmp_path, capsys):
     train = _script_main("train.py")
     code = train(["--ds_config", str(tmp_path / "nope.json"), "--config", "tiny", f"output.run_dir={tmp_path / 'run'}"])
     assert_one_line_error(capsys, code, "--ds_config", tmp_path / "nope.json")
-    code = train(["--ds_config", str(REPO / "ds_configs" / "zero3_cpu.json"), "--config", "tiny", "train.max_nonfinite=0"])
+    code = train(
+        ["--ds_config", str(REPO / "ds_configs" / "zero3_cpu.json"), "--config", "tiny", "train.max_nonfinite=0"]
+    )
     assert_one_line_error(capsys, code, "train.max_nonfinite")
 
 
@@ -150,10 +155,13 @@ def test_sample_missing_prompts_file(sample, tmp_path, capsys):
         read_prompt_file(tmp_path / "missing.txt")
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("", "no prompts"),
-    ("# just a comment\n\n", "no prompts"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("", "no prompts"),
+        ("# just a comment\n\n", "no prompts"),
+    ],
+)
 def test_sample_empty_prompts_file(sample, tmp_path, capsys, content, fragment):
     (tmp_path / "p.txt").write_text(content)
     code = sample(_sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt")))
@@ -186,19 +194,25 @@ def test_sample_missing_or_bad_prompt_embeds(sample, tmp_path, capsys):
 def test_sample_checkpoint_folder_that_does_not_exist(sample, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\n")
     # no --config: used to say "--config is required" instead of naming the folder
-    code = sample(["--checkpoint", str(tmp_path / "no_run"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")])
+    code = sample(
+        ["--checkpoint", str(tmp_path / "no_run"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(capsys, code, "--checkpoint", tmp_path / "no_run", "no such folder")
     with pytest.raises(MissingWeightsError, match="no such folder"):
         resolve_generator_folder(tmp_path / "no_run")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run dir without an export
-    code = sample(["--checkpoint", str(tmp_path / "run"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")])
+    code = sample(
+        ["--checkpoint", str(tmp_path / "run"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(capsys, code, tmp_path / "run", "export/")
 
 
 def test_sample_checkpoint_without_run_config_asks_for_config(sample, tiny_models, tmp_path, capsys):
     shutil.copytree(tiny_models / "generator", tmp_path / "export" / "transformer")
     (tmp_path / "p.txt").write_text("a cat\n")
-    code = sample(["--checkpoint", str(tmp_path / "export"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")])
+    code = sample(
+        ["--checkpoint", str(tmp_path / "export"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(capsys, code, "--config is required", tmp_path / "export")
 
 
@@ -207,11 +221,15 @@ def test_sample_other_bad_inputs(sample, tmp_path, capsys):
     code = sample(_sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--generator", str(tmp_path / "nope")))
     assert_one_line_error(capsys, code, "--generator", tmp_path / "nope")
     (tmp_path / "gen").mkdir()
-    code = sample(_sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--generator", str(tmp_path / "gen"), "--teacher"))
+    code = sample(
+        _sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--generator", str(tmp_path / "gen"), "--teacher")
+    )
     assert_one_line_error(capsys, code, "--teacher")
     code = sample(_sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "video.num_frames=10"))
     assert_one_line_error(capsys, code, "video.num_frames")
-    code = sample(_sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "models.root=" + str(tmp_path / "no_wan")))
+    code = sample(
+        _sample_args(tmp_path, "--prompts", str(tmp_path / "p.txt"), "models.root=" + str(tmp_path / "no_wan"))
+    )
     assert_one_line_error(capsys, code, tmp_path / "no_wan")
 
 
@@ -220,7 +238,16 @@ def test_sample_other_bad_inputs(sample, tmp_path, capsys):
 
 def test_real_entry_points_exit_2_without_traceback(tmp_path):
     for argv in (
-        [sys.executable, str(REPO / "launch" / "sample.py"), "--config", "tiny", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            str(REPO / "launch" / "sample.py"),
+            "--config",
+            "tiny",
+            "--prompts",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         [sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", "logging.log_every=0"],
     ):
         r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -98,6 +98,7 @@ def test_every_field_is_documented():
     helps = field_help(Config)
     undocumented = [k for k, v in helps.items() if not v.strip()]
     assert not undocumented, undocumented
+
     # and every leaf of a default config is reachable as a documented key
     def leaves(obj, prefix=""):
         for f in dataclasses.fields(obj):
@@ -122,7 +123,9 @@ def _leaves(cls, prefix=""):
 
 def test_every_numeric_field_declares_its_range_and_shows_it():
     helps = field_help(Config)
-    numeric = [(k, f) for k, f, tp in _leaves(Config) if tp in (int, float) or typing.get_args(tp) in ((int,), (float,))]
+    numeric = [
+        (k, f) for k, f, tp in _leaves(Config) if tp in (int, float) or typing.get_args(tp) in ((int,), (float,))
+    ]
     assert len(numeric) > 40
     missing = [k for k, f in numeric if not f.metadata.get("range")]
     assert not missing, f"numeric fields without a range: {missing}"
@@ -146,13 +149,16 @@ def test_range_check_applies_to_programmatic_configs_too():
         validate(cfg)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty"),
-    ("# only a comment\n", "empty"),
-    ("gan: [1\n", "not valid YAML (line 2"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("gan: 3\n", "gan: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("gan: [1\n", "not valid YAML (line 2"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("gan: 3\n", "gan: expected a mapping"),
+    ],
+)
 def test_bad_recipe_files_name_the_file(tmp_path, text, message):
     p = tmp_path / "recipe.yaml"
     p.write_text(text)

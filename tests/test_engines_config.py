@@ -17,8 +17,16 @@ def topo(dp, sp=1):
 
 
 def test_each_role_gets_its_own_optimiser_and_the_batch_arithmetic():
-    cfg = load_config("wan2.1-t2v-1.3b", ["optim.discriminator.lr=1e-5", "optim.discriminator.grad_clip=1",
-                                          "optim.generator.warmup_steps=100", "train.batch_size=32", "train.micro_batch_size=2"])
+    cfg = load_config(
+        "wan2.1-t2v-1.3b",
+        [
+            "optim.discriminator.lr=1e-5",
+            "optim.discriminator.grad_clip=1",
+            "optim.generator.warmup_steps=100",
+            "train.batch_size=32",
+            "train.micro_batch_size=2",
+        ],
+    )
     base = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
     g = ds_config_for("generator", cfg, base, topo(8))
     d = ds_config_for("discriminator", cfg, base, topo(8))
@@ -30,7 +38,9 @@ def test_each_role_gets_its_own_optimiser_and_the_batch_arithmetic():
     assert g["bf16"] == {"enabled": True} and g["zero_optimization"]["stage"] == 3
     assert "optimizer" not in base  # the JSON itself is untouched
     # sequence parallelism: ZeRO-3 must reduce-scatter (mean over dp*sp), forced on
-    g_sp = ds_config_for("generator", cfg, {**base, "zero_optimization": {"stage": 3, "reduce_scatter": False}}, topo(4, 2))
+    g_sp = ds_config_for(
+        "generator", cfg, {**base, "zero_optimization": {"stage": 3, "reduce_scatter": False}}, topo(4, 2)
+    )
     assert g_sp["zero_optimization"]["reduce_scatter"] is True
     with pytest.raises(ValueError, match="stage"):
         ds_config_for("generator", cfg, {"zero_optimization": {"stage": 2}}, topo(4, 2))
@@ -54,16 +64,39 @@ def test_ds_config_may_not_set_what_the_recipe_owns(tmp_path):
         load_ds_config(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config", "tiny", "gan.windoww=2"], "gan.windoww"),
-    (["--config", "no_such_recipe"], "no_such_recipe"),
-    (["--config", "tiny", "models.root=/nonexistent/wan", "data.prompts=/nonexistent/prompts", "models.arch=auto"], "/nonexistent"),
-    (["--config", "tiny", "parallel.sp_size=3"], "parallel.sp_size"),  # 3 does not divide the tiny DiT's 4 heads
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "tiny", "gan.windoww=2"], "gan.windoww"),
+        (["--config", "no_such_recipe"], "no_such_recipe"),
+        (
+            [
+                "--config",
+                "tiny",
+                "models.root=/nonexistent/wan",
+                "data.prompts=/nonexistent/prompts",
+                "models.arch=auto",
+            ],
+            "/nonexistent",
+        ),
+        (["--config", "tiny", "parallel.sp_size=3"], "parallel.sp_size"),  # 3 does not divide the tiny DiT's 4 heads
+    ],
+)
 def test_train_entry_point_fails_clearly(args, message, tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "zero3_cpu.json"),
-                        *args, f"output.run_dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--ds_config",
+            str(REPO / "ds_configs" / "zero3_cpu.json"),
+            *args,
+            f"output.run_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
 

@@ -21,7 +21,9 @@ def test_paper_recipe_counts_without_weights():
 
 
 def test_folder_config_wins_over_preset(tiny_models):
-    cfg = load_config("wan2.1-t2v-1.3b", [f"models.root={tiny_models / 'wan'}", "gan.disc_blocks=3", "gan.head_blocks=[0,1,2]"])
+    cfg = load_config(
+        "wan2.1-t2v-1.3b", [f"models.root={tiny_models / 'wan'}", "gan.disc_blocks=3", "gan.head_blocks=[0,1,2]"]
+    )
     plans, source = plan_networks(cfg)
     assert source.startswith("folder")
     from mogan_ds.models.builders import load_transformer
@@ -73,7 +75,11 @@ def test_help_keys_lists_every_key_with_default_and_range(capsys):
 
 def test_info_cli_bad_key_exits_2(repo_root):
     """The real entry point: exit code 2, one stderr line naming the key, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", "gan.nope=1"],
-                       capture_output=True, text=True, cwd=repo_root)
+    r = subprocess.run(
+        [sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", "gan.nope=1"],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+    )
     assert r.returncode == 2 and "gan.nope" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -11,11 +11,18 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.video_processor import VideoProcessor
 
 from mogan_ds.config import VideoConfig, load_config
+from mogan_ds.data.video import read_mp4, write_mp4
 from mogan_ds.generate import generate_samples
 from mogan_ds.models.builders import load_text_encoder, load_tokenizer, load_transformer, load_vae
-from mogan_ds.sampling import decode_to_uint8, encode_prompts, latent_shape, sample_few_step, sample_teacher_cfg, transformer_velocity_fn
+from mogan_ds.sampling import (
+    decode_to_uint8,
+    encode_prompts,
+    latent_shape,
+    sample_few_step,
+    sample_teacher_cfg,
+    transformer_velocity_fn,
+)
 from mogan_ds.schedule import FlowMatchSchedule
-from mogan_ds.data.video import read_mp4, write_mp4
 
 SHAPE = (1, 16, 2, 8, 8)  # tiny latents: 5 frames of 64x64
 
@@ -70,7 +77,9 @@ def test_few_step_is_deterministic_and_batch_invariant(tiny):
     noise = torch.randn((2, *SHAPE[1:]), generator=torch.Generator().manual_seed(2))
 
     def run(seeds, rows):
-        return sample_few_step(fn, noise[rows], cond[rows], sched, generator=[torch.Generator().manual_seed(s) for s in seeds])
+        return sample_few_step(
+            fn, noise[rows], cond[rows], sched, generator=[torch.Generator().manual_seed(s) for s in seeds]
+        )
 
     a, b = run([5, 6], slice(0, 2)), run([5, 6], slice(0, 2))
     assert torch.equal(a, b)
@@ -94,7 +103,9 @@ def test_teacher_cfg_matches_diffusers_euler_with_wan_cfg(tiny, guidance):
         tt = t.expand(2)
         v = transformer(hidden_states=x, timestep=tt, encoder_hidden_states=cond, return_dict=False)[0]
         if guidance != 1.0:
-            v_u = transformer(hidden_states=x, timestep=tt, encoder_hidden_states=uncond.expand(2, -1, -1), return_dict=False)[0]
+            v_u = transformer(
+                hidden_states=x, timestep=tt, encoder_hidden_states=uncond.expand(2, -1, -1), return_dict=False
+            )[0]
             v = v_u + guidance * (v - v_u)
         x = ref.step(v, t, x, return_dict=False)[0]
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
@@ -121,7 +132,10 @@ def test_encode_prompts_matches_wanpipeline(tiny_models):
     prompts = ["a red ball", "  two &amp; three\n\tcats   running through a very long field of grass"]
     with torch.no_grad():  # grad mode takes other CPU kernels (1e-6 apart); encode_prompts runs without grad
         ref = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=32, device=torch.device("cpu"))
-    tok, enc = load_tokenizer(tiny_models / "wan" / "tokenizer"), load_text_encoder(tiny_models / "wan" / "text_encoder")
+    tok, enc = (
+        load_tokenizer(tiny_models / "wan" / "tokenizer"),
+        load_text_encoder(tiny_models / "wan" / "text_encoder"),
+    )
     ours = encode_prompts(prompts, tok, enc, 32)
     assert ours.shape == (2, 32, 32)
     assert torch.equal(ours, ref)
@@ -164,7 +178,10 @@ def test_sampler_deterministic_for_a_seed(tiny_models, tmp_path):
     _, c = run("s1", seed=1)
     # batch 2 draws the same per-sample noise; batched kernels differ only in the last bits
     _, batched = run("s0_batched", seed=0, batch_size=2)
-    assert meta["sampler"] == "few_step" and [r["prompt"] for r in meta["samples"]] == ["a red ball bouncing", "a cat chasing a dog"]
+    assert meta["sampler"] == "few_step" and [r["prompt"] for r in meta["samples"]] == [
+        "a red ball bouncing",
+        "a cat chasing a dog",
+    ]
     assert len(a) == 2 and all(v.shape == (5, 64, 64, 3) and v.dtype == np.uint8 for v in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # same seed: identical decoded frames
     assert all(not np.array_equal(x, y) for x, y in zip(a, c))  # another seed: different videos
@@ -173,11 +190,26 @@ def test_sampler_deterministic_for_a_seed(tiny_models, tmp_path):
 
 
 def test_sampler_teacher_from_prompt_embeds(tiny_models, tmp_path):
-    tok, enc = load_tokenizer(tiny_models / "wan" / "tokenizer"), load_text_encoder(tiny_models / "wan" / "text_encoder")
+    tok, enc = (
+        load_tokenizer(tiny_models / "wan" / "tokenizer"),
+        load_text_encoder(tiny_models / "wan" / "text_encoder"),
+    )
     embeds = encode_prompts(["waves on a beach", "a spinning top", "rain"], tok, enc, 32)
-    torch.save({"embeds": embeds, "prompts": ["waves on a beach", "a spinning top", "rain"], "negative_embeds": encode_prompts([""], tok, enc, 32)}, tmp_path / "e.pt")
-    kwargs = dict(config="tiny", prompt_embeds=tmp_path / "e.pt", teacher=True, seed=3,
-                  overrides=[*SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2"])
+    torch.save(
+        {
+            "embeds": embeds,
+            "prompts": ["waves on a beach", "a spinning top", "rain"],
+            "negative_embeds": encode_prompts([""], tok, enc, 32),
+        },
+        tmp_path / "e.pt",
+    )
+    kwargs = dict(
+        config="tiny",
+        prompt_embeds=tmp_path / "e.pt",
+        teacher=True,
+        seed=3,
+        overrides=[*SMALL, f"models.root={tiny_models / 'wan'}", "schedule.teacher_steps=2"],
+    )
     generate_samples(out=tmp_path / "t", **kwargs)
     meta, v = _frames(tmp_path / "t")
     assert meta["sampler"] == "teacher_cfg" and meta["teacher"]["steps"] == 2
@@ -193,5 +225,12 @@ def test_teacher_negative_prompt_defaults_to_the_recipe(tiny_models, tmp_path):
     meta, _ = _frames(tmp_path / "t")
     expected = load_config("tiny").text.negative_prompt
     assert expected and meta["teacher"]["negative_prompt"] == expected  # Wan's standard one, not ''
-    generate_samples(config="tiny", overrides=overrides, prompts=tmp_path / "p.txt", teacher=True, out=tmp_path / "e", negative_prompt="")
+    generate_samples(
+        config="tiny",
+        overrides=overrides,
+        prompts=tmp_path / "p.txt",
+        teacher=True,
+        out=tmp_path / "e",
+        negative_prompt="",
+    )
     assert _frames(tmp_path / "e")[0]["teacher"]["negative_prompt"] == ""

@@ -110,7 +110,9 @@ def test_warped_distilled_timesteps_match_self_forcing():
     sched = FlowMatchSchedule(shift=5.0, denoising_timesteps=[1000, 750, 500, 250], warp_denoising_timesteps=True)
     torch.testing.assert_close(sched.denoising_sigmas(), torch.tensor([1.0, 0.9375, 2.5 / 3, 0.625]))
     cfg = load_config("tiny", ["schedule.warp_denoising_timesteps=true"])
-    assert FlowMatchSchedule.from_config(cfg).denoising_timesteps()[1] == pytest.approx(1000 * 8 * 0.757 / (1 + 7 * 0.757))
+    assert FlowMatchSchedule.from_config(cfg).denoising_timesteps()[1] == pytest.approx(
+        1000 * 8 * 0.757 / (1 + 7 * 0.757)
+    )
 
 
 def test_dmd_timestep_draw_by_hand():
@@ -192,8 +194,12 @@ def test_backward_simulation_per_sample_generators_are_batch_invariant():
     sched = FlowMatchSchedule()
     noise = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(8))
     cond = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(9))
-    both = sched.backward_simulation(ToyVelocity(), noise, cond, index=2, noise_generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
-    second = sched.backward_simulation(ToyVelocity(), noise[1:], cond[1:], index=2, noise_generator=[torch.Generator().manual_seed(2)])
+    both = sched.backward_simulation(
+        ToyVelocity(), noise, cond, index=2, noise_generator=[torch.Generator().manual_seed(s) for s in (1, 2)]
+    )
+    second = sched.backward_simulation(
+        ToyVelocity(), noise[1:], cond[1:], index=2, noise_generator=[torch.Generator().manual_seed(2)]
+    )
     torch.testing.assert_close(both.x0[1:], second.x0, rtol=0, atol=0)
     with pytest.raises(ValueError):
         sched.backward_simulation(ToyVelocity(), noise, cond, index=2, noise_generator=[torch.Generator()])

@@ -17,19 +17,49 @@ pytestmark = pytest.mark.slow
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
 STEPS = 4
-COMPARED = ("dmd_loss", "dmd_grad_norm", "fake_score_loss", "g_gan_loss", "d_loss", "d_real_logit", "d_fake_logit", "r1_gap", "r2_gap")
+COMPARED = (
+    "dmd_loss",
+    "dmd_grad_norm",
+    "fake_score_loss",
+    "g_gan_loss",
+    "d_loss",
+    "d_real_logit",
+    "d_fake_logit",
+    "r1_gap",
+    "r2_gap",
+)
 
 
 def train_args(tiny_workdir, run_dir, *extra):
-    return ["--ds_config", DS_CPU, "--config", "tiny", *tiny_workdir, f"output.run_dir={run_dir}",
-            f"train.max_steps={STEPS}", "output.checkpoint_every=2", "train.batch_size=2", "dmd.critic_updates=1",
-            f"logging.sample_every={STEPS}", "logging.wandb_mode=disabled", "data.num_workers=1", "train.ema_decay=0.9",
-            *extra]
+    return [
+        "--ds_config",
+        DS_CPU,
+        "--config",
+        "tiny",
+        *tiny_workdir,
+        f"output.run_dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        "output.checkpoint_every=2",
+        "train.batch_size=2",
+        "dmd.critic_updates=1",
+        f"logging.sample_every={STEPS}",
+        "logging.wandb_mode=disabled",
+        "data.num_workers=1",
+        "train.ema_decay=0.9",
+        *extra,
+    ]
 
 
 def launch(args, **kw):
-    return subprocess.run(deepspeed_command(2, REPO / "launch" / "train.py", args), cwd=REPO, env=launch_env(),
-                          capture_output=True, text=True, timeout=900, **kw)
+    return subprocess.run(
+        deepspeed_command(2, REPO / "launch" / "train.py", args),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        **kw,
+    )
 
 
 def check(proc):
@@ -70,13 +100,22 @@ def test_two_rank_run_leaves_its_outputs(uninterrupted):
 def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_workdir, tmp_path):
     run = tmp_path / "killed"
     cmd = deepspeed_command(2, REPO / "launch" / "train.py", train_args(tiny_workdir, run))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines() if line):
+            if metrics.is_file() and any(
+                json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines() if line
+            ):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read()[-4000:]}"
@@ -98,7 +137,11 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_workdir, tmp_
     import torch
 
     for rank in (0, 1):
-        a, b = (torch.load(r / "checkpoints" / "step_00000004" / "trainer" / f"rank_0000{rank}.pt", weights_only=False)["ema"]
-                for r in (run, uninterrupted))
+        a, b = (
+            torch.load(r / "checkpoints" / "step_00000004" / "trainer" / f"rank_0000{rank}.pt", weights_only=False)[
+                "ema"
+            ]
+            for r in (run, uninterrupted)
+        )
         assert len(a["shadow"]) == len(b["shadow"]) > 0
         assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a["shadow"], b["shadow"]))

@@ -12,8 +12,14 @@ from mogan_ds.launcher import REPO
 from mogan_ds.trainer import MoGANTrainer, NonFiniteLossError
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
-FAST = ["train.batch_size=1", "dmd.critic_updates=1", "logging.sample_every=0", "logging.wandb_mode=disabled",
-        "data.num_workers=0", "train.max_steps=1"]
+FAST = [
+    "train.batch_size=1",
+    "dmd.critic_updates=1",
+    "logging.sample_every=0",
+    "logging.wandb_mode=disabled",
+    "data.num_workers=0",
+    "train.max_steps=1",
+]
 
 
 def make_trainer(tiny_workdir, run_dir, *extra):
@@ -103,15 +109,26 @@ def test_export_loads_in_wanpipeline_and_generates(trainer):
     exported = dict(pipe.transformer.named_parameters())
     names = [n for n, _ in trainer.engines.generator.module.named_parameters()]
     assert all(torch.equal(exported[n], w) for n, w in zip(names, live))
-    video = pipe(prompt="a red ball", num_frames=5, height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
-                 max_sequence_length=32, output_type="np").frames
+    video = pipe(
+        prompt="a red ball",
+        num_frames=5,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        max_sequence_length=32,
+        output_type="np",
+    ).frames
     assert video.shape == (1, 5, 64, 64, 3) and torch.isfinite(torch.as_tensor(video)).all()
 
 
-@pytest.mark.parametrize("switches, engines", [
-    (["gan.enabled=false"], {"generator", "fake_score"}),                        # DMD-only baseline / warm-up
-    (["dmd.enabled=false", "gan.space=latent", "gan.r1=0", "gan.r2=0"], {"generator", "discriminator"}),
-])
+@pytest.mark.parametrize(
+    "switches, engines",
+    [
+        (["gan.enabled=false"], {"generator", "fake_score"}),  # DMD-only baseline / warm-up
+        (["dmd.enabled=false", "gan.space=latent", "gan.r1=0", "gan.r2=0"], {"generator", "discriminator"}),
+    ],
+)
 def test_paper_rows_as_switches(tiny_workdir, tmp_path, switches, engines):
     t = make_trainer(tiny_workdir, tmp_path, *switches)
     assert {r for r, _ in t.engines.items()} == engines

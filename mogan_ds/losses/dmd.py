@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from .. import metric_names as M
 
 
-def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def dmd_loss(
+    x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, weight: float = 1.0
+) -> tuple[torch.Tensor, dict]:
     """DMD generator loss.
 
     Args:

@@ -124,8 +124,10 @@ def approx_r1r2(
     ref = real_in if real_in is not None else fake_in
     loss = torch.zeros((), device=ref.device if ref is not None else None)
     logs: dict[str, float] = {}
-    for name, key, gp_key, weight, x, clean in (("r1", M.R1_GAP, M.R1_GP_WEIGHT, r1, real_in, real_logits),
-                                                ("r2", M.R2_GAP, M.R2_GP_WEIGHT, r2, fake_in, fake_logits)):
+    for name, key, gp_key, weight, x, clean in (
+        ("r1", M.R1_GAP, M.R1_GP_WEIGHT, r1, real_in, real_logits),
+        ("r2", M.R2_GAP, M.R2_GP_WEIGHT, r2, fake_in, fake_logits),
+    ):
         # To first order the penalty is weight * sigma^2 * |grad D|^2: log that product, the
         # number that is comparable across (lambda, sigma) pairs.
         logs[gp_key] = weight * sigma**2

@@ -43,7 +43,9 @@ def _expect_folder(path: str | os.PathLike, what: str, marker: str = "config.jso
     if not p.is_dir():
         raise MissingWeightsError(f"{what}: expected a diffusers-format folder at {p}, found nothing there")
     if marker and not (p / marker).is_file():
-        raise MissingWeightsError(f"{what}: expected {p / marker} (a diffusers/transformers folder written by save_pretrained)")
+        raise MissingWeightsError(
+            f"{what}: expected {p / marker} (a diffusers/transformers folder written by save_pretrained)"
+        )
     return p
 
 

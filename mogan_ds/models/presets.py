@@ -106,7 +106,9 @@ def architecture(models: ModelsConfig) -> tuple[dict, str]:
     if models.arch not in PRESETS:
         from ..config import ConfigError  # config imports this module (its models.arch check)
 
-        raise ConfigError(f"models.arch: unknown architecture preset {models.arch!r}; known: auto, {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"models.arch: unknown architecture preset {models.arch!r}; known: auto, {', '.join(PRESETS)}"
+        )
     return {**PRESETS[models.arch], "raft_arch": models.raft_arch}, f"preset {models.arch}"
 
 

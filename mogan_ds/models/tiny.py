@@ -76,7 +76,9 @@ def write_tiny_models(out: str | Path, seed: int = 0, overwrite: bool = False) -
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
     pipe.save_pretrained(out / "wan")
     transformer.save_pretrained(out / "generator")
     torch.save(build_raft(RAFT_ARCH).state_dict(), out / f"{RAFT_ARCH}.pth")

@@ -218,7 +218,9 @@ def plain_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     outs = []
     for i in range(x.shape[2]):
         vae._conv_idx = [0]
-        outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0)))
+        outs.append(
+            vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0))
+        )
     vae.clear_cache()  # drop the references to the last chunk's activations
     out = torch.cat(outs, dim=2)
     if vae.config.patch_size is not None:

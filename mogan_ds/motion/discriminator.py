@@ -58,7 +58,9 @@ class PredictionHead(nn.Module):
         self.query = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
         self.norm = nn.LayerNorm(dim, eps=eps)  # block outputs are un-normalised residual streams
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim, eps=eps), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         kv = self.norm(tokens.to(self.query.dtype))
@@ -74,7 +76,11 @@ class MotionDiscriminator(nn.Module):
         super().__init__()
         num_blocks = len(backbone.blocks)
         head_blocks = [int(b) for b in head_blocks]
-        if not head_blocks or sorted(set(head_blocks)) != head_blocks or not all(0 <= b < num_blocks for b in head_blocks):
+        if (
+            not head_blocks
+            or sorted(set(head_blocks)) != head_blocks
+            or not all(0 <= b < num_blocks for b in head_blocks)
+        ):
             raise ValueError(f"head_blocks must be increasing distinct indices in [0, {num_blocks}), got {head_blocks}")
         if head_blocks[-1] != num_blocks - 1:
             # Blocks after the last head would never run: dead weights, and parameters that
@@ -97,7 +103,9 @@ class MotionDiscriminator(nn.Module):
         self.head_dim = int(head_dim)
         self.timestep = int(timestep)
         dim = cfg.num_attention_heads * cfg.attention_head_dim
-        self.heads = nn.ModuleList(PredictionHead(dim, cfg.num_attention_heads, self.head_dim, cfg.eps) for _ in head_blocks)
+        self.heads = nn.ModuleList(
+            PredictionHead(dim, cfg.num_attention_heads, self.head_dim, cfg.eps) for _ in head_blocks
+        )
         self.final = nn.Sequential(  # in fp32: see Fp32Linear
             Fp32Linear(len(head_blocks) * self.head_dim, self.head_dim), nn.SiLU(), Fp32Linear(self.head_dim, 1)
         )
@@ -119,7 +127,9 @@ class MotionDiscriminator(nn.Module):
     def from_config(cls, config: dict) -> MotionDiscriminator:
         """An uninitialised discriminator of this shape (load a state dict into it)."""
         backbone = WanTransformer3DModel.from_config(config["backbone"])
-        return cls(backbone, torch.zeros(config["prompt_shape"]), config["head_blocks"], config["head_dim"], config["timestep"])
+        return cls(
+            backbone, torch.zeros(config["prompt_shape"]), config["head_blocks"], config["head_dim"], config["timestep"]
+        )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """config.json + model.safetensors (weights, heads and the prompt-embedding buffer)."""
@@ -182,7 +192,9 @@ def build_discriminator(
     backbone = load_transformer(teacher_transformer_path, dtype=dtype, num_layers=gan_cfg.disc_blocks)
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    model = MotionDiscriminator(backbone, prompt_embeds.to(dtype), gan_cfg.head_blocks, gan_cfg.head_dim, gan_cfg.disc_timestep)
+    model = MotionDiscriminator(
+        backbone, prompt_embeds.to(dtype), gan_cfg.head_blocks, gan_cfg.head_dim, gan_cfg.disc_timestep
+    )
     model.heads.to(dtype)
     model.final.to(dtype)
     return model

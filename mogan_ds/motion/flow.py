@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 def raft_input_size(height: int, width: int, min_size: int = 128) -> tuple[int, int]:
     """Smallest size >= (height, width) with both sides multiples of 8 and >= `min_size`."""
+
     def fit(n: int) -> int:
         return max(min_size, 8 * math.ceil(n / 8))
 
@@ -44,7 +45,14 @@ class RaftFlow(nn.Module):
     both in pixels of the *input* resolution; flow[:, :, t] maps frame t to frame t+1.
     """
 
-    def __init__(self, raft: nn.Module, num_iters: int = 12, pairs_per_chunk: int = 4, checkpoint: bool = True, min_size: int = 128):
+    def __init__(
+        self,
+        raft: nn.Module,
+        num_iters: int = 12,
+        pairs_per_chunk: int = 4,
+        checkpoint: bool = True,
+        min_size: int = 128,
+    ):
         super().__init__()
         if num_iters < 1 or pairs_per_chunk < 1:
             raise ValueError(f"need num_iters >= 1 and pairs_per_chunk >= 1, got {num_iters}, {pairs_per_chunk}")

@@ -70,8 +70,16 @@ class MotionPath:
         checkpoint: activation checkpointing in the decoder/encoder chunks (RAFT has its own).
     """
 
-    def __init__(self, vae, raft: RaftFlow | None, window: WindowSpec, *, space: str = "flow", flow_scale: float = 20.0,
-                 checkpoint: bool = True):
+    def __init__(
+        self,
+        vae,
+        raft: RaftFlow | None,
+        window: WindowSpec,
+        *,
+        space: str = "flow",
+        flow_scale: float = 20.0,
+        checkpoint: bool = True,
+    ):
         if space not in ("flow", "latent"):
             raise ValueError(f"space must be 'flow' or 'latent', got {space!r}")
         if space == "flow" and raft is None:
@@ -84,14 +92,21 @@ class MotionPath:
         self.flow_scale = float(flow_scale)
 
     @classmethod
-    def from_config(cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True) -> MotionPath:
+    def from_config(
+        cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True
+    ) -> MotionPath:
         """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*) for clips of
         `num_latent` latent chunks, and a loaded RAFT."""
         raft = None
         if gan_cfg.space == "flow":
             if raft_model is None:
                 raise ValueError("gan.space=flow needs the RAFT model (models.raft)")
-            raft = RaftFlow(raft_model, num_iters=gan_cfg.raft_iters, pairs_per_chunk=gan_cfg.raft_pairs_per_chunk, checkpoint=checkpoint)
+            raft = RaftFlow(
+                raft_model,
+                num_iters=gan_cfg.raft_iters,
+                pairs_per_chunk=gan_cfg.raft_pairs_per_chunk,
+                checkpoint=checkpoint,
+            )
         window = WindowSpec.from_config(gan_cfg, num_latent)
         return cls(vae, raft, window, space=gan_cfg.space, flow_scale=gan_cfg.flow_scale, checkpoint=checkpoint)
 

@@ -80,17 +80,23 @@ class WindowSpec:
         if w < 1:
             raise ValueError(f"a window needs at least one latent chunk, got {w}")
         if self.min_start + w > n:
-            raise ValueError(f"a window of {w} latent chunks does not fit the clip's {n}"
-                             + (f" from chunk {self.min_start} on" if self.min_start else ""))
+            raise ValueError(
+                f"a window of {w} latent chunks does not fit the clip's {n}"
+                + (f" from chunk {self.min_start} on" if self.min_start else "")
+            )
         if self.start != RANDOM and not self.min_start <= self.start <= n - w:
-            raise ValueError(f"window [{self.start}, {self.start + w}) does not fit {n} latent chunks "
-                             f"(allowed starts {self.min_start}..{n - w})")
+            raise ValueError(
+                f"window [{self.start}, {self.start + w}) does not fit {n} latent chunks "
+                f"(allowed starts {self.min_start}..{n - w})"
+            )
 
     def draw(self, generator: torch.Generator | None = None) -> Window:
         """This step's window: the fixed start, or a uniform draw from `generator` (seeded
         identically on every rank: the window sets how many network calls the step makes)."""
         if self.start == RANDOM:
-            start = int(torch.randint(self.min_start, self.num_latent - self.length + 1, (1,), generator=generator).item())
+            start = int(
+                torch.randint(self.min_start, self.num_latent - self.length + 1, (1,), generator=generator).item()
+            )
         else:
             start = int(self.start)
         return Window(start, self.length)

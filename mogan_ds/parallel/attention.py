@@ -31,7 +31,9 @@ def _compute_dtype(model: nn.Module) -> torch.dtype | None:
     return max(counts, key=counts.get) if counts else None
 
 
-def resolve_attention_backend(backend: str, model: nn.Module | None = None, device: torch.device | str | None = None) -> str:
+def resolve_attention_backend(
+    backend: str, model: nn.Module | None = None, device: torch.device | str | None = None
+) -> str:
     """The diffusers backend name for ``auto`` / ``flash`` / ``native``.
 
     ``auto`` = ``flash`` (flash-attn 2) when it is installed, the device is CUDA and

@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
 import deepspeed.comm as dist
 import torch
@@ -90,7 +91,7 @@ class Gather:
     expected_dims: int | None = None
 
 
-Op = Union[Shard, Gather]
+Op = Shard | Gather
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,18 @@ def plan_from_cp_plan(cp_plan: Mapping[str, Any]) -> dict[str, ModulePlan]:
             isinstance(spec, (list, tuple)) and all(isinstance(s, ContextParallelOutput) for s in spec)
         ):
             specs = [spec] if isinstance(spec, ContextParallelOutput) else list(spec)
-            out[path] = ModulePlan(outputs={i: Gather(s.gather_dim, s.expected_dims) for i, s in enumerate(specs) if s is not None})
+            out[path] = ModulePlan(
+                outputs={i: Gather(s.gather_dim, s.expected_dims) for i, s in enumerate(specs) if s is not None}
+            )
         elif isinstance(spec, Mapping):
             inputs, outputs = {}, {}
             for key, s in spec.items():
                 if isinstance(s, ContextParallelInput):
                     if s.split_output:
                         if not isinstance(key, int):
-                            raise ValueError(f"plan entry {path!r}: split_output needs an integer output index, got {key!r}")
+                            raise ValueError(
+                                f"plan entry {path!r}: split_output needs an integer output index, got {key!r}"
+                            )
                         outputs[key] = Shard(s.split_dim, s.expected_dims)
                     else:
                         inputs[key] = Shard(s.split_dim, s.expected_dims)
@@ -150,7 +155,9 @@ def wan_plan(model: nn.Module, prefix: str = "", gather_output: bool = True) -> 
     result = {}
     for path, mp in plan.items():
         if not gather_output:
-            mp = ModulePlan(inputs=mp.inputs, outputs={k: v for k, v in mp.outputs.items() if not isinstance(v, Gather)})
+            mp = ModulePlan(
+                inputs=mp.inputs, outputs={k: v for k, v in mp.outputs.items() if not isinstance(v, Gather)}
+            )
             if not mp.inputs and not mp.outputs:
                 continue
         full = ".".join(p for p in (prefix, path) if p)
@@ -228,7 +235,9 @@ def _apply(op: Op, x, topo, where: str):
             return x  # the other layout of an optional input: not token-shaped, stays replicated
         return shard_tensor(x, op.dim, topo, where)
     if op.expected_dims is not None and x.dim() != op.expected_dims:
-        raise ValueError(f"sequence parallelism: {where} has {x.dim()} dims, the plan gathers a {op.expected_dims}-dim tensor")
+        raise ValueError(
+            f"sequence parallelism: {where} has {x.dim()} dims, the plan gathers a {op.expected_dims}-dim tensor"
+        )
     return gather_tensor(x, op.dim, topo)
 
 
@@ -290,7 +299,9 @@ def _input_hook(name: str, plan: ModulePlan, topo, params: list[str]):
             if idx < len(args):
                 args[idx] = _apply(op, args[idx], topo, where)
             elif isinstance(key, int):
-                raise ValueError(f"sequence parallelism: {name or '<root>'} was called with {len(args)} positional args, plan needs #{key}")
+                raise ValueError(
+                    f"sequence parallelism: {name or '<root>'} was called with {len(args)} positional args, plan needs #{key}"
+                )
             # a named parameter left at its default: nothing to shard
         return tuple(args), kwargs
 
@@ -301,7 +312,9 @@ def _output_hook(name: str, plan: ModulePlan, topo):
     def hook(module, args, output):
         single = isinstance(output, torch.Tensor)
         if not single and not isinstance(output, (tuple, list)):
-            raise TypeError(f"sequence parallelism: {name or '<root>'} returned a {type(output).__name__}; plans address tensors or tuples")
+            raise TypeError(
+                f"sequence parallelism: {name or '<root>'} returned a {type(output).__name__}; plans address tensors or tuples"
+            )
         outs = [output] if single else list(output)
         for idx, op in plan.outputs.items():
             if idx >= len(outs):
@@ -341,7 +354,9 @@ def parallelize_module(module: nn.Module, plan: Plan, topo) -> SequenceParallelH
             mp = normalized[path]
             if mp.inputs:
                 handle._hooks.append(
-                    sub.register_forward_pre_hook(_input_hook(name, mp, topo, _forward_params(sub)), with_kwargs=True, prepend=True)
+                    sub.register_forward_pre_hook(
+                        _input_hook(name, mp, topo, _forward_params(sub)), with_kwargs=True, prepend=True
+                    )
                 )
             if mp.outputs:
                 handle._hooks.append(sub.register_forward_hook(_output_hook(name, mp, topo)))
@@ -386,12 +401,21 @@ class UlyssesWanAttnProcessor:
 
     def _local_attention(self, query, key, value):
         return dispatch_attention_fn(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend, parallel_config=None
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=None,
         )
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
-            raise ValueError("UlyssesWanAttnProcessor is for self-attention (attn1); cross-attention needs no all-to-all")
+            raise ValueError(
+                "UlyssesWanAttnProcessor is for self-attention (attn1); cross-attention needs no all-to-all"
+            )
         if attention_mask is not None:
             raise ValueError("UlyssesWanAttnProcessor: a mask over the full sequence cannot be applied to token shards")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)

@@ -172,7 +172,9 @@ class Results:
         worst, worst_key, ref_max = 0.0, "", 0.0
         for k in ref:
             if ref[k] is None or got[k] is None:
-                raise AssertionError(f"{name}: {k} has no gradient (got {got[k] is not None}, ref {ref[k] is not None})")
+                raise AssertionError(
+                    f"{name}: {k} has no gradient (got {got[k] is not None}, ref {ref[k] is not None})"
+                )
             d = (got[k].double() - ref[k].double()).abs().max().item()
             ref_max = max(ref_max, ref[k].abs().max().item())
             if d >= worst:
@@ -249,7 +251,9 @@ def check_chain(topo, res: Results) -> None:
     parallelize_wan(G, topo)
     install_ulysses_attention(D.backbone, topo)
     handle = parallelize_module(
-        D, {**wan_plan(D.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})}, topo
+        D,
+        {**wan_plan(D.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})},
+        topo,
     )
     res.info["chain_disc_hooks"] = handle.num_hooks
     record_tokens(D.backbone.blocks[1], res.info, "chain_disc_block1_tokens")
