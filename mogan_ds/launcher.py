@@ -24,8 +24,15 @@ def deepspeed_command(num_ranks: int, script: str | Path, args: list[str], maste
     return [exe, "--num_gpus", str(num_ranks), "--master_port", str(master_port or free_port()), str(script), *args]
 
 
+#: Rendezvous variables a started job must not inherit: a parent that initialised its own
+#: process group (an in-process trainer test, a notebook) still holds MASTER_PORT, and a child
+#: reusing it fails with EADDRINUSE.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
+    """The environment of a job started from this process: its own rendezvous, passive OpenMP."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     # One intra-op thread per rank: the ranks share the machine's cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     # ...and idle OpenMP threads sleep instead of spinning on the shared cores.

@@ -9,7 +9,7 @@ import pytest
 
 from mogan_ds.config import ConfigError, load_config
 from mogan_ds.engines import ds_config_for, gradient_accumulation_steps, load_ds_config
-from mogan_ds.launcher import REPO
+from mogan_ds.launcher import REPO, launch_env
 
 
 def topo(dp, sp=1):
@@ -95,6 +95,7 @@ def test_train_entry_point_fails_clearly(args, message, tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=launch_env(),
         timeout=300,
     )
     assert r.returncode == 2, r.stderr[-2000:]

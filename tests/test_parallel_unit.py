@@ -7,7 +7,6 @@ test_sequence_parallel.py, through the real launcher.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from mogan_ds.launcher import launch_env
 from mogan_ds.models.tiny import TINY_TRANSFORMER
 from mogan_ds.parallel import (
     Gather,
@@ -306,12 +306,7 @@ WORLD1 = textwrap.dedent(
 
 @pytest.mark.slow
 def test_world1_topology_and_zero3_engine_without_launcher(repo_root):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=repo_root + os.pathsep + env.get("PYTHONPATH", ""))
+    env = launch_env({"DS_ACCELERATOR": "cpu"})
     proc = subprocess.run(
         [sys.executable, "-c", WORLD1], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600
     )
@@ -325,3 +320,12 @@ def test_world1_topology_and_zero3_engine_without_launcher(repo_root):
     assert "already built with sp_size=1" in out["other_sp"]
     assert out["train_batch_size"] == 1
     assert out["changed"] > out["params"] // 2  # the step moved (nearly) every parameter
+
+
+def test_started_jobs_do_not_inherit_this_process_rendezvous(monkeypatch):
+    # An in-process trainer leaves MASTER_PORT & co. set; a child reusing them hits EADDRINUSE.
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    env = launch_env({"EXTRA": "1"})
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert env["EXTRA"] == "1" and env["OMP_WAIT_POLICY"] and env["PYTHONPATH"]
