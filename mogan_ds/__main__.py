@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo" and args.num_ranks < 1:
         ap.error("demo: --num_ranks must be >= 1")
 
+    # Each subcommand imports what it runs, lazily: a typo in a setting is reported before
+    # the heavy modules (DeepSpeed, diffusers) load.
     with user_errors(args.debug, f"python -m mogan_ds {args.cmd}") as outcome:
         if args.cmd == "info":
             from .info import format_help_keys, run_info

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .config import load_config
 from .launcher import REPO, deepspeed_command, launch_env
 from .models.tiny import write_tiny_models
 
@@ -89,8 +90,6 @@ def run_demo(workdir: str, num_ranks: int, ds_config: str, overrides: list[str])
     paths = prepare_tiny_workdir(workdir)
     args = ["--ds_config", ds_config, "--config", "tiny", *tiny_overrides(paths), *overrides]
     _run(deepspeed_command(num_ranks, "launch/train.py", args))
-    from .config import load_config
-
     run_dir = REPO / load_config("tiny", overrides).output.run_dir
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     last = rows[-1]

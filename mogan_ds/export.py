@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import WanTransformer3DModel
 
 from .master_weights import full_master
 from .parallel.ranks import process_rank
@@ -55,8 +56,6 @@ def export_generator(
     `module` is the generator engine's module (a WanTransformer3DModel, possibly with
     ZeRO-3 partitions and sequence-parallel hooks, neither of which reach the export).
     """
-    from diffusers import WanTransformer3DModel
-
     if ema is not None:
         with ema.swapped_in():  # the masters hold the EMA inside the block
             state = full_fp32_state_dict(module)
@@ -64,12 +63,28 @@ def export_generator(
         state = full_fp32_state_dict(module)
     if process_rank() != 0:
         return None
+    return write_pipeline_folder(state, dict(module.config), teacher_root, out, dtype)
+
+
+def write_pipeline_folder(
+    state: dict[str, torch.Tensor],
+    transformer_config: dict,
+    teacher_root: str | Path,
+    out: str | Path,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """`<out>/` = the teacher release with `transformer/` := a clean model holding `state`.
+
+    Shared by the trainer's export and `python -m mogan_ds export` (from a checkpoint on
+    disk), so both write the same folder from the same weights. Written to `<out>.partial`
+    and renamed, so an interrupted export never leaves a half folder under `out`.
+    """
     out, teacher_root = Path(out), Path(teacher_root)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(teacher_root, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns("transformer"))
-    clean = WanTransformer3DModel.from_config(dict(module.config))
+    clean = WanTransformer3DModel.from_config(transformer_config)
     clean.load_state_dict({k: v for k, v in state.items() if k in clean.state_dict()}, strict=True)
     clean.to(dtype).save_pretrained(tmp / "transformer")
     if out.exists():

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from .config import Config, dump_yaml, field_help, validate
 from .models.builders import DTYPES, build_raft
 from .models.presets import architecture, transformer_limits
+from .motion.discriminator import MotionDiscriminator
 
 # Mixed-precision AdamW under DeepSpeed: bf16 weight + bf16 grad + fp32 master + 2 fp32
 # moments = 2 + 2 + 4 + 4 + 4 bytes per trainable parameter (ZeRO-3 splits it over DP).
@@ -47,9 +50,6 @@ def _strip_meta_keys(d: dict) -> dict:
 
 def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[NetworkPlan], str]:
     """Every network of a MoGAN run, built on the meta device."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
     arch, source = architecture(cfg.models)
     tcfg = _strip_meta_keys(arch["transformer"])
     frozen = cfg.models.frozen_dtype
@@ -79,10 +79,6 @@ def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[Netw
 
 
 def _meta_discriminator(cfg: Config, tcfg: dict) -> torch.nn.Module:
-    from diffusers import WanTransformer3DModel
-
-    from .motion.discriminator import MotionDiscriminator
-
     backbone = WanTransformer3DModel.from_config({**tcfg, "num_layers": cfg.gan.disc_blocks})
     prompt = torch.zeros(1, cfg.text.max_length, tcfg["text_dim"])
     return MotionDiscriminator(backbone, prompt, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep)

@@ -27,7 +27,9 @@ compute copy.
 
 from __future__ import annotations
 
+import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
 # deepspeed is imported inside the functions that need it: importing it probes for
 # accelerators (seconds), and an fp32 module without an engine never needs it.
@@ -49,8 +51,6 @@ def local_master(p: torch.nn.Parameter) -> torch.Tensor:
     The result may be a copy (ZeRO-3 with offload): change the master with `set_local_master`.
     """
     if _z3_master(p):
-        from deepspeed.utils import safe_get_local_fp32_param
-
         return safe_get_local_fp32_param(p)
     if _zero3(p):
         raise ValueError("a ZeRO-3 parameter the optimizer does not train has no fp32 master")
@@ -77,8 +77,6 @@ def set_local_master(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     The compute copy is not touched: it is refreshed from the master at the next optimizer step.
     """
     if _z3_master(p):
-        from deepspeed.utils import safe_set_local_fp32_param
-
         safe_set_local_fp32_param(p, value)
     else:
         local_master(p).copy_(value)
@@ -90,9 +88,6 @@ def full_master(p: torch.nn.Parameter) -> torch.Tensor:
     A ZeRO-3 parameter the optimizer does not train has no master: it is gathered from its
     compute copy and upcast (that copy is all there is).
     """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
     if _z3_master(p) or hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p).detach().float()
     if _zero3(p):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .metric_names import PROGRESS_BAR
 
@@ -53,8 +54,6 @@ class MetricsLogger:
         self._fh = open(self.path, "a", buffering=1)
         if wandb_mode != "disabled":
             self._wandb = _start_wandb(run_dir, cfg_dict, wandb_mode, wandb_project)
-        from tqdm import tqdm
-
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -77,7 +76,7 @@ class MetricsLogger:
 
     def log_video(self, step: int, name: str, path: Path) -> None:
         if self.enabled and self._wandb is not None:
-            import wandb
+            import wandb  # lazy, as in _start_wandb: only reached when wandb is running
 
             self._wandb.log({name: wandb.Video(str(path), format="mp4")}, step=step)
 
@@ -111,6 +110,8 @@ def _jsonable(v):
 
 def _start_wandb(run_dir, cfg_dict, mode, project):
     try:
+        # Lazy: wandb is optional at run time (logging.wandb_mode=disabled) and its import is
+        # slow and can fail on a broken install, which must never stop training.
         import wandb
 
         return wandb.init(

@@ -20,6 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from .builders import build_raft
 
 TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
@@ -57,11 +61,6 @@ RAFT_ARCH = "raft_small"
 
 def write_tiny_models(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the tiny model set under `out`; returns `out`. Skips if already complete."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
-
-    from .builders import build_raft
-
     out = Path(out)
     done = out / ".complete"
     if done.exists() and not overwrite:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
+from torchvision.utils import flow_to_image
 
 
 def raft_input_size(height: int, width: int, min_size: int = 128) -> tuple[int, int]:
@@ -140,8 +141,6 @@ def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
     Uses torchvision's `flow_to_image`, normalised by the largest flow of each clip (not
     of each frame), so a clip's frames share one colour scale.
     """
-    from torchvision.utils import flow_to_image
-
     if flow.dim() != 5 or flow.shape[1] != 2:
         raise ValueError(f"expected flow [B, 2, T, H, W], got {tuple(flow.shape)}")
     clips = [flow_to_image(clip.float().transpose(0, 1).contiguous()).transpose(0, 1) for clip in flow]
