@@ -241,3 +241,43 @@ def test_weights_are_named_by_file_and_sha256(tmp_path):
     assert m.weights["motion_smoothness"] == f"amt-s.pth (sha256 {sha[:12]})"
     assert m.weights["motion_score"] == NOT_GIVEN  # needs the dynamics degree too
     assert motion_score(0.98, 0.5) == pytest.approx(0.74)
+
+
+def test_aesthetic_quality_on_a_tiny_clip_folder(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+        ),
+        projection_dim=8,
+    )
+    clip = CLIPModel(cfg).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    head = torch.nn.Linear(8, 1)
+    torch.save(head.state_dict(), tmp_path / "aes.pth")
+    m = VideoMetrics.from_weights(
+        EvalWeights(clip=str(tmp_path / "clip"), aesthetic=str(tmp_path / "aes.pth")), log=lambda s: None
+    )
+    assert (
+        m.weights["aesthetic_quality"].startswith("clip/ (sha256 ")
+        and " + aes.pth (sha256 " in m.weights["aesthetic_quality"]
+    )
+    frames = np.random.default_rng(0).integers(0, 256, (3, 240, 320, 3), dtype=np.uint8)
+    got = m.video(frames, 8)["aesthetic_quality"]
+    # By hand: VBench's transform, the normalised image embedding, the head, /10, mean over frames.
+    from mogan_ds.eval.quality import clip_transform
+
+    x = clip_transform(torch.from_numpy(frames).permute(0, 3, 1, 2).float())
+    assert x.shape == (3, 3, 224, 224)
+    with torch.no_grad():
+        emb = clip.visual_projection(clip.vision_model(pixel_values=x).pooler_output)
+        want = (head(torch.nn.functional.normalize(emb, dim=-1)) / 10).mean()
+    assert got == pytest.approx(float(want), rel=1e-5)
