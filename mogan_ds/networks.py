@@ -56,18 +56,18 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
 
     generator = load_transformer(gen_path, torch.float32)
     fake_score = load_transformer(teacher_path, torch.float32) if cfg.dmd.enabled else None
-    teacher = freeze(load_transformer(teacher_path, frozen), frozen, device) if cfg.dmd.enabled else None
+    teacher = freeze(load_transformer(teacher_path, frozen), device) if cfg.dmd.enabled else None
     discriminator = None
     if cfg.gan.enabled:
         discriminator = build_discriminator(
             teacher_path, cfg.gan, disc_prompt, torch.float32, gradient_checkpointing=cfg.models.gradient_checkpointing
         )
-    vae = freeze(load_vae(paths["vae"], frozen), frozen, device)
+    vae = freeze(load_vae(paths["vae"], frozen), device)
     raft = None
     if cfg.gan.enabled and cfg.gan.space == "flow":
         # fp32 whatever models.frozen_dtype says: torchvision's RAFT builds its coordinate
         # grids in fp32 and fails on its first call with half weights (5M parameters: free).
-        raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), torch.float32, device)
+        raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), device)
 
     for dit in (generator, fake_score, teacher):
         if dit is not None:

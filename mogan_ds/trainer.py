@@ -42,6 +42,7 @@ from .motion.pipeline import MotionPath
 from .motion.window import Window
 from .networks import build_networks, configure_trainable_attention
 from .parallel import Topology, init_distributed, resolve_attention_backend
+from .run_logging import setup_run_logging
 from .sampling import latent_shape, transformer_velocity_fn
 from .schedule import FlowMatchSchedule, randn
 from .training_samples import render_samples
@@ -57,6 +58,11 @@ class NonFiniteLossError(RuntimeError):
 def _seed(*key) -> int:
     # hashlib, not hash(): Python's str hash differs between processes.
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _params(module: torch.nn.Module) -> int:
+    """Parameter count, also of a ZeRO-3-partitioned module (whose params hold ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def _mean_logs(rows: list[dict]) -> dict:
@@ -83,6 +89,8 @@ class MoGANTrainer:
                 f"{self.run_dir} already holds checkpoints (newest {self.ckpt.latest().name}): pass --resume to "
                 "continue that run, or choose another output.run_dir"
             )
+        # From here on: one console summary on rank 0, everything else in <run_dir>/logs/rank_N.log.
+        setup_run_logging(self.run_dir, self.topo.rank)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -138,13 +146,21 @@ class MoGANTrainer:
             log.info("%s", self.describe())
 
     def describe(self) -> str:
-        """One paragraph for the run's log (rank 0, once): layout, batches and the GAN's effective settings."""
-        cfg, g = self.cfg, self.cfg.gan
+        """The run's set-up in a few lines, logged once on rank 0: layout, networks, batches,
+        the GAN's effective settings, data sources and where outputs go."""
+        cfg, g, t = self.cfg, self.cfg.gan, self.topo
         attn = resolve_attention_backend(cfg.models.attention_backend, self.engines.generator.module, self.device)
-        t = self.topo
+        engines = ", ".join(f"{r} {_params(e.module) / 1e6:,.1f}M" for r, e in self.engines.items())
+        frozen = ", ".join(
+            f"{name} {_params(m) / 1e6:,.1f}M {next(m.parameters()).dtype}".replace("torch.", "")
+            for name, m in (("teacher", self.teacher), ("vae", self.vae), ("raft", self.motion and self.motion.raft))
+            if isinstance(m, torch.nn.Module)
+        )
         lines = [
-            f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size}; engines: {', '.join(r for r, _ in self.engines.items())}; attention: {attn}",
-            f"batch {cfg.train.batch_size} (micro {self.micro} x dp {self.topo.dp_size} x accumulation {self.gas})",
+            f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size} on {self.device.type}; attention: {attn}",
+            f"engines (ZeRO partitions of): {engines}; frozen replicas: {frozen}",
+            f"batch {cfg.train.batch_size} (micro {self.micro} x dp {t.dp_size} x accumulation {self.gas}), "
+            f"{cfg.train.max_steps} steps from step {self.step}",
         ]
         if g.enabled:
             w = self.motion.window
@@ -155,6 +171,8 @@ class MoGANTrainer:
                 f"lambda ({g.r1:g}, {g.r2:g}) x sigma^2 ({g.sigma:g}^2) = effective gradient-penalty weights "
                 f"({g.r1 * g.sigma**2:g}, {g.r2 * g.sigma**2:g})"
             )
+        lines.append(f"data: prompts {cfg.data.prompts}" + (f", clips {cfg.data.shards}" if g.enabled else ""))
+        lines.append(f"outputs: {self.run_dir} (metrics.jsonl, checkpoints/, samples/, export/, logs/)")
         return "\n  ".join(lines)
 
     # ================================================================== the iteration

@@ -51,3 +51,15 @@ def test_missing_weights_say_what_was_expected_where(tmp_path):
 def test_raft_weights_of_the_wrong_arch_are_rejected(tiny_models):
     with pytest.raises(ValueError, match="do not match raft_large"):
         builders.load_raft(tiny_models / "raft_small.pth", "raft_large")
+
+
+def test_frozen_bf16_teacher_keeps_diffusers_fp32_modules(tiny_models):
+    """freeze() moves a replica, it does not re-cast it: a bf16 Wan teacher keeps its norms, RoPE
+    and time embedder in fp32 exactly as from_pretrained(torch_dtype=bf16) left them."""
+    path = tiny_models / "wan" / "transformer"
+    loaded = builders.load_transformer(path, torch.bfloat16)
+    before = {n: p.dtype for n, p in loaded.named_parameters()}
+    assert torch.float32 in before.values() and torch.bfloat16 in before.values()
+    frozen = builders.freeze(loaded, torch.device("cpu"))
+    assert {n: p.dtype for n, p in frozen.named_parameters()} == before
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

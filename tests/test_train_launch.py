@@ -69,8 +69,29 @@ def check(proc):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_workdir, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
-    check(launch(train_args(tiny_workdir, run)))
+    proc = launch(train_args(tiny_workdir, run))
+    check(proc)
+    (run.parent / f"{run.name}.console.txt").write_text(proc.stdout + proc.stderr)
     return run
+
+
+def test_console_is_one_summary_and_the_rest_goes_to_the_log_files(uninterrupted):
+    """Two ranks print one set-up summary (rank 0), no per-module/per-rank set-up lines and no
+    library deprecations; every rank's full record is in <run_dir>/logs/rank_N.log."""
+    console = (uninterrupted.parent / f"{uninterrupted.name}.console.txt").read_text()
+    assert console.count("world 2 = dp 2 x sp 1") == 1 and "effective gradient-penalty weights" in console
+    for noise in (
+        "attention backend of",
+        "Attention backends are an experimental",
+        "FutureWarning",
+        "should be kept in float32",
+    ):
+        assert noise not in console, noise
+    logs = sorted(p.name for p in (uninterrupted / "logs").glob("rank_*.log"))
+    assert logs == ["rank_00000.log", "rank_00001.log"]
+    rank0 = (uninterrupted / "logs" / "rank_00000.log").read_text()
+    assert "world 2 = dp 2 x sp 1" in rank0 and "checkpoint" in rank0
+    assert "world 2 = dp 2 x sp 1" not in (uninterrupted / "logs" / "rank_00001.log").read_text()
 
 
 def test_two_rank_run_leaves_its_outputs(uninterrupted):

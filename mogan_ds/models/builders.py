@@ -31,9 +31,14 @@ class MissingWeightsError(FileNotFoundError):
     """A weights folder or file is missing; the message says what was expected where."""
 
 
-def freeze(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A frozen replica: eval mode, no grads, in `dtype` on `device`."""
-    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+def freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A frozen replica on `device`: eval mode, no grads, in the dtype(s) it was loaded with.
+
+    No dtype cast here: the loaders set the precision, and diffusers keeps some modules of a
+    bf16 Wan model in fp32 (`_keep_in_fp32_modules`: norms, RoPE, time embedder). A blanket
+    `.to(dtype)` would cast those to bf16 as well.
+    """
+    return module.to(device=device).requires_grad_(False).eval()
 
 
 def _expect_folder(path: str | os.PathLike, what: str, marker: str = "config.json") -> Path:
