@@ -12,6 +12,9 @@
     plan  --config <recipe> --ds_config x.json [--nodes N] [--gpus-per-node G] [--gpu h100|h200] [key=value ...]
           one rank of a training iteration on fake tensors at the recipe's shape: FLOPs per
           phase and network, per-rank memory, communication, estimated time, fits or not
+    export --run-dir <dir> [--step N] [--ema] [--critics] --out <folder>
+          any complete checkpoint -> a WanPipeline folder (the generator, or its EMA), offline
+          (no training world); --critics adds the fake score and discriminator as safetensors
 
 A bad setting or a missing/malformed file ends in one line on stderr and exit code 2;
 `--debug` shows the traceback.
@@ -24,6 +27,7 @@ import sys
 
 from .cli import add_debug_flag, user_errors
 from .config import load_config
+from .export_cli import add_arguments as add_export_arguments
 from .plan.command import add_arguments as add_plan_arguments
 from .plan.command import run as run_plan
 
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan = sub.add_parser("plan", help="one rank of an iteration on fake tensors: FLOPs, memory, communication, fit")
     add_plan_arguments(p_plan)
     add_debug_flag(p_plan)
+    p_export = sub.add_parser("export", help="a checkpoint of a run -> WanPipeline folder, without the training world")
+    add_export_arguments(p_export)
+    add_debug_flag(p_export)
     return ap
 
 
@@ -94,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "plan":
             print(run_plan(args))
+            return 0
+        if args.cmd == "export":
+            from .export_cli import run as run_export
+
+            run_export(args)
             return 0
         if args.cmd == "demo":
             from .demo import run_demo
