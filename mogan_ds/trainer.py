@@ -42,6 +42,7 @@ from .motion.pipeline import MotionPath
 from .motion.window import Window
 from .networks import build_networks, configure_trainable_attention
 from .parallel import Topology, init_distributed, resolve_attention_backend
+from .reshard import load_reshaped, needs_reshape, universal_ds_config
 from .run_logging import setup_run_logging
 from .sampling import latent_shape, transformer_velocity_fn
 from .schedule import FlowMatchSchedule, randn
@@ -91,6 +92,11 @@ class MoGANTrainer:
             )
         # From here on: one console summary on rank 0, everything else in <run_dir>/logs/rank_N.log.
         setup_run_logging(self.run_dir, self.topo.rank)
+        # A checkpoint written on another dp x sp loads through DeepSpeed's universal format,
+        # which the engines must be built for (`reshard`).
+        self._reshape = resume and needs_reshape(self.ckpt.latest(), self.topo)
+        if self._reshape:
+            base_ds = universal_ds_config(base_ds)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -411,14 +417,21 @@ class MoGANTrainer:
         if path is None:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", self.ckpt.root)
             return
-        state = self.ckpt.load(path, self.engines)
+        if self._reshape:
+            gen = self.engines.generator.module
+            order = [(n, getattr(p, "ds_shape", p.shape)) for n, p in gen.named_parameters() if p.requires_grad]
+            state = load_reshaped(path, self.engines, self.topo, order if self.ema is not None else None)
+        else:
+            state = self.ckpt.load(path, self.engines)
         layout = {"dp": self.topo.dp_size, "sp": self.topo.sp_size}
         if state["layout"] != layout:
             raise RuntimeError(f"{path} was written with layout {state['layout']}, this run has {layout}")
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
-        self.prompts.load_state_dict(state["prompts"])
-        if self.clips is not None:
+        # None: a reshape changed the data-parallel split, the streams start their new slots.
+        if state["prompts"] is not None:
+            self.prompts.load_state_dict(state["prompts"])
+        if self.clips is not None and state["clips"] is not None:
             self.clips.load_state_dict(state["clips"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
