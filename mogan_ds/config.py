@@ -263,6 +263,29 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = F(
+        0,
+        "Evaluate the generator (its EMA when kept) every N iterations: fixed prompts x seeds sampled with the "
+        "few-step sampler, VBench's motion metrics logged as eval_* to metrics.jsonl / wandb; 0 disables.",
+        ge=0,
+    )
+    num_prompts: int = F(2, "Prompt embeddings (the first of data.prompts) sampled at each evaluation.", ge=1)
+    seeds: list[int] = F(
+        [0, 1], "Noise seeds, each with every prompt: the same videos' noise at every evaluation.", ge=0
+    )
+    raft: str = F(
+        "",
+        "RAFT weights for dynamics degree: VBench's raft-things.pth or a torchvision raft_large state dict. Empty: "
+        "the training RAFT (models.raft) at VBench's 20 iterations: comparable along the run, not to VBench's numbers.",
+    )
+    amt: str = F("", "VBench's amt-s.pth for motion smoothness; empty: that column is n/a.")
+    clip: str = F("", "CLIP ViT-L/14 folder (transformers) for aesthetic quality; empty: n/a.")
+    aesthetic: str = F("", "LAION aesthetic predictor .pth (with eval.clip); empty: n/a.")
+    musiq: str = F("", "MUSIQ weights for imaging quality (needs the eval-iqa extra); empty: n/a.")
+
+
+@dataclass
 class OutputConfig:
     run_dir: str = F("runs/mogan", "Run directory: resolved config, logs, checkpoints, samples.")
     checkpoint_every: int = F(500, "Checkpoint every N iterations.", ge=1)
@@ -284,6 +307,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallelism."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics and samples."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Motion metrics during training."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Run directory and checkpoints."})
 
     # Derived quantities -------------------------------------------------------------

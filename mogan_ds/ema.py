@@ -65,3 +65,36 @@ class ShardedEMA:
         finally:
             for b, p in zip(backup, self.params):
                 set_local_master(p, b)
+
+    @contextlib.contextmanager
+    def compute_swapped_in(self):
+        """Within the block the *compute* weights the forward uses hold the EMA (cast to their
+        dtype); afterwards the training values again. For sampling with the EMA (in-training
+        evaluation). No optimizer step inside the block.
+
+        ZeRO-3: this rank's compute partition `p.ds_tensor` has the shape of its master
+        partition, so the EMA shard maps onto it one to one. A module without ZeRO: the
+        parameter itself. ZeRO-1/2 keep a rank's master fragment in a flat buffer that does not
+        line up with the full compute copy: refused (the product's engines are ZeRO-3).
+        """
+        targets = []
+        for p in self.params:
+            if hasattr(p, "ds_tensor"):
+                targets.append(p.ds_tensor)
+            elif hasattr(p, "_hp_mapping"):
+                raise NotImplementedError(
+                    "sampling with the EMA needs ZeRO-3 or no ZeRO (the EMA shard of a "
+                    "ZeRO-1/2 rank covers only its optimizer fragment)"
+                )
+            else:
+                targets.append(p.data)
+        backup = [t.detach().clone() for t in targets]
+        with torch.no_grad():
+            for s, t in zip(self.shadow, targets):
+                t.copy_(s.view(t.shape).to(t.device, t.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, t in zip(backup, targets):
+                    t.copy_(b)

@@ -31,9 +31,6 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
-# deepspeed is imported inside the functions that need it: importing it probes for
-# accelerators (seconds), and an fp32 module without an engine never needs it.
-
 
 def _zero3(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")

@@ -15,6 +15,7 @@ sequence everywhere), and a resumed run draws exactly what an uninterrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -31,6 +32,7 @@ from .data.corpus import MotionClipStream
 from .data.prompts import PromptEmbeddings, load_special_embeddings
 from .data.streaming import check_shard_source
 from .ema import ShardedEMA
+from .eval.in_training import TrainingEval
 from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
 from .export import export_generator
 from .losses.dmd import dmd_loss
@@ -134,6 +136,16 @@ class MoGANTrainer:
                 cfg.data, cfg.video, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, batch_size=self.micro
             )
         self.ema = ShardedEMA(self.engines.generator.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            self.evaluator = TrainingEval(
+                cfg.eval,
+                prompts_path=cfg.data.prompts,
+                video=cfg.video,
+                device=self.device,
+                is_rank0=self.rank0,
+                training_raft=nets.raft,
+            )
         self.step, self.nonfinite_streak, self.nonfinite_total = 0, 0, 0
         if resume:
             self._resume()
@@ -365,8 +377,11 @@ class MoGANTrainer:
                 logs = self.train_step(self.step)
                 self.step += 1
                 dt = time.perf_counter() - t0
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
-                    self.metrics.log(self.step, self._scalars(logs, dt))
+                # The same decision on every rank: _scalars and the evaluation are collective.
+                evaluate = cfg.eval.every > 0 and self.step % cfg.eval.every == 0
+                evals = self.evaluate() if evaluate else {}
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps or evaluate:
+                    self.metrics.log(self.step, self._scalars(logs, dt) | evals)
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                     self.write_samples()
                 if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.max_steps:
@@ -374,6 +389,14 @@ class MoGANTrainer:
             self.export()
         finally:
             self.metrics.close()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """`eval.every`: the generator (its EMA when kept) samples the fixed evaluation set;
+        rank 0 returns the eval_* motion metrics. Collective (every rank runs the forward)."""
+        swap = self.ema.compute_swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with swap:
+            return self.evaluator.run(self.gen_fn, self.schedule, self.vae)
 
     def _scalars(self, logs: dict, dt: float) -> dict:
         # Losses are averaged over data-parallel ranks so the log describes the global batch.
