@@ -67,17 +67,25 @@ def main() -> None:
     h100 = make_plan(h100_cfg, ds, 1, 8, "h100")
     print(f"1 x 8 H100, sp {args.h100_sp}: {verdict(h100)}", flush=True)
 
-    print(json.dumps({
-        "fits": paper.fits,
-        "peak_gib_per_rank": round(paper.peak_bytes / GIB, 2),
-        "iteration_tflop_per_rank": round(mo.total / 1e12, 1),
-        "est_iteration_s": round(paper.seconds, 1),
-        "mogan_over_dmd_flops": round(mo.total / dm.total, 3),
-        "gan_overhead_share": share,
-        "act_mem_ratio_sp2": round(gan_phase_peak(sp2) / gan_phase_peak(paper), 3),
-        "h100_1x8": {"fits": h100.fits, "peak_gib_per_rank": round(h100.peak_bytes / GIB, 2), "sp_size": args.h100_sp},
-        "planner_wall_s": round(time.perf_counter() - t0, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "fits": paper.fits,
+                "peak_gib_per_rank": round(paper.peak_bytes / GIB, 2),
+                "iteration_tflop_per_rank": round(mo.total / 1e12, 1),
+                "est_iteration_s": round(paper.seconds, 1),
+                "mogan_over_dmd_flops": round(mo.total / dm.total, 3),
+                "gan_overhead_share": share,
+                "act_mem_ratio_sp2": round(gan_phase_peak(sp2) / gan_phase_peak(paper), 3),
+                "h100_1x8": {
+                    "fits": h100.fits,
+                    "peak_gib_per_rank": round(h100.peak_bytes / GIB, 2),
+                    "sp_size": args.h100_sp,
+                },
+                "planner_wall_s": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

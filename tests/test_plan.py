@@ -38,11 +38,11 @@ def test_cpu_sdpa_flops_forward_and_backward():
 def test_live_bytes_known_answer_on_fake_tensors():
     mib = 2**20
     with FakeTensorMode(), LiveBytes() as mem:
-        x = torch.empty(mib // 4)          # 1 MiB fp32
-        y = x * 2                          # +1 MiB
-        z = y.view(-1)[: mib // 8]         # a view: no new storage
+        x = torch.empty(mib // 4)  # 1 MiB fp32
+        y = x * 2  # +1 MiB
+        z = y.view(-1)[: mib // 8]  # a view: no new storage
         del x
-        w = torch.cat([y, y])              # +2 MiB -> peak 3 MiB with y (x freed)
+        w = torch.cat([y, y])  # +2 MiB -> peak 3 MiB with y (x freed)
         assert mem.live == 3 * mib
         del w, z
         assert mem.live == mib
@@ -54,8 +54,8 @@ def test_live_bytes_counts_a_linear_backward():
     lin = torch.nn.Linear(256, 512)
     x = torch.randn(64, 256, requires_grad=True)
     with LiveBytes() as mem:
-        y = lin(x)                         # 64*512*4 = 128 KiB
-        loss = y.square().sum()            # y^2 (128 KiB) + scalar
+        y = lin(x)  # 64*512*4 = 128 KiB
+        loss = y.square().sum()  # y^2 (128 KiB) + scalar
         loss.backward()
     # input grad (64 KiB) and weight/bias grads (512 KiB + 2 KiB) stay alive after backward
     assert mem.live >= 64 * 256 * 4 + 512 * 256 * 4
@@ -97,14 +97,30 @@ def test_planner_activation_peak_matches_real_tensors(planned, real):
     # lifetimes must give the peaks real tensors give.
     for fake_phase, real_phase in zip(planned.phases, real.phases):
         assert real_phase.act_peak_bytes > 0
-        assert abs(fake_phase.act_peak_bytes - real_phase.act_peak_bytes) <= 0.15 * real_phase.act_peak_bytes, fake_phase.name
+        assert abs(fake_phase.act_peak_bytes - real_phase.act_peak_bytes) <= 0.15 * real_phase.act_peak_bytes, (
+            fake_phase.name
+        )
 
 
 def test_cli_last_line_is_json(capsys):
     from mogan_ds.__main__ import main
 
-    rc = main(["plan", "--config", "tiny", "--ds_config", "ds_configs/zero3_bf16.json", "--nodes", "1",
-               "--gpus-per-node", "2", "--gpu", "h100", *SMALL])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "tiny",
+            "--ds_config",
+            "ds_configs/zero3_bf16.json",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--gpu",
+            "h100",
+            *SMALL,
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])

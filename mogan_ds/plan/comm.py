@@ -79,7 +79,9 @@ class LocalCollectives:
         def get_world_size(group=None):
             return group.size if isinstance(group, PlanSPGroup) else saved["get_world_size"](group)
 
-        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        def all_to_all_single(
+            output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+        ):
             if not isinstance(group, PlanSPGroup):
                 return saved["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group, async_op)
             output.copy_(input)
@@ -89,8 +91,12 @@ class LocalCollectives:
         def allgather_fn(output_tensor, input_tensor, group=None, async_op=False, debug=None):
             if not isinstance(group, PlanSPGroup):
                 return saved["allgather_fn"](output_tensor, input_tensor, group=group, async_op=async_op)
-            output_tensor.view(group.size, *input_tensor.shape).copy_(input_tensor.unsqueeze(0).expand(group.size, *input_tensor.shape))
-            counter.add("sp_all_gather", output_tensor.numel() * output_tensor.element_size() * (group.size - 1) / group.size)
+            output_tensor.view(group.size, *input_tensor.shape).copy_(
+                input_tensor.unsqueeze(0).expand(group.size, *input_tensor.shape)
+            )
+            counter.add(
+                "sp_all_gather", output_tensor.numel() * output_tensor.element_size() * (group.size - 1) / group.size
+            )
             return None
 
         def reduce_scatter_fn(output_tensor, tensor, op=None, group=None, async_op=False, prof=False, debug=None):
@@ -121,9 +127,9 @@ class LocalCollectives:
 class EngineCalls:
     """How often an engine's module ran in one iteration (counted by the runner's hooks)."""
 
-    forwards: int = 0        # every forward: one all-gather of the parameters
-    grad_forwards: int = 0   # forwards recorded by autograd: their backward re-gathers the parameters
-    updates: int = 0         # backward+step calls: one gradient reduce-scatter each
+    forwards: int = 0  # every forward: one all-gather of the parameters
+    grad_forwards: int = 0  # forwards recorded by autograd: their backward re-gathers the parameters
+    updates: int = 0  # backward+step calls: one gradient reduce-scatter each
 
 
 def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int = 2) -> dict[str, int]:

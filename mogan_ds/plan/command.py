@@ -18,8 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=8, help="GPUs per node")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model (peak bf16 and memory)")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model-FLOP utilisation assumed for the time estimate")
-    p.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip planning the fixes when it does not fit")
+    p.add_argument(
+        "--mfu", type=float, default=DEFAULT_MFU, help="model-FLOP utilisation assumed for the time estimate"
+    )
+    p.add_argument(
+        "--no-suggest", dest="suggest", action="store_false", help="skip planning the fixes when it does not fit"
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
 

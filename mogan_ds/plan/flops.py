@@ -44,7 +44,9 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _cpu_sdpa_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     # _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, value, out, logsumexp, ...)
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
@@ -72,7 +74,9 @@ class Flops:
 
     def __add__(self, other: Flops) -> Flops:
         keys = dict.fromkeys([*self.by_network, *other.by_network])
-        return Flops(self.total + other.total, {n: self.by_network.get(n, 0) + other.by_network.get(n, 0) for n in keys})
+        return Flops(
+            self.total + other.total, {n: self.by_network.get(n, 0) + other.by_network.get(n, 0) for n in keys}
+        )
 
 
 def count_flops(fn: Callable[[], object], labels: dict[torch.nn.Module, str]) -> tuple[object, Flops]:

@@ -28,7 +28,7 @@ DEFAULT_MFU = 0.35
 @dataclass(frozen=True)
 class GPU:
     name: str
-    bf16_dense_flops: float   # FLOP/s
+    bf16_dense_flops: float  # FLOP/s
     memory_bytes: int
 
     @property

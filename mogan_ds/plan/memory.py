@@ -94,8 +94,8 @@ class ModelStates:
     name: str
     params: int
     trainable: bool
-    gpu_bytes: int              # what the plan adds up
-    breakdown: dict[str, int]   # component -> bytes (ours; see zero_model_states)
+    gpu_bytes: int  # what the plan adds up
+    breakdown: dict[str, int]  # component -> bytes (ours; see zero_model_states)
     source: str
 
 
@@ -104,8 +104,9 @@ def largest_layer_params(module: torch.nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
 
 
-def zero_model_states(name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_optimizer: bool,
-                      offload_param: bool) -> ModelStates:
+def zero_model_states(
+    name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_optimizer: bool, offload_param: bool
+) -> ModelStates:
     """A trainable engine's model states per rank under ZeRO-3 over all nodes*gpus ranks.
 
     The partition group is every rank (the topology's zero_group: dp*sp ranks), so the
@@ -125,8 +126,14 @@ def zero_model_states(name: str, module: torch.nn.Module, gpus_per_node: int, no
     largest = largest_layer_params(module)
     world = gpus_per_node * nodes
     _, gpu_bytes, largest_mem = estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
-        cpu_offload=offload_optimizer or offload_param, cpu_offload_params=offload_param, zero_init=True)
+        total,
+        largest,
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=offload_optimizer or offload_param,
+        cpu_offload_params=offload_param,
+        zero_init=True,
+    )
     on_gpu = not (offload_optimizer or offload_param)
     breakdown = {
         "bf16 params": 0 if offload_param else 2 * total // world,
@@ -136,10 +143,19 @@ def zero_model_states(name: str, module: torch.nn.Module, gpus_per_node: int, no
         "fp32 grad (step)": 2 * total // world if on_gpu else 0,
         "largest layer": largest_mem,
     }
-    where = "optimizer offloaded to CPU" if offload_optimizer and not offload_param else (
-        "params+optimizer offloaded to CPU" if offload_param else "all on GPU")
-    return ModelStates(name, total, True, int(gpu_bytes), breakdown,
-                       f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks, {where}")
+    where = (
+        "optimizer offloaded to CPU"
+        if offload_optimizer and not offload_param
+        else ("params+optimizer offloaded to CPU" if offload_param else "all on GPU")
+    )
+    return ModelStates(
+        name,
+        total,
+        True,
+        int(gpu_bytes),
+        breakdown,
+        f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks, {where}",
+    )
 
 
 def frozen_model_states(name: str, module: torch.nn.Module) -> ModelStates:

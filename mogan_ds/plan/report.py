@@ -85,7 +85,9 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
     validate(cfg, **transformer_limits(cfg.models), world_size=world)
     zero = ds.get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3:
-        raise ConfigError("plan: only ZeRO stage 3 ds_configs are modelled (the trainer's parallel layout needs stage 3 with sp > 1)")
+        raise ConfigError(
+            "plan: only ZeRO stage 3 ds_configs are modelled (the trainer's parallel layout needs stage 3 with sp > 1)"
+        )
     run = run_iteration(cfg, world, trainable_dtype(ds))
     off_opt, off_param = _offload(ds, "offload_optimizer"), _offload(ds, "offload_param")
     states = [zero_model_states(r, run.modules[r], gpus_per_node, nodes, off_opt, off_param) for r in run.trainable]
@@ -132,21 +134,37 @@ def format_plan(p: Plan) -> str:
     for ph in run.phases:
         f = ph.flops.scaled(ph.repeats)
         row = " ".join(f"{f.by_network.get(n, 0) / 1e12:11.1f}" for n in nets)
-        lines.append(f"{ph.name[:15]:<15} x{ph.repeats:<3}{row} {f.total / 1e12:11.1f} {ph.act_peak_bytes / GIB:7.2f} GiB")
+        lines.append(
+            f"{ph.name[:15]:<15} x{ph.repeats:<3}{row} {f.total / 1e12:11.1f} {ph.act_peak_bytes / GIB:7.2f} GiB"
+        )
     it = p.iteration_flops
-    lines.append(f"{'iteration':<19}" + " ".join(f"{it.by_network.get(n, 0) / 1e12:11.1f}" for n in nets) + f" {it.total / 1e12:11.1f}")
+    lines.append(
+        f"{'iteration':<19}"
+        + " ".join(f"{it.by_network.get(n, 0) / 1e12:11.1f}" for n in nets)
+        + f" {it.total / 1e12:11.1f}"
+    )
     lines += ["", "memory per rank"]
     for s in p.states:
         detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in s.breakdown.items() if v) if s.trainable else ""
-        lines.append(f"  {s.name:<14} {s.params / 1e9:6.2f} B params {_gib(s.gpu_bytes)}  {s.source}" + (f" [{detail} GiB]" if detail else ""))
-    lines.append(f"  {'activations':<14} {'':15}{_gib(p.act_peak_bytes)}  peak of the {p.act_peak_phase} phase (live-bytes tracker, fake tensors)")
-    lines.append(f"  {'total':<14} {'':15}{_gib(p.peak_bytes)}  of {p.gpu.usable_bytes / GIB:.1f} GiB usable "
-                 f"({p.gpu.memory_bytes / 1e9:.0f} GB minus a 4 GiB reserve, an estimate)")
+        lines.append(
+            f"  {s.name:<14} {s.params / 1e9:6.2f} B params {_gib(s.gpu_bytes)}  {s.source}"
+            + (f" [{detail} GiB]" if detail else "")
+        )
+    lines.append(
+        f"  {'activations':<14} {'':15}{_gib(p.act_peak_bytes)}  peak of the {p.act_peak_phase} phase (live-bytes tracker, fake tensors)"
+    )
+    lines.append(
+        f"  {'total':<14} {'':15}{_gib(p.peak_bytes)}  of {p.gpu.usable_bytes / GIB:.1f} GiB usable "
+        f"({p.gpu.memory_bytes / 1e9:.0f} GB minus a 4 GiB reserve, an estimate)"
+    )
     lines += ["", "communication per rank and iteration"]
     for k, v in sorted(p.comm_bytes.items()):
         lines.append(f"  {k:<38} {_gib(v)}")
-    lines += ["", f"estimated iteration time: {p.seconds:.1f} s (an estimate: {it.total / 1e12:.0f} TFLOP at {p.mfu:.0%} MFU of "
-                  f"{p.gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s dense bf16; communication assumed overlapped)"]
+    lines += [
+        "",
+        f"estimated iteration time: {p.seconds:.1f} s (an estimate: {it.total / 1e12:.0f} TFLOP at {p.mfu:.0%} MFU of "
+        f"{p.gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s dense bf16; communication assumed overlapped)",
+    ]
     return "\n".join(lines)
 
 
@@ -219,8 +237,12 @@ def render(p: Plan, fixes: list[tuple[str, Plan]] | None = None) -> str:
     if not p.fits:
         if fixes:
             for desc, q in fixes:
-                out.append(f"  would fit with {desc}: {q.peak_bytes / GIB:.1f} GiB per rank, est. {q.seconds:.1f} s/iteration (checked by planning it)")
+                out.append(
+                    f"  would fit with {desc}: {q.peak_bytes / GIB:.1f} GiB per rank, est. {q.seconds:.1f} s/iteration (checked by planning it)"
+                )
         else:
-            out.append("  none of the checked fixes (sp_size x2, optimizer offload, half the GAN window) fits on its own")
+            out.append(
+                "  none of the checked fixes (sp_size x2, optimizer offload, half the GAN window) fits on its own"
+            )
     out.append(json.dumps(summary(p, fixes)))
     return "\n".join(out)

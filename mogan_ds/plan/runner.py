@@ -115,17 +115,17 @@ class _Endless:
 @dataclass
 class PhaseResult:
     name: str
-    repeats: int                      # how many times the trainer runs this per iteration
-    flops: Flops = field(default_factory=Flops)     # one run
-    act_peak_bytes: int = 0           # live activation bytes at the phase's peak (incl. earlier phases' survivors)
-    collectives: dict[str, int] = field(default_factory=dict)   # SP bytes of one run
+    repeats: int  # how many times the trainer runs this per iteration
+    flops: Flops = field(default_factory=Flops)  # one run
+    act_peak_bytes: int = 0  # live activation bytes at the phase's peak (incl. earlier phases' survivors)
+    collectives: dict[str, int] = field(default_factory=dict)  # SP bytes of one run
     engine_calls: dict[str, EngineCalls] = field(default_factory=dict)  # one run
 
 
 @dataclass
 class RunResult:
     phases: list[PhaseResult]
-    modules: dict[str, torch.nn.Module]   # name -> module (fake parameters), for the model states
+    modules: dict[str, torch.nn.Module]  # name -> module (fake parameters), for the model states
     trainable: list[str]
     gas: int
     disc_gas: int
@@ -159,7 +159,9 @@ def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str =
         if cfg.gan.enabled:
             backbone = WanTransformer3DModel.from_config({**tcfg, "num_layers": cfg.gan.disc_blocks})
             prompt = torch.zeros(1, cfg.text.max_length, tcfg["text_dim"])
-            nets["discriminator"] = MotionDiscriminator(backbone, prompt, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep)
+            nets["discriminator"] = MotionDiscriminator(
+                backbone, prompt, cfg.gan.head_blocks, cfg.gan.head_dim, cfg.gan.disc_timestep
+            )
             if cfg.gan.space == "flow":
                 nets["raft"] = build_raft(arch["raft_arch"])
         nets["vae"] = AutoencoderKLWan.from_config(_strip(arch["vae"]))
@@ -222,7 +224,9 @@ def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopol
     tr.gen_fn = transformer_velocity_fn(tr.engines.generator)
     tr.fake_fn = transformer_velocity_fn(tr.engines.fake_score) if cfg.dmd.enabled else None
     tr.teacher_fn = transformer_velocity_fn(tr.teacher) if cfg.dmd.enabled else None
-    tr.motion = MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft")) if cfg.gan.enabled else None
+    tr.motion = (
+        MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft")) if cfg.gan.enabled else None
+    )
     if tr.motion is not None and tr.motion.window.start == RANDOM:
         # A random start is fixed at the middle of the allowed starts (chunks before the
         # window are decoded without grad, so the start changes the cost a little).
@@ -248,7 +252,14 @@ def _labels(tr, nets) -> dict[torch.nn.Module, str]:
         if name in nets:
             labels[nets[name]] = name
     vae = nets["vae"]
-    labels.update({vae.decoder: "vae_decode", vae.post_quant_conv: "vae_decode", vae.encoder: "vae_encode", vae.quant_conv: "vae_encode"})
+    labels.update(
+        {
+            vae.decoder: "vae_decode",
+            vae.post_quant_conv: "vae_decode",
+            vae.encoder: "vae_encode",
+            vae.quant_conv: "vae_encode",
+        }
+    )
     if tr.motion is not None and tr.motion.raft is not None:
         labels[tr.motion.raft] = "raft"
     return labels
@@ -295,7 +306,9 @@ class Prepared:
     entry_index: int
 
 
-def prepare(cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> Prepared:
+def prepare(
+    cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16, device: str = "meta"
+) -> Prepared:
     """Networks (with the SP hooks for `cfg.parallel.sp_size`) and the trainer stand-in around them.
 
     With sp > 1 the phases must run inside `LocalCollectives`.
