@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume)
     if outcome.exit_code:
         return outcome.exit_code
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        from mogan_ds.parallel.failures import is_peer_failure, peer_failure_message
+
+        if not is_peer_failure(e):
+            raise
+        msg = peer_failure_message(e, trainer.topo.rank, cfg.parallel.timeout_minutes, trainer.ckpt.latest())
+        print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
+        # os._exit: the interpreter's own teardown of the process groups can block on the
+        # very peer that failed; the message is out, nothing else is pending.
+        os._exit(1)
     return 0
 
 

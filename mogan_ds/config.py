@@ -232,6 +232,14 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     sp_size: int = F(1, "Ulysses sequence-parallel group size (divides the head count and the world size).", ge=1)
+    timeout_minutes: float = F(
+        30.0,
+        "Process-group timeout: a collective (or barrier) waiting longer for a dead or hung rank ends the "
+        "job with an error instead of hanging. Must exceed the slowest legitimate wait (a checkpoint save "
+        "of the largest model to shared storage).",
+        gt=0,
+        le=1440,
+    )
 
 
 @dataclass

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -75,7 +76,8 @@ def _mean_logs(rows: list[dict]) -> dict:
 
 class MoGANTrainer:
     def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False):
-        init_distributed()
+        # A dead or hung rank ends every other rank's wait after parallel.timeout_minutes.
+        init_distributed(timedelta(minutes=cfg.parallel.timeout_minutes))
         self.cfg = cfg
         # The DiT's head/block counts from the weights folder's config.json: SP vs heads/world
         # and D's block count fail before any loading.

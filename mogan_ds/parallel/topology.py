@@ -36,6 +36,10 @@ from .ranks import free_port
 log = logging.getLogger(__name__)
 
 _TOPOLOGY: Topology | None = None
+# The process-group timeout `init_distributed` was given: torch's new_group does not inherit
+# the world group's timeout (it falls back to the backend default, 30 min for gloo, 10 for
+# NCCL), so every group the topology builds passes it explicitly.
+_TIMEOUT: timedelta | None = None
 
 
 # --------------------------------------------------------------------------- process group
@@ -50,7 +54,13 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     environment, no MPI) this sets up a world of one on a free local port, so single-process runs
     and tests take the same code path as ``deepspeed --num_gpus N``. Idempotent.
     """
+    global _TIMEOUT
     if not torch.distributed.is_initialized():
+        _TIMEOUT = timeout
+        # NCCL: a collective that fails or outlives the timeout aborts the communicator and
+        # raises on every rank (the watchdog tears the process down) instead of blocking
+        # forever on a dead peer. (gloo raises at the timeout by itself.)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if not any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
             # Not under a launcher (torchrun/deepspeed set WORLD_SIZE; MPI launches are
             # discovered by DeepSpeed): a world of one, on a port only this process uses.
@@ -131,17 +141,18 @@ class Topology:
 
         # new_group is collective over the whole world: every rank creates every group, in
         # the same order, and keeps the one it belongs to.
+        kw = {"timeout": _TIMEOUT} if _TIMEOUT is not None else {}
         for ranks in sp_groups:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, **kw)
             if self.rank in ranks:
                 self.sp_group = g
         for ranks in dp_groups:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, **kw)
             if self.rank in ranks:
                 self.dp_group = g
-        self.zero_group = dist.new_group(list(range(self.world_size)))
+        self.zero_group = dist.new_group(list(range(self.world_size)), **kw)
         for r in range(self.world_size):
-            g = dist.new_group([r])
+            g = dist.new_group([r], **kw)
             if r == self.rank:
                 self.mp_group = g
         _TOPOLOGY = self
