@@ -95,3 +95,39 @@ def test_more_steps_run_on_the_new_layout(resumed):
     assert all(math.isfinite(rows[-1][k]) for k in ("dmd_loss", "fake_score_loss", "g_gan_loss", "d_loss"))
     new = ckpt.parent / "step_00000002" / "trainer" / "rank_00000.pt"
     assert torch.load(new, weights_only=False)["layout"] == {"dp": 1, "sp": 1}
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks_with_sequence_parallelism(resumed, tiny_workdir, tmp_path):
+    """dp 1 x sp 1 -> dp 1 x sp 2 (the tiny DiT's 4 heads split over 2 ranks), through the launcher."""
+    import subprocess
+
+    from scale_runs import check, train_args
+
+    from mogan_ds.consolidate import engine_fp32_state_dict, full_ema, generator_config, trainable_order, trainer_states
+    from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+
+    trainer, ckpt = resumed
+    if trainer.step < 2:  # this test alone: make the one-rank checkpoint first
+        trainer.fit()
+    run_dir = ckpt.parents[1]
+    src = run_dir / "checkpoints" / "step_00000002"
+    probe_file = tmp_path / "probe.pt"
+    args = [*train_args(tiny_workdir, run_dir, 3, "parallel.sp_size=2"), "--probe", str(probe_file)]
+    cmd = deepspeed_command(2, REPO / "tests" / "dist" / "reshape_probe.py", args)
+    check(subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=1200))
+    probe = torch.load(probe_file, weights_only=False)
+    assert probe["layout"] == {"dp": 1, "sp": 2} and probe["step"] == 2
+    for role in ("generator", "fake_score", "discriminator"):
+        saved = engine_fp32_state_dict(src, role)
+        assert probe[role].keys() <= saved.keys() and len(probe[role]) > 10
+        assert all(torch.equal(v, saved[k]) for k, v in probe[role].items()), role
+    order = trainable_order(generator_config(trainer.cfg))
+    ema = full_ema(trainer_states(src), order)
+    assert all(torch.equal(probe["ema"][n], ema[n]) for n, _ in order)
+    # dp unchanged (1 -> 1): the clip stream continues exactly where the one-rank run stopped
+    assert probe["clips"] == trainer_states(src)[0]["clips"] and probe["clips"]["batches"] > 0
+    # and the run went on for a step on the new layout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and math.isfinite(rows[-1]["g_gan_loss"])
+    new = run_dir / "checkpoints" / "step_00000003" / "trainer"
+    assert sorted(p.name for p in new.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
