@@ -33,8 +33,8 @@ from .data.corpus import MotionClipStream
 from .data.prompts import PromptEmbeddings, load_special_embeddings
 from .data.streaming import check_shard_source
 from .ema import ShardedEMA
-from .eval.in_training import TrainingEval
 from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
+from .eval.in_training import TrainingEval
 from .export import export_generator
 from .losses.dmd import dmd_loss
 from .losses.flow_matching import flow_matching_loss
