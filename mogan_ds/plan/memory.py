@@ -6,8 +6,9 @@ the bytes of storages still alive (a weakref finalizer subtracts a storage when 
 or Python drops it). It works on FakeTensors, where no allocator exists, and on frozen
 modules, where torch's MemTracker fails (it registers gradient hooks, DESIGN.md).
 Storages that exist before the mode is entered (parameters, buffers, inputs made
-beforehand) are never counted: the tracker reports what a phase allocates on top of the
-model states. Parameter gradients are excluded by `drop_param_grads` (ZeRO-3
+beforehand) are never counted, not even when an operator returns a view of them
+(`weight.t()` in every linear) or writes into them in place: the tracker reports what a
+phase allocates on top of the model states. Parameter gradients are excluded by `drop_param_grads` (ZeRO-3
 reduce-scatters each gradient into its partition as soon as it is complete; the partition
 is a model state). Do not count FLOPs in the same pass: FlopCounterMode's module tracker
 keeps references to tensors and inflates the peak (DESIGN.md).
@@ -30,6 +31,17 @@ from torch.utils._pytree import tree_flatten
 GIB = 2**30
 
 
+_ALIASING: dict = {}
+
+
+def returns_alias(func) -> bool:
+    """Whether an operator's outputs may alias an input (view ops, in-place and out= ops), by its schema."""
+    r = _ALIASING.get(func)
+    if r is None:
+        r = _ALIASING[func] = any(ret.alias_info is not None for ret in func._schema.returns)
+    return r
+
+
 class LiveBytes(TorchDispatchMode):
     """Live bytes of storages created while the mode is active; `peak` is their maximum.
 
@@ -48,7 +60,7 @@ class LiveBytes(TorchDispatchMode):
     def _release(self, key: int) -> None:
         self.live -= self._seen.pop(key, 0)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, may_alias: bool = False) -> None:
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a storage
@@ -56,17 +68,30 @@ class LiveBytes(TorchDispatchMode):
         key = id(st)
         if key in self._seen:
             return
+        if may_alias:
+            # A view (or an in-place result) of a storage not seen yet: it existed before the
+            # mode (a parameter viewed as weight.t() by linear, an input made beforehand).
+            return
         nbytes = st.nbytes()
         self._seen[key] = nbytes
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         weakref.finalize(st, self._release, key)
 
+    def hold(self, t: torch.Tensor, nbytes: int) -> None:
+        """Count `nbytes` more as live for as long as `t`'s storage lives (the peak is not raised)."""
+        self.live += nbytes
+        weakref.finalize(t.untyped_storage(), self._unhold, nbytes)
+
+    def _unhold(self, nbytes: int) -> None:
+        self.live -= nbytes
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        alias = returns_alias(func)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, alias)
         return out
 
 

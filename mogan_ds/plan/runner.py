@@ -27,8 +27,9 @@ report:
 * sequence parallelism runs rank 0's shard through the real Ulysses hooks with local
   stand-ins for the collectives (`mogan_ds.plan.comm.LocalCollectives`).
 
-FLOPs and memory are measured in two separate passes (DESIGN.md: FlopCounterMode's
-module tracker holds tensors and inflates a memory peak measured alongside it).
+FLOPs and memory are measured in one pass by `trace.PlanTrace` (torch's FLOP formulas
+and a live-bytes tracker in one dispatch mode, attribution without FlopCounterMode's module
+tracker, which holds tensors).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from ..engines import Engines, gradient_accumulation_steps
 from ..models.builders import DTYPES, build_raft
 from ..models.presets import architecture
 from .comm import CollectiveBytes, EngineCalls, LocalCollectives, PlanTopology
-from .flops import Flops, count_flops
-from .memory import LiveBytes, drop_param_grads
+from .flops import Flops
+from .memo import BlockMemo, memo_types
+from .memory import drop_param_grads
+from .trace import ModuleLabels, PlanTrace
 
 log = logging.getLogger("mogan_ds")
 
@@ -326,53 +329,54 @@ def prepare(
     return Prepared(tr, nets, phases, _labels(tr, nets), gas, disc_gas, entry_index)
 
 
-def flop_pass(prep: Prepared, counter: CollectiveBytes | None = None) -> None:
-    """Run every phase once under FlopCounterMode: fills flops, SP collective bytes and engine calls."""
-    engines = dict(prep.trainer.engines.items())
-    state: dict[str, Any] = {}
-    for ph in prep.phases:
-        if counter is not None:
-            counter.bytes.clear()
-        for e in engines.values():
-            e.calls, e.counting = EngineCalls(), True
-        _, ph.flops = count_flops(lambda name=ph.name: _run_phase(prep.trainer, name, state), prep.labels)
-        ph.collectives = dict(counter.bytes) if counter is not None else {}
-        ph.engine_calls = {r: e.calls for r, e in engines.items()}
-        for e in engines.values():
-            e.counting = False
-    for m in prep.nets.values():
-        m.zero_grad(set_to_none=True)
-
-
-def memory_pass(prep: Prepared) -> None:
-    """Run every phase once under `LiveBytes`: fills each phase's activation peak.
+def trace_pass(prep: Prepared, counter: CollectiveBytes | None = None, memo: bool = False) -> BlockMemo | None:
+    """Run every phase once under `PlanTrace`: fills each phase's FLOPs, activation peak, SP
+    collective bytes and engine calls in one pass.
 
     Parameter gradients are freed as soon as they are complete (ZeRO-3 moves them into
-    the partitions, counted with the model states).
+    the partitions, counted with the model states). With `memo`, identical DiT and RAFT
+    update blocks are measured once and replayed (`memo.BlockMemo`); returns the memo.
     """
-    hooks = drop_param_grads(e.module for _, e in prep.trainer.engines.items())
+    engines = dict(prep.trainer.engines.items())
+    hooks = drop_param_grads(e.module for e in engines.values())
+    labels = ModuleLabels(prep.labels)
     state: dict[str, Any] = {}
+    blocks = None
     try:
-        with LiveBytes() as mem:
+        with PlanTrace(labels) as mode:
+            if memo:
+                blocks = BlockMemo(mode, counter, prep.nets.values(), memo_types())
             for ph in prep.phases:
-                mem.reset_peak()
+                if counter is not None:
+                    counter.bytes.clear()
+                for e in engines.values():
+                    e.calls, e.counting = EngineCalls(), True
+                mode.reset_peak()
+                mode.take_flops()
                 _run_phase(prep.trainer, ph.name, state)
-                ph.act_peak_bytes = mem.peak
+                ph.flops = mode.take_flops()
+                ph.act_peak_bytes = mode.peak
+                ph.collectives = dict(counter.bytes) if counter is not None else {}
+                ph.engine_calls = {r: e.calls for r, e in engines.items()}
+                for e in engines.values():
+                    e.counting = False
     finally:
         for h in hooks:
             h.remove()
+        labels.remove()
+        if blocks is not None:
+            blocks.remove()
+    return blocks
 
 
 def run_iteration(cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16) -> RunResult:
-    """Build the networks on fake tensors and run every phase of one iteration for rank 0 (two passes)."""
+    """Build the networks on fake tensors and run every phase of one iteration for rank 0 (one pass)."""
     counter = CollectiveBytes()
     with LocalCollectives(counter):
         prep = prepare(cfg, world_size, trainable_dtype)
         with FakeTensorMode(allow_non_fake_inputs=True), ScalarStub():
             for m in prep.nets.values():
                 m.to_empty(device="cpu")
-            flop_pass(prep, counter)
-            counter.enabled = False
-            memory_pass(prep)
+            trace_pass(prep, counter, memo=True)
     trainable = [r for r in ("generator", "fake_score", "discriminator") if r in prep.nets]
     return RunResult(prep.phases, prep.nets, trainable, prep.gas, prep.disc_gas, prep.entry_index)
