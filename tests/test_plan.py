@@ -12,9 +12,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mogan_ds.config import load_config
-from mogan_ds.plan.flops import CPU_SDPA, CPU_SDPA_BACKWARD
-from mogan_ds.plan.memory import LiveBytes
-from mogan_ds.plan.runner import flop_pass, memory_pass, prepare, run_iteration
+from mogan_ds.plan.flops import CPU_SDPA, CPU_SDPA_BACKWARD, count_flops
+from mogan_ds.plan.memory import LiveBytes, drop_param_grads
+from mogan_ds.plan.runner import _run_phase, prepare, run_iteration, trace_pass
 
 # A small tiny-recipe variant: 2 latent chunks, one critic update, few RAFT iterations.
 SMALL = ["video.num_frames=5", "gan.window=2", "dmd.critic_updates=1", "gan.raft_iters=2", "gan.raft_pairs_per_chunk=4"]
@@ -49,6 +49,17 @@ def test_live_bytes_known_answer_on_fake_tensors():
     assert mem.peak == 3 * mib
 
 
+def test_live_bytes_ignores_views_of_earlier_storages():
+    # linear views its weight as weight.t(): a parameter's bytes are model states, not activations
+    w = torch.randn(256, 256)
+    with LiveBytes() as mem:
+        wt = w.t()
+        w.mul_(2)
+        y = wt[:128].clone()  # 128 KiB, new
+    assert mem.peak == mem.live == 128 * 256 * 4
+    del y
+
+
 def test_live_bytes_counts_a_linear_backward():
     # Linear(256 -> 512), batch 64, fp32: activations and gradients of known size.
     lin = torch.nn.Linear(256, 512)
@@ -74,20 +85,31 @@ def planned(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def real(tiny_cfg):
-    """The same phases on real, randomly initialised CPU modules of the same architectures."""
+    """The same phases on real, randomly initialised CPU modules of the same architectures: the
+    tracing pass without block replay, then each phase again under torch's FlopCounterMode."""
     torch.manual_seed(0)
     prep = prepare(tiny_cfg, world_size=1, trainable_dtype=torch.float32, device="cpu")
-    flop_pass(prep)
-    memory_pass(prep)
-    return prep
+    assert trace_pass(prep, memo=False) is None
+    state = {}
+    reference = []
+    for ph in prep.phases:
+        reference.append(count_flops(lambda name=ph.name: _run_phase(prep.trainer, name, state), prep.labels)[1])
+    return prep, reference
 
 
 def test_planner_flops_equal_real_cpu_run(planned, real):
-    assert [p.name for p in real.phases] == [p.name for p in planned.phases]
-    for fake_phase, real_phase in zip(planned.phases, real.phases):
-        assert real_phase.flops.total > 0
-        assert fake_phase.flops.total == real_phase.flops.total, fake_phase.name
+    prep, reference = real
+    assert [p.name for p in prep.phases] == [p.name for p in planned.phases]
+    for fake_phase, real_phase, ref in zip(planned.phases, prep.phases, reference):
+        assert ref.total > 0
+        # planner (fake tensors, DiT blocks replayed) == FlopCounterMode on the real run
+        assert fake_phase.flops.total == ref.total, fake_phase.name
         assert fake_phase.flops.by_network == real_phase.flops.by_network, fake_phase.name
+        assert "other" not in fake_phase.flops.by_network, fake_phase.name
+    # where FlopCounterMode's module tracker attributes everything (no activation-checkpointed
+    # motion path), its split by network is the planner's
+    for fake_phase, ref in zip(planned.phases[:2], reference[:2]):
+        assert fake_phase.flops.by_network == ref.by_network, fake_phase.name
     nets = set().union(*(p.flops.by_network for p in planned.phases))
     assert {"generator", "teacher", "fake_score", "vae_decode", "raft", "vae_encode", "discriminator"} <= nets
 
@@ -95,7 +117,7 @@ def test_planner_flops_equal_real_cpu_run(planned, real):
 def test_planner_activation_peak_matches_real_tensors(planned, real):
     # The same tracker on real tensors (CPU has no allocator statistics): fake shapes and
     # lifetimes must give the peaks real tensors give.
-    for fake_phase, real_phase in zip(planned.phases, real.phases):
+    for fake_phase, real_phase in zip(planned.phases, real[0].phases):
         assert real_phase.act_peak_bytes > 0
         assert abs(fake_phase.act_peak_bytes - real_phase.act_peak_bytes) <= 0.15 * real_phase.act_peak_bytes, (
             fake_phase.name
@@ -168,3 +190,52 @@ def test_sequence_parallel_shard_memory_and_all_to_all_bytes():
     per_call = 1 * tokens // 2 * heads * head_dim * 4 / 2
     assert comm2["ulysses_all_to_all"] == int(per_call) * 8 * dit.config.num_layers
     assert comm2["sp_all_gather"] > 0 and comm2["sp_reduce_scatter"] > 0
+
+
+def test_block_replay_matches_running_every_block():
+    """DiT blocks measured once and replayed == every block run (tiny DiT, 4 blocks, checkpointed)."""
+    from diffusers import WanTransformer3DModel
+
+    from mogan_ds.models.tiny import TINY_TRANSFORMER
+    from mogan_ds.plan.memo import BlockMemo, memo_types
+    from mogan_ds.plan.trace import ModuleLabels, PlanTrace
+
+    def run(memo: bool):
+        with torch.device("meta"):
+            dit = WanTransformer3DModel.from_config(TINY_TRANSFORMER)
+        dit.enable_gradient_checkpointing()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            dit.to_empty(device="cpu")
+            drop_param_grads([dit])  # as the planner does: ZeRO-3 takes each gradient when complete
+            labels = ModuleLabels({dit: "dit"})
+            with PlanTrace(labels) as mode:
+                blocks = BlockMemo(mode, None, [dit], memo_types()) if memo else None
+                x, t = torch.empty(1, 16, 3, 16, 16), torch.full((1,), 500.0)
+                c = torch.empty(1, 16, TINY_TRANSFORMER["text_dim"])
+                with torch.no_grad():
+                    dit(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False)
+                no_grad_peak = mode.peak
+                out = dit(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+                out.square().mean().backward()
+        return mode.take_flops(), no_grad_peak, mode.peak, blocks
+
+    f0, ng0, p0, _ = run(False)
+    f1, ng1, p1, blocks = run(True)
+    assert blocks.hits > blocks.misses > 0
+    assert f1.total == f0.total and f1.by_network == {"dit": f0.total}
+    assert ng1 == ng0
+    assert abs(p1 - p0) <= 0.05 * p0, (p1, p0)
+
+
+def test_14b_preset_and_recipe():
+    from mogan_ds.info import plan_networks
+
+    plans, source = plan_networks(load_config("wan2.1-t2v-14b"))
+    by = {p.name: p for p in plans}
+    assert source == "preset wan2.1-t2v-14b"
+    for name in ("generator", "fake_score", "teacher"):
+        assert by[name].params == 14_288_491_584
+    cfg = load_config("wan2.1-t2v-14b")
+    # the paper's D depth (16 of 30 blocks) and head depths (8, 14, 16 of 30) at 40 layers
+    assert cfg.gan.disc_blocks == round(16 / 30 * 40)
+    assert [round((b + 1) / 40 * 30) for b in cfg.gan.head_blocks] == [8, 14, 16]
