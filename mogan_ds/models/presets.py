@@ -54,6 +54,14 @@ WAN21_T2V_1_3B = {
     "raft_arch": "raft_large",
 }
 
+# Wan2.1-T2V-14B-Diffusers: transformer/config.json (40 heads x 128 = 5120 wide, ffn 13824,
+# 40 layers; 14,288,491,584 parameters); the VAE and the umt5-xxl text encoder are the
+# 1.3B's.
+WAN21_T2V_14B = {
+    **WAN21_T2V_1_3B,
+    "transformer": {**WAN21_T2V_1_3B["transformer"], "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+}
+
 TINY = {
     "transformer": tiny.TINY_TRANSFORMER,
     "vae": tiny.TINY_VAE,
@@ -61,7 +69,7 @@ TINY = {
     "raft_arch": tiny.RAFT_ARCH,
 }
 
-PRESETS = {"wan2.1-t2v-1.3b": WAN21_T2V_1_3B, "tiny": TINY}
+PRESETS = {"wan2.1-t2v-1.3b": WAN21_T2V_1_3B, "wan2.1-t2v-14b": WAN21_T2V_14B, "tiny": TINY}
 
 
 # --------------------------------------------------------------------------- resolution
