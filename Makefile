@@ -10,7 +10,7 @@ STAMP := $(VENV)/.mogan_installed
 # Idle OpenMP threads sleep rather than spin: ranks and loader workers share few cores here.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format bench experiment clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/motion_path.py
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/data.py
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_step.py
+
+# The toy-world MoGAN experiment (experiments/toy_motion, README): seven cached, resumable stages.
+# SCALE=smoke runs the CI size; results of the full size land in experiments/toy_motion/results/.
+SCALE ?= full
+experiment: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m experiments.toy_motion.run --scale $(SCALE)
 
 clean:
 	rm -rf .cache runs

@@ -5,7 +5,8 @@ chosen speed and direction (px/frame in the frame), over a flat or textured back
 that may pan (camera motion); about one clip in six is fully static. Each sample is
 ``NNNNNN.mp4`` + ``NNNNNN.json`` in the layout the shard builder writes (source, fps,
 num_frames, width, height, caption, motion score) plus the ground truth: ``speed``
-(object speed in the frame), ``pan`` (background velocity) and ``kind``. Keys are global,
+(object speed in the frame), ``pan`` (background velocity), ``kind`` and ``objects`` (each
+shape's geometry and velocity, from which `exact_flow` rebuilds the per-pixel flow). Keys are global,
 so samples stay unique across shards. The same seed gives the same corpus
 (``data_tools/make_synthetic.py`` is the command line).
 """
@@ -105,7 +106,30 @@ def render_clip(rng: np.random.Generator, frames: int, height: int, width: int) 
     if panning:
         caption += f", the camera pans {_direction_word(-px, -py)}"  # a pan moves the scene the other way
     truth = {"kind": kind, "speed": round(obj_speed, 4), "pan": [round(px, 4), round(py, 4)], "caption": caption}
+    # Every shape's geometry and velocity (drawing order, last on top): enough to rebuild the
+    # exact per-pixel flow of any frame pair (`exact_flow`).
+    truth["objects"] = [
+        {"shape": shape, "r": r, "cx": cx, "cy": cy, "vx": ovx, "vy": ovy} for _, shape, r, cx, cy, ovx, ovy in objs
+    ]
     return video, truth
+
+
+def exact_flow(truth: dict, frame: int, height: int, width: int) -> np.ndarray:
+    """The true optical flow [2, H, W] (x, y in px) from `frame` to `frame + 1` of a clip rendered by `render_clip`.
+
+    A pixel belongs to the topmost shape that covers at least half of it (the anti-aliased
+    edge's alpha >= 0.5) and moves with that shape; every other pixel moves with the
+    background (its pan velocity, zero when the camera is still).
+    """
+    flow = np.empty((2, height, width), np.float32)
+    flow[0], flow[1] = truth["pan"]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for o in truth.get("objects", []):
+        dx, dy = xx - (o["cx"] + o["vx"] * frame), yy - (o["cy"] + o["vy"] * frame)
+        dist = np.sqrt(dx * dx + dy * dy) if o["shape"] == "circle" else np.maximum(np.abs(dx), np.abs(dy))
+        inside = o["r"] - dist + 0.5 >= 0.5
+        flow[0][inside], flow[1][inside] = o["vx"], o["vy"]
+    return flow
 
 
 def write_synthetic_corpus(

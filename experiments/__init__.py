@@ -1,0 +1,1 @@
+"""Experiments built on the mogan_ds package (each in its own folder, driven from the Makefile)."""

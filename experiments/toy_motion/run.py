@@ -1,0 +1,45 @@
+"""The toy-world MoGAN experiment, one command (`make experiment`; stages cached and resumable).
+
+    python -m experiments.toy_motion.run [--scale full|smoke] [--work DIR] [--results DIR] [--stages data raft ...]
+
+Stages: data, raft, vae, teacher, dmd, mogan, eval (README, "The toy-world experiment").
+The work is done by `experiments/toy_motion/pipeline.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.toy_motion.pipeline import HERE, REPO, STAGES, Experiment  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=("full", "smoke"), default="full")
+    ap.add_argument("--work", default=None, help="work folder (default .cache/toy_motion/<scale>)")
+    ap.add_argument("--results", default=None, help="results folder (default: experiments/toy_motion/results at full)")
+    ap.add_argument("--stages", nargs="*", choices=STAGES, help="only these stages (default: all not yet done)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    work = Path(args.work or REPO / ".cache" / "toy_motion" / args.scale)
+    results = args.results or (HERE / "results" if args.scale == "full" else work / "results")
+    t0 = time.time()
+    reports = Experiment(work, args.scale, results).run(args.stages)
+    print(json.dumps({"wall_seconds": round(time.time() - t0, 1), **reports}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
