@@ -9,7 +9,7 @@ object:
     act_mem_ratio_sp2                 generator GAN phase activation peak per rank, sp=2 / sp=1
     h100_1x8: {fits, peak_gib_per_rank, sp_size}   one node of 8 H100 (80 GB), sp from --h100-sp
 
-Not a timed test: five plans of the 1.3B recipe, each a few minutes on a busy 2-core CPU.
+Not a timed test: four plans of the 1.3B recipe, each 1-2 minutes on a busy 2-core CPU.
 
     python benchmarks/scale.py [--ds_config ds_configs/zero3_bf16.json] [--h100-sp 1] [key=value ...]
 """

@@ -1,5 +1,9 @@
 """FLOP counting with `torch.utils.flop_counter.FlopCounterMode`, split by network.
 
+The planner itself counts in `trace.PlanTrace` (the same formulas, one pass with the
+memory tracker, exact attribution); `count_flops` is the independent reference the
+calibration tests hold it to.
+
 FlopCounterMode has no formula for the CPU flash-attention kernel
 (`aten._scaled_dot_product_flash_attention_for_cpu` and its backward), which is what
 `F.scaled_dot_product_attention` runs on CPU and on fake CPU tensors: without
