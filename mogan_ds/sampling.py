@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .data.video import to_uint8
+from .models.builders import weights_dtype
 from .motion import latents as latents_lib
 from .motion.latents import latent_shape  # noqa: F401 - re-exported: samplers' callers size noise with it
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
@@ -36,7 +37,7 @@ def transformer_velocity_fn(transformer) -> ModelFn:
     timestep would round 757 to 756.
     """
     module = getattr(transformer, "module", transformer)
-    dtype = next(module.parameters()).dtype
+    dtype = weights_dtype(module)  # not the first parameter's: bf16 Wan keeps some modules fp32
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = transformer(

@@ -40,6 +40,7 @@ from .losses.dmd import dmd_loss
 from .losses.flow_matching import flow_matching_loss
 from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
 from .metrics import MetricsLogger, peak_memory_gib
+from .models.builders import weights_dtype
 from .models.presets import transformer_limits
 from .motion.pipeline import MotionPath
 from .motion.window import Window
@@ -172,7 +173,7 @@ class MoGANTrainer:
         attn = resolve_attention_backend(cfg.models.attention_backend, self.engines.generator.module, self.device)
         engines = ", ".join(f"{r} {_params(e.module) / 1e6:,.1f}M" for r, e in self.engines.items())
         frozen = ", ".join(
-            f"{name} {_params(m) / 1e6:,.1f}M {next(m.parameters()).dtype}".replace("torch.", "")
+            f"{name} {_params(m) / 1e6:,.1f}M {weights_dtype(m)}".replace("torch.", "")
             for name, m in (("teacher", self.teacher), ("vae", self.vae), ("raft", self.motion and self.motion.raft))
             if isinstance(m, torch.nn.Module)
         )

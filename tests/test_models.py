@@ -60,6 +60,8 @@ def test_frozen_bf16_teacher_keeps_diffusers_fp32_modules(tiny_models):
     loaded = builders.load_transformer(path, torch.bfloat16)
     before = {n: p.dtype for n, p in loaded.named_parameters()}
     assert torch.float32 in before.values() and torch.bfloat16 in before.values()
+    # Inputs are cast to the bulk's dtype, not the first parameter's (an fp32 modulation table).
+    assert next(loaded.parameters()).dtype == torch.float32 and builders.weights_dtype(loaded) == torch.bfloat16
     frozen = builders.freeze(loaded, torch.device("cpu"))
     assert {n: p.dtype for n, p in frozen.named_parameters()} == before
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

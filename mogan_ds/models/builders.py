@@ -31,6 +31,21 @@ class MissingWeightsError(FileNotFoundError):
     """A weights folder or file is missing; the message says what was expected where."""
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a model computes in: that of most of its floating parameters.
+
+    Not the first parameter's: a bf16 Wan model keeps small modules in fp32
+    (`_keep_in_fp32_modules`: norms, time embedder, the modulation table that comes first in
+    `parameters()`), and its inputs must match the bulk (patch embedding, attention). ZeRO-3
+    partitions count with their full size (`ds_numel`).
+    """
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + getattr(p, "ds_numel", p.numel())
+    return max(counts, key=counts.get) if counts else None
+
+
 def freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """A frozen replica on `device`: eval mode, no grads, in the dtype(s) it was loaded with.
 

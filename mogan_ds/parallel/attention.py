@@ -15,20 +15,12 @@ from diffusers import ModelMixin
 from diffusers.utils import is_flash_attn_available
 from torch import nn
 
+from ..models.builders import weights_dtype
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "native")
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(model: nn.Module) -> torch.dtype | None:
-    # The attention inputs follow the projection weights; fp32-kept modules (norms, rope)
-    # are small, so look at the most common floating dtype.
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else None
 
 
 def resolve_attention_backend(
@@ -48,7 +40,7 @@ def resolve_attention_backend(
     if device is None:
         device = get_accelerator().device_name()
     on_cuda = torch.device(device).type == "cuda"
-    half = model is None or _compute_dtype(model) in _HALF
+    half = model is None or weights_dtype(model) in _HALF
     return "flash" if (is_flash_attn_available() and on_cuda and half) else "native"
 
 
