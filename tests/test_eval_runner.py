@@ -179,3 +179,25 @@ def test_cli_missing_weights_give_na_and_a_message(evaluated, tmp_path, repo_roo
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "none.txt" in err and err.startswith("evaluate.py: error:")
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_videos_and_rank0_writes_the_table(tiny_models, tmp_path):
+    """Under the deepspeed launcher the videos are split across ranks and rank 0 gathers them."""
+    import subprocess
+
+    from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+
+    (tmp_path / "prompts.txt").write_text(PROMPTS + "a dog runs\n")
+    out = tmp_path / "out"
+    args = ["--config", "tiny", "--prompts", str(tmp_path / "prompts.txt"), "--model",
+            f"dmd={tiny_models / 'generator'}", "--seeds", "0", "1", "--out", str(out), "--no-progress",
+            *SMALL, f"models.root={tiny_models / 'wan'}"]  # fmt: skip
+    proc = subprocess.run(deepspeed_command(2, REPO / "launch" / "evaluate.py", args), cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = [len((out / f"metrics.rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert per_rank == [3, 3]  # 3 prompts x 2 seeds, half each
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["model"] == "dmd" and row["num_videos"] == 6
+    assert len(list((out / "videos" / "dmd").glob("seed*/*.mp4"))) == 6
