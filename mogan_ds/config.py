@@ -25,14 +25,10 @@ from typing import Any, Literal
 import yaml
 
 from .data.wan_prompts import WAN_NEGATIVE_PROMPT
-from .errors import UserError
+from .errors import ConfigError
 from .models.presets import PRESETS
 from .motion.latents import num_latent_frames
 from .motion.window import WindowSpec
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override is invalid; the message names the key."""
 
 
 def F(  # noqa: N802 - a field constructor, named like one

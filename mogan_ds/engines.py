@@ -55,17 +55,21 @@ def load_ds_config(path: str | Path) -> dict:
     return ds
 
 
+def _role_batch(cfg: Config, role: str) -> tuple[int, str]:
+    """(global clips per update of `role`, the config key that sets it)."""
+    if role == "discriminator" and cfg.gan.disc_batch_size > 0:
+        return cfg.gan.disc_batch_size, "gan.disc_batch_size"
+    return cfg.train.batch_size, "train.batch_size"
+
+
 def role_batch_size(cfg: Config, role: str) -> int:
     """Global clips per update of `role`: train.batch_size, or gan.disc_batch_size for D (0 = the same)."""
-    if role == "discriminator" and cfg.gan.disc_batch_size > 0:
-        return cfg.gan.disc_batch_size
-    return cfg.train.batch_size
+    return _role_batch(cfg, role)[0]
 
 
 def gradient_accumulation_steps(cfg: Config, dp_size: int, role: str = "generator") -> int:
     """Micro steps per update of `role` on each data-parallel rank."""
-    batch = role_batch_size(cfg, role)
-    key = "gan.disc_batch_size" if role == "discriminator" and cfg.gan.disc_batch_size else "train.batch_size"
+    batch, key = _role_batch(cfg, role)
     per_step = cfg.train.micro_batch_size * dp_size
     if batch % per_step:
         raise ConfigError(f"{key}: {batch} is not a multiple of micro_batch_size*dp = {per_step}")

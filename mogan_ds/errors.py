@@ -14,3 +14,7 @@ class UserError(Exception):
 
 class BadFileError(UserError, ValueError):
     """A file the user pointed at exists but cannot be used (malformed, wrong content)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or override is invalid; the message names the key."""

@@ -29,11 +29,11 @@ from .models.builders import (
     load_vae,
     wan_paths,
 )
+from .motion.latents import latent_shape
 from .parallel.attention import configure_attention
 from .sampling import (
     decode_to_uint8,
     encode_prompts,
-    latent_shape,
     sample_few_step,
     sample_teacher_cfg,
     transformer_velocity_fn,

@@ -25,7 +25,6 @@ import torch
 from .data.video import to_uint8
 from .models.builders import weights_dtype
 from .motion import latents as latents_lib
-from .motion.latents import latent_shape  # noqa: F401 - re-exported: samplers' callers size noise with it
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
 
 

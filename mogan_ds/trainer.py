@@ -42,13 +42,14 @@ from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .models.builders import weights_dtype
 from .models.presets import transformer_limits
+from .motion.latents import latent_shape
 from .motion.pipeline import MotionPath
 from .motion.window import Window
 from .networks import build_networks, configure_trainable_attention
 from .parallel import Topology, init_distributed, resolve_attention_backend
 from .reshard import load_reshaped, needs_reshape, universal_ds_config
 from .run_logging import setup_run_logging
-from .sampling import latent_shape, transformer_velocity_fn
+from .sampling import transformer_velocity_fn
 from .schedule import FlowMatchSchedule, randn
 from .training_samples import render_samples
 

@@ -18,7 +18,8 @@ from .config import VideoConfig
 from .data.prompts import PromptEmbeddings
 from .data.video import to_unit, write_mp4
 from .motion.flow import flow_to_rgb
-from .sampling import decode_to_uint8, latent_shape, sample_few_step
+from .motion.latents import latent_shape
+from .sampling import decode_to_uint8, sample_few_step
 from .schedule import FlowMatchSchedule, ModelFn, randn
 
 SAMPLE_SEED = 1234

@@ -14,10 +14,10 @@ from mogan_ds.config import VideoConfig, load_config
 from mogan_ds.data.video import read_mp4, write_mp4
 from mogan_ds.generate import generate_samples
 from mogan_ds.models.builders import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from mogan_ds.motion.latents import latent_shape
 from mogan_ds.sampling import (
     decode_to_uint8,
     encode_prompts,
-    latent_shape,
     sample_few_step,
     sample_teacher_cfg,
     transformer_velocity_fn,

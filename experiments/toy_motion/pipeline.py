@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mogan_ds.data.synthetic import exact_flow, write_synthetic_corpus
+from mogan_ds.data.synthetic import write_synthetic_corpus
 from mogan_ds.data.video import read_mp4
+
+from .measure import (
+    ToyMetrics,
+    clip_flow,
+    frame_bank,
+    load_toy_raft,
+    raft_pair_flow,
+    results_row,
+    to_unit,
+    true_flow,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -105,153 +115,6 @@ def load_clips(folder: Path) -> list[tuple[np.ndarray, dict]]:
             frames, _ = read_mp4(members[key]["mp4"])
             out.append((frames, json.loads(members[key]["json"])))
     return out
-
-
-def to_unit(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
-    return x.movedim(-1, -3)
-
-
-def true_flow(meta: dict, t: int) -> torch.Tensor:
-    return torch.from_numpy(exact_flow(meta, t, meta["height"], meta["width"]))
-
-
-# --------------------------------------------------------------------------- flow, metrics
-
-
-def load_toy_raft(path: Path) -> torch.nn.Module:
-    from mogan_ds.models.builders import build_raft
-
-    raft = build_raft("raft_small")
-    raft.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return raft.float().eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def raft_pair_flow(raft, a: torch.Tensor, b: torch.Tensor, iters: int, chunk: int = 8) -> torch.Tensor:
-    """Flow of frames in [-1, 1], [P, 3, H, W] -> [P, 2, H, W], in chunks of pairs."""
-    return torch.cat(
-        [raft(a[i : i + chunk], b[i : i + chunk], num_flow_updates=iters)[-1] for i in range(0, len(a), chunk)]
-    )
-
-
-def clip_flow(raft, video: np.ndarray, iters: int = 20) -> torch.Tensor:
-    """RAFT flow of every consecutive pair of a uint8 clip [F, H, W, 3] -> [F-1, 2, H, W]."""
-    x = to_unit(video)
-    return raft_pair_flow(raft, x[:-1], x[1:], iters)
-
-
-def flow_interpolator(raft, iters: int = 20):
-    """A frame interpolator for VBench's motion-smoothness rule made from the toy RAFT.
-
-    AMT-S (VBench's interpolator) has no weights for this world and none can be downloaded,
-    so the intermediate frame is the flow-based one of Super SloMo (Jiang et al. 2018, eq. 4):
-    F_t0 = -(1-t) t F01 + t^2 F10, F_t1 = (1-t)^2 F01 - t (1-t) F10, both ends warped there
-    and blended (1-t, t). Stated next to the numbers as the smoothness column's interpolator.
-    """
-    from mogan_ds.eval.amt import warp
-
-    def interpolate(f0: torch.Tensor, f1: torch.Tensor, t: float) -> torch.Tensor:
-        a, b = f0 * 2 - 1, f1 * 2 - 1
-        f01, f10 = raft_pair_flow(raft, a, b, iters), raft_pair_flow(raft, b, a, iters)
-        ft0 = -(1 - t) * t * f01 + t * t * f10
-        ft1 = (1 - t) * (1 - t) * f01 - t * (1 - t) * f10
-        return ((1 - t) * warp(f0, ft0) + t * warp(f1, ft1)).clamp(0, 1)
-
-    return interpolate
-
-
-class ToyMetrics:
-    """Per-video motion metrics on the frozen toy RAFT, through the evaluator's VBench rules."""
-
-    WEIGHTS = {
-        "dynamics_degree": "toy raft_small (stage 2), 20 iterations",
-        "motion_smoothness": "toy raft_small flow interpolation (stand-in for AMT-S, stage 7)",
-        "aesthetic_quality": "n/a (no CLIP/LAION weights in the toy world)",
-        "imaging_quality": "n/a (no MUSIQ weights in the toy world)",
-    }
-
-    def __init__(self, raft, fps: float, real_bank: torch.Tensor | None = None, nearest_size: int = 64):
-        from mogan_ds.eval.dynamic_degree import DynamicDegree
-        from mogan_ds.eval.motion_smoothness import MotionSmoothness
-
-        self.raft, self.fps = raft, fps
-        self._flows: list[torch.Tensor] = []
-
-        def recording_flow(img1, img2):
-            # DynamicDegree's flow function; the flows are kept for the mean-magnitude column.
-            flow = raft(2 * (img1 / 255.0) - 1.0, 2 * (img2 / 255.0) - 1.0, num_flow_updates=20)[-1]
-            self._flows.append(flow)
-            return flow
-
-        self.dynamic = DynamicDegree(recording_flow, pairs_per_batch=8)
-        self.smooth = MotionSmoothness(flow_interpolator(raft), pairs_per_batch=4)
-        self.real_bank = real_bank
-        self.nearest_size = nearest_size
-        self.weights = dict(self.WEIGHTS)
-        self.weights["motion_score"] = f"{self.weights['motion_smoothness']} + {self.weights['dynamics_degree']}"
-
-    @torch.no_grad()
-    def video(self, frames: np.ndarray) -> dict:
-        self._flows = []
-        dyn = self.dynamic.video(frames, self.fps)
-        flow = torch.cat(self._flows)
-        rec = {
-            "dynamic": dyn.dynamic,
-            "dynamic_detail": dyn.to_json(),
-            "motion_smoothness": self.smooth.video(frames),
-            "mean_flow_magnitude": float(torch.linalg.vector_norm(flow, dim=1).mean()),
-            "aesthetic_quality": None,
-            "imaging_quality": None,
-        }
-        if self.real_bank is not None:
-            rec["psnr_nearest_real"] = nearest_psnr(frames, self.real_bank, self.nearest_size)
-        return rec
-
-
-def frame_bank(clips: list[np.ndarray], size: int) -> torch.Tensor:
-    """Real frames downsampled to size x size, flattened to [M, D] in [0, 1]."""
-    x = torch.cat([to_unit(c) for c in clips]) * 0.5 + 0.5
-    return F.interpolate(x, size=(size, size), mode="area").flatten(1)
-
-
-def nearest_psnr(frames: np.ndarray, bank: torch.Tensor, size: int) -> float:
-    """Mean over the video's frames of the PSNR (at size x size) to the nearest real frame: appearance."""
-    g = F.interpolate(to_unit(frames) * 0.5 + 0.5, size=(size, size), mode="area").flatten(1)
-    # ||g - r||^2 / D for every pair, without materialising the differences.
-    mse = (g.pow(2).sum(1, keepdim=True) - 2 * g @ bank.T + bank.pow(2).sum(1)[None]) / g.shape[1]
-    best = mse.clamp_min(1e-10).min(dim=1).values
-    return float((10 * torch.log10(1.0 / best)).mean())
-
-
-def bootstrap_ci(values, stat: Callable[[np.ndarray], float], n: int, seed: int = 0) -> list[float] | None:
-    """95% percentile bootstrap interval of `stat` over the videos (resampled with replacement)."""
-    vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if len(vals) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    stats = [stat(vals[rng.integers(0, len(vals), len(vals))]) for _ in range(n)]
-    return [round(float(np.percentile(stats, 2.5)), 4), round(float(np.percentile(stats, 97.5)), 4)]
-
-
-def results_row(name: str, records: list[dict], weights: dict, n_boot: int) -> dict:
-    """The evaluator's row (`summarize`) plus the toy's extra columns and their 95% intervals."""
-    from mogan_ds.eval.metrics import summarize
-
-    row = summarize(name, records, weights)
-    extra = {
-        "dynamics_degree": [float(r["dynamic"]) for r in records],
-        "motion_smoothness": [r["motion_smoothness"] for r in records],
-        "mean_flow_magnitude": [r["mean_flow_magnitude"] for r in records],
-        "psnr_nearest_real": [r.get("psnr_nearest_real") for r in records],
-    }
-    for col, vals in extra.items():
-        present = [v for v in vals if v is not None]
-        if col not in row:
-            row[col] = float(np.mean(present)) if present else None
-        row[f"{col}_ci95"] = bootstrap_ci(present, np.mean, n_boot)
-    return row
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -674,7 +537,8 @@ class Experiment:
         noise from generate.sample_seed(seed, prompt index), few-step or CFG sampler, the VAE's decode."""
         from mogan_ds.generate import sample_seed
         from mogan_ds.models.builders import load_transformer, load_vae
-        from mogan_ds.sampling import decode_to_uint8, latent_shape, sample_few_step, sample_teacher_cfg
+        from mogan_ds.motion.latents import latent_shape
+        from mogan_ds.sampling import decode_to_uint8, sample_few_step, sample_teacher_cfg
         from mogan_ds.sampling import transformer_velocity_fn as vfn
         from mogan_ds.schedule import FlowMatchSchedule, randn
 

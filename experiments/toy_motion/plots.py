@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .measure import clip_flow
+
 PALETTE = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193)]
 
 
@@ -130,8 +132,6 @@ def pretraining_png(work: Path, out: Path) -> None:
 def sample_grid_png(videos: dict[str, np.ndarray], raft, caption: str, out: Path, frames=(0, 2, 4, 6, 8)) -> None:
     """One row per model: the frames, then their RAFT flow (colour wheel, one scale per clip)."""
     from mogan_ds.motion.flow import flow_to_rgb
-
-    from .pipeline import clip_flow
 
     size, pad, label = 96, 4, 110
     ncol = 2 * len(frames) - 1

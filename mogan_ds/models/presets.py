@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..errors import BadFileError
+from ..errors import BadFileError, ConfigError
 from . import tiny
 from .builders import MissingWeightsError
 
-if TYPE_CHECKING:
-    from ..config import ModelsConfig
+
+class ModelsChoice(Protocol):
+    """What this module reads of `config.ModelsConfig` (structural, so config can import us)."""
+
+    root: str
+    arch: str
+    raft_arch: str
+
 
 # Wan2.1-T2V-1.3B-Diffusers: transformer/config.json, vae/config.json (AutoencoderKLWan
 # defaults), text_encoder/config.json (umt5-xxl encoder).
@@ -92,7 +98,7 @@ def folder_config(folder: str | os.PathLike) -> dict | None:
     return data
 
 
-def architecture(models: ModelsConfig) -> tuple[dict, str]:
+def architecture(models: ModelsChoice) -> tuple[dict, str]:
     """The network configs of a run and where they came from (the config's `models` section).
 
     {'transformer', 'vae', 'text_encoder': config dicts, 'raft_arch': name}: the folders'
@@ -112,15 +118,13 @@ def architecture(models: ModelsConfig) -> tuple[dict, str]:
             f"set models.root to the weights folder or models.arch to a preset ({', '.join(PRESETS)})"
         )
     if models.arch not in PRESETS:
-        from ..config import ConfigError  # config imports this module (its models.arch check)
-
         raise ConfigError(
             f"models.arch: unknown architecture preset {models.arch!r}; known: auto, {', '.join(PRESETS)}"
         )
     return {**PRESETS[models.arch], "raft_arch": models.raft_arch}, f"preset {models.arch}"
 
 
-def transformer_limits(models: ModelsConfig) -> dict[str, int]:
+def transformer_limits(models: ModelsChoice) -> dict[str, int]:
     """{'num_heads', 'num_layers'} of the DiT: what `config.validate` checks SP and D against."""
     t = architecture(models)[0]["transformer"]
     return {"num_heads": int(t["num_attention_heads"]), "num_layers": int(t["num_layers"])}
