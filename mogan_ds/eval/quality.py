@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from ..errors import BadFileError
 from .weights import MetricUnavailableError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +55,7 @@ class AestheticQuality:
         try:
             self.mlp.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise BadFileError(
                 f"{mlp_path}: not an aesthetic predictor for this CLIP ({' '.join(str(e).split())[:200]})"
             ) from None
         self.mlp.to(self.device).eval().requires_grad_(False)
@@ -90,7 +91,13 @@ class ImagingQuality:
                 "imaging quality: pyiqa is not installed (pip install -e '.[eval-iqa]'), column is n/a"
             ) from None
         self.device = torch.device(device)
-        self.model = MUSIQ(pretrained_model_path=str(musiq_path)).to(self.device).eval()
+        try:
+            # As VBench: MUSIQ(pretrained_model_path=...) loads strictly (num_class 1, SPAQ). VBench sets only the
+            # top module's `training` flag; MUSIQ's dropout rates are 0 and it has no batch norm, so .eval() is
+            # the same function.
+            self.model = MUSIQ(pretrained_model_path=str(musiq_path)).to(self.device).eval()
+        except (RuntimeError, KeyError) as e:
+            raise BadFileError(f"{musiq_path}: not a MUSIQ checkpoint ({' '.join(str(e).split())[:200]})") from None
 
     @torch.no_grad()
     def video(self, frames: np.ndarray) -> float:
