@@ -84,6 +84,10 @@ class ModelsConfig:
     gradient_checkpointing: bool = F(
         True, "Activation checkpointing of the trainable DiT blocks (generator, fake score, discriminator)."
     )
+    zero_init: bool = F(
+        True,
+        "Build each trainable network whose role's DeepSpeed config is ZeRO stage 3 under deepspeed.zero.Init and load its safetensors tensor by tensor into the partitions: a rank holds 1/world of it, never the whole model (same weights as false). false: every rank materialises the full fp32 model before deepspeed.initialize partitions it. Roles at ZeRO stage 0-2 are always built whole.",
+    )
 
 
 @dataclass
@@ -181,6 +185,11 @@ class GANConfig:
     raft_pairs_per_chunk: int = F(
         4, "Frame pairs RAFT processes at once (each chunk is activation-checkpointed).", ge=1
     )
+    cache_checkpoint_every: int = F(
+        1,
+        "Causal-cache checkpoint interval of the chunked VAE decode and encode in the motion path: 1 saves the cache at every latent-chunk boundary for backward (the fastest); k > 1 only every k-th and recomputes the chunks in between during backward (one extra VAE forward per chunk, ~2 sqrt(T) instead of T caches at k ~ sqrt(T)); 0 = ceil(sqrt(chunks)). Outputs and gradients do not change.",
+        ge=0,
+    )
     disc_blocks: int = F(16, "Leading Wan DiT blocks the discriminator keeps (the rest are never built).", ge=1)
     head_blocks: list[int] = F([7, 13, 15], "Block indices whose outputs feed a prediction head.", ge=0)
     head_dim: int = F(256, "Hidden width of each prediction head's MLP.", ge=1)
@@ -226,8 +235,30 @@ class DataConfig:
 
 
 @dataclass
+class ZeroStagesConfig:
+    """Per-role ZeRO stage over the --ds_config JSON's (engines.ds_config_for applies it)."""
+
+    generator: int = F(
+        0,
+        "ZeRO stage of the generator's engine; 0 = the --ds_config JSON's stage. 2 keeps the full bf16 weights "
+        "on every rank (no per-layer all-gathers; one all-gather of the updated weights per optimizer step) "
+        "and needs parallel.sp_size=1.",
+        ge=0,
+        le=3,
+    )
+    fake_score: int = F(0, "ZeRO stage of the fake score's engine; 0 = the JSON's stage (see generator).", ge=0, le=3)
+    discriminator: int = F(
+        0, "ZeRO stage of the discriminator's engine; 0 = the JSON's stage (see generator).", ge=0, le=3
+    )
+
+
+@dataclass
 class ParallelConfig:
     sp_size: int = F(1, "Ulysses sequence-parallel group size (divides the head count and the world size).", ge=1)
+    zero_stage: ZeroStagesConfig = field(
+        default_factory=ZeroStagesConfig,
+        metadata={"help": "Per-role ZeRO stage (parallel.zero_stage.<role>=2); 0 keeps the DeepSpeed JSON's."},
+    )
     timeout_minutes: float = F(
         30.0,
         "Process-group timeout: a collective (or barrier) waiting longer for a dead or hung rank ends the "
@@ -253,6 +284,15 @@ class TrainConfig:
         lt=1,
     )
     max_nonfinite: int = F(5, "Stop with an error after this many consecutive non-finite losses.", ge=1)
+    shared_generator_sample: bool = F(
+        False,
+        "At a step where both generator updates are due (dmd.interval, gan.interval): one generator sample per "
+        "micro step serves the DMD and the GAN loss, one backward of their sum and ONE generator optimizer step "
+        "(false = the paper's two samples, two backward simulations and two steps). The summed gradient is clipped "
+        "once (optim.generator.grad_clip), where two separate steps clip each loss's gradient on its own; the "
+        "generator's Adam state, LR schedule and EMA advance once per such step, not twice. Saves one backward "
+        "simulation per micro step; the sample is drawn at the DMD phase's RNG site.",
+    )
 
 
 @dataclass

@@ -176,3 +176,83 @@ def test_bf16_vae_with_fp32_latents(vae, latents, full):
 def test_window_must_fit(vae, latents):
     with pytest.raises(ValueError, match="does not fit"):
         ChunkedWanDecoder(vae).decode_window(latents, 3, 2)
+
+
+# ---------------------------------------------------------------- sqrt(T) cache checkpointing (checkpoint_every)
+
+
+def test_segment_length():
+    from mogan_ds.motion.chunked_decode import segment_length
+
+    assert [segment_length(0, n) for n in (1, 2, 4, 5, 12, 13, 16, 17)] == [1, 2, 2, 3, 4, 4, 4, 5]
+    assert segment_length(3, 13) == 3 and segment_length(1, 13) == 1
+    with pytest.raises(ValueError, match=">= 0"):
+        segment_length(-1, 4)
+
+
+def _decoder_forwards(vae, fn) -> int:
+    calls = [0]
+    handle = vae.decoder.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+@pytest.mark.parametrize("every", [2, 3, 0])
+@pytest.mark.parametrize("start,window", [(0, T), (1, 3)])
+def test_cache_checkpoint_every_k_equals_k1_and_plain_autograd(vae, latents, start, window, every):
+    """Every k (3 divides neither window, 0 = ceil(sqrt)) gives k=1's frames and gradients bit for bit,
+    and plain autograd's through the stock loop; backward replays the segments' chunks once more."""
+    first, stop = pixel_frame_range(start, window)
+    weight = torch.randn(1, 3, stop - first, 32, 32, generator=torch.Generator().manual_seed(5))
+
+    def run(k):
+        z = latents.clone().requires_grad_(True)
+        frames = ChunkedWanDecoder(vae, checkpoint_every=k).decode_window(z, start, window)
+        forwards = _decoder_forwards(vae, lambda: (frames * weight).sum().backward())
+        return frames.detach(), z.grad, forwards
+
+    ref_frames, ref_grad, ref_fw = run(1)
+    frames, grad, fw = run(every)
+    assert torch.equal(frames, ref_frames) and torch.equal(grad, ref_grad)
+    plain = _window_grad(lambda z: plain_decode(vae, z), latents, start, window, weight)
+    win = slice(start, start + window)
+    assert grad[:, :, win].abs().max().item() > 1e-3
+    assert (grad[:, :, win] - plain[:, :, win]).abs().max().item() <= 1e-5
+    assert grad[:, :, :start].abs().sum().item() == 0
+    # Backward: k=1 recomputes each chunk once; k>1 also replays a segment's chunks up to its last
+    # (whose cache input is the last one the segment must rebuild: checkpoint's early stop).
+    from mogan_ds.motion.chunked_decode import segment_length
+
+    k = segment_length(every, window)
+    replayed = sum(min(k, window - lo) - 1 for lo in range(0, window, k))
+    assert ref_fw == window and fw == window + replayed > window
+
+
+def test_cache_checkpoint_every_saves_fewer_caches(vae, latents):
+    z = latents.clone().requires_grad_(True)
+    saved = {
+        k: _saved_bytes(lambda k=k: ChunkedWanDecoder(vae, checkpoint_every=k).decode_window(z, 0, T))
+        for k in (1, 2, T)
+    }
+    # k=1 keeps the cache after each of chunks 0..2, k=2 only after chunk 1, k=T none (just the latent slices).
+    assert saved[1] > saved[2] > saved[T] > 0
+    cache = (saved[1] - saved[T]) / 3  # bytes of one boundary's cache
+    assert saved[2] - saved[T] == pytest.approx(cache, rel=0.3)
+
+
+@pytest.mark.parametrize("every", [2, 3, 0])
+def test_encode_with_cache_checkpoint_every_k(vae, every):
+    x = (torch.rand(1, 3, 13, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1).requires_grad_(True)
+    w = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    ours = ChunkedWanDecoder(vae, checkpoint_every=every).encode(x)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+    ref = ChunkedWanDecoder(vae).encode(x)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    stock = normalize(vae.encode(x).latent_dist.mode(), vae.config)
+    (g_stock,) = torch.autograd.grad((stock * w).sum(), x)
+    assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+    assert (ours - stock).abs().max().item() <= 1e-5 and (g_ours - g_stock).abs().max().item() <= 1e-5
+    assert g_ours.abs().max().item() > 1e-4

@@ -25,11 +25,22 @@ earlier latents), every chunk of the window runs checkpointed, and decoding stop
 the window. Autograd therefore holds, per window chunk, only its latent slice, its cache
 tensors (two frames per causal conv) and its output frames: peak memory grows with the
 window, not with the clip.
+
+sqrt(T) checkpointing (`checkpoint_every` k, `gan.cache_checkpoint_every`). At the paper's
+480x832 the cache at one chunk boundary is ~1.7 GiB, so even the per-window-chunk caches
+dominate. With k > 1, segments of k chunks form one outer checkpoint around the per-chunk
+ones: only every k-th boundary's cache stays saved until backward, and backward replays a
+segment's chunks (without keeping their activations) to rebuild its inner caches: one
+extra forward of k-1 of every k chunks (checkpoint's early stop skips the segment's last). k = ceil(sqrt(T)) minimises the saved caches (about 2 sqrt(T)
+instead of T). The arithmetic is the same operations on the same values: outputs and
+gradients equal k = 1's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
@@ -69,60 +80,135 @@ def _unpack(kinds: tuple, tensors: Sequence[torch.Tensor]) -> list:
     return feat
 
 
-def run_recurrent(
+@dataclass(frozen=True)
+class CacheState:
+    """A Wan VAE half's feat_cache between two chunks: slot kinds plus the tensors, in slot order."""
+
+    kinds: tuple
+    tensors: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def empty(cls, num_slots: int) -> CacheState:
+        """Before chunk 0 (what `AutoencoderKLWan.clear_cache` allocates)."""
+        return cls((None,) * num_slots, ())
+
+    def detach(self) -> CacheState:
+        return CacheState(self.kinds, tuple(t.detach() for t in self.tensors))
+
+    def with_tensors(self, tensors) -> CacheState:
+        tensors = tuple(tensors)
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"cache has {len(self.tensors)} tensors, got {len(tensors)}")
+        return CacheState(self.kinds, tensors)
+
+
+def segment_length(every: int, num_chunks: int) -> int:
+    """Chunks per outer checkpoint segment: `every` (>= 1), or for 0 ceil(sqrt(num_chunks)).
+
+    sqrt: with k chunks per segment, autograd holds ceil(n/k) boundary caches for the
+    whole backward plus the k caches of the segment being back-propagated, which is
+    smallest near k = sqrt(n).
+    """
+    if every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0 = sqrt of the chunks), got {every}")
+    if every == 0:
+        return math.isqrt(num_chunks - 1) + 1 if num_chunks > 1 else 1
+    return every
+
+
+def run_chunks(
     step: Callable[[int, torch.Tensor, list], torch.Tensor],
     chunks: Sequence[torch.Tensor],
-    num_slots: int,
-    grad_from: int = 0,
+    state: CacheState,
+    first_index: int = 0,
     checkpoint: bool = True,
-) -> list[torch.Tensor]:
-    """Run a Wan VAE half chunk by chunk with an explicit, functional cache.
+    every: int = 1,
+) -> tuple[list[torch.Tensor], CacheState]:
+    """Run chunks ``first_index, first_index + 1, ...`` of a Wan VAE half from `state`.
 
     Args:
         step: ``step(i, x_i, feat)`` runs chunk i through the VAE module, reading and
             overwriting the list `feat` exactly as `AutoencoderKLWan` does with its
             `_feat_map` / `_enc_feat_map`, and returns the chunk's output.
-        chunks: the inputs x_0 .. x_{n-1} (views of one tensor are fine).
-        num_slots: feat_cache length (number of causal convs in the module).
-        grad_from: chunks before this index run under `no_grad` only to build the cache,
-            which is then detached (truncated BPTT); their outputs are not returned.
-        checkpoint: run each chunk from `grad_from` on under non-reentrant activation
-            checkpointing (only when autograd is recording; otherwise plainly).
+        chunks: the inputs of those chunks (views of one tensor are fine).
+        state: the cache after chunk ``first_index - 1`` (`CacheState.empty` before chunk 0).
+        checkpoint: when autograd records, run under non-reentrant activation checkpointing;
+            otherwise (no_grad, nothing requiring grad, or False) plainly.
+        every: cache checkpoint interval k. 1: every chunk is its own checkpoint, so the cache
+            at every chunk boundary stays saved until backward. k > 1 (0 = ceil(sqrt(n)) for
+            n chunks): segments of k chunks are checkpointed as a whole, each chunk inside
+            again on its own (nested non-reentrant checkpoints); only the caches at segment
+            boundaries stay saved, and backward re-runs a segment's first k-1 chunks once more
+            to rebuild its inner caches (one extra forward of (k-1)/k of the chunks). Outputs
+            and gradients are those of k = 1.
 
     Returns:
-        Outputs of chunks grad_from .. n-1.
+        (outputs of the chunks, the cache after the last one).
     """
-    kinds: tuple = (None,) * num_slots
-    tensors: tuple[torch.Tensor, ...] = ()
-    outputs = []
-    for i, x in enumerate(chunks):
-        if i < grad_from:
-            with torch.no_grad():
-                feat = _unpack(kinds, tensors)
-                step(i, x, feat)
-                kinds, tensors = _pack(feat)
-            if i == grad_from - 1:
-                tensors = tuple(t.detach() for t in tensors)  # the truncation point
-            continue
-        # The new cache structure is a pure function of the old one and the chunk index, so
-        # the closure's side channel gets the same value on forward and on recomputation.
-        new_kinds: list[tuple] = []
-
-        def functional_step(x_i, *cache, _i=i, _kinds=kinds, _out=new_kinds):
-            feat = _unpack(_kinds, cache)
-            out = step(_i, x_i, feat)
-            k, t = _pack(feat)
-            _out[:] = [k]
-            return (out, *t)
-
-        recording = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
-        if checkpoint and recording:
-            result = _checkpoint(functional_step, x, *tensors, use_reentrant=False)
+    recording = torch.is_grad_enabled() and (
+        any(x.requires_grad for x in chunks) or any(t.requires_grad for t in state.tensors)
+    )
+    if not (checkpoint and recording):
+        return _run_plain(step, chunks, state, first_index)
+    k = segment_length(every, len(chunks))
+    outputs: list[torch.Tensor] = []
+    for lo in range(0, len(chunks), k):
+        seg = chunks[lo : lo + k]
+        if len(seg) == 1:
+            outs, state = _run_checkpointed_chunk(step, seg[0], state, first_index + lo)
         else:
-            result = functional_step(x, *tensors)
-        outputs.append(result[0])
-        kinds, tensors = new_kinds[0], tuple(result[1:])
-    return outputs
+            outs, state = _run_checkpointed_segment(step, seg, state, first_index + lo)
+        outputs.extend(outs)
+    return outputs, state
+
+
+def _run_plain(step, chunks, state: CacheState, first_index: int) -> tuple[list[torch.Tensor], CacheState]:
+    outputs = []
+    for j, x in enumerate(chunks):
+        feat = _unpack(state.kinds, state.tensors)
+        outputs.append(step(first_index + j, x, feat))
+        state = CacheState(*_pack(feat))
+    return outputs, state
+
+
+def _run_checkpointed_chunk(step, x, state: CacheState, i: int) -> tuple[list[torch.Tensor], CacheState]:
+    """One chunk as the functional step ``(x_i, *cache) -> (out_i, *new_cache)`` under checkpoint."""
+    # The new cache structure is a pure function of the old one and the chunk index, so the
+    # closure's side channel gets the same value on forward and on recomputation.
+    new_kinds: list[tuple] = []
+
+    def functional_step(x_i, *cache):
+        feat = _unpack(state.kinds, cache)
+        out = step(i, x_i, feat)
+        kinds, tensors = _pack(feat)
+        new_kinds[:] = [kinds]
+        return (out, *tensors)
+
+    result = _checkpoint(functional_step, x, *state.tensors, use_reentrant=False)
+    return [result[0]], CacheState(new_kinds[0], tuple(result[1:]))
+
+
+def _run_checkpointed_segment(step, seg, state: CacheState, i0: int) -> tuple[list[torch.Tensor], CacheState]:
+    """Chunks i0 .. i0+len(seg)-1 as one outer checkpoint, each chunk inside on its own.
+
+    Only the outer region's inputs (the chunks and the cache at i0) stay saved; its inner
+    caches are rebuilt when backward reaches the segment. Nested non-reentrant checkpoints
+    recompute correctly (torch's "nestable checkpoint" semantics).
+    """
+    n = len(seg)
+    end_kinds: list[tuple] = []
+
+    def functional_segment(*args):
+        xs, cache = args[:n], args[n:]
+        outs, st = [], CacheState(state.kinds, cache)
+        for j, x in enumerate(xs):
+            (out,), st = _run_checkpointed_chunk(step, x, st, i0 + j)
+            outs.append(out)
+        end_kinds[:] = [st.kinds]
+        return (*outs, *st.tensors)
+
+    result = _checkpoint(functional_segment, *seg, *state.tensors, use_reentrant=False)
+    return list(result[:n]), CacheState(end_kinds[0], tuple(result[n:]))
 
 
 class ChunkedWanDecoder:
@@ -131,11 +217,19 @@ class ChunkedWanDecoder:
     Holds a reference to the VAE (it is not a module of its own: the VAE stays wherever the
     caller keeps it, frozen). Latents on both sides are *normalised* (WanPipeline space);
     pixels are [-1, 1]-scaled video, never clamped here.
+
+    Args:
+        checkpoint: activation checkpointing of the chunks (when autograd records).
+        checkpoint_every: cache checkpoint interval (`gan.cache_checkpoint_every`, see
+            `run_chunks`): 1 keeps the cache of every chunk boundary for backward, k > 1
+            only every k-th (recomputing the rest), 0 every ceil(sqrt(chunks))-th.
     """
 
-    def __init__(self, vae, checkpoint: bool = True):
+    def __init__(self, vae, checkpoint: bool = True, checkpoint_every: int = 1):
         self.vae = vae
         self.checkpoint = checkpoint
+        segment_length(checkpoint_every, 1)  # validates
+        self.checkpoint_every = checkpoint_every
         self._dec_slots = _count_causal_convs(vae.decoder)
         self._enc_slots = _count_causal_convs(vae.encoder)
 
@@ -154,6 +248,27 @@ class ChunkedWanDecoder:
             out = unpatchify(out, patch_size=vae.config.patch_size)
         return out
 
+    def decoder_state(self) -> CacheState:
+        """The decoder's cache before latent chunk 0."""
+        return CacheState.empty(self._dec_slots)
+
+    def decode_chunks(
+        self, latents: torch.Tensor, lo: int, hi: int, state: CacheState
+    ) -> tuple[list[torch.Tensor], CacheState]:
+        """Latent chunks [lo, hi) of `latents` [B, C, T, h, w] from the cache after chunk lo-1.
+
+        Returns (each chunk's unclamped frames [B, 3, 1 or 4, 8h, 8w], the cache after chunk
+        hi-1). Records autograd when it is enabled and the latents or the cache need grad.
+        """
+        chunks = [latents[:, :, i : i + 1] for i in range(lo, hi)]
+        return run_chunks(self._decode_step, chunks, state, lo, self.checkpoint, self.checkpoint_every)
+
+    def decode_prefix(self, latents: torch.Tensor, stop: int) -> tuple[list[torch.Tensor], CacheState]:
+        """Chunks [0, stop) without grad: their frames and the detached cache after them."""
+        with torch.no_grad():
+            frames, state = self.decode_chunks(latents, 0, stop, self.decoder_state())
+        return frames, state.detach()
+
     def decode_window(self, latents: torch.Tensor, start: int, window: int) -> torch.Tensor:
         """Pixels of latent chunks [start, start + window), with gradient to those chunks only.
 
@@ -165,13 +280,14 @@ class ChunkedWanDecoder:
             Unclamped frames [B, 3, F_w, 8h, 8w] in the VAE's dtype, F_w = 4*window
             (4*window - 3 when start == 0); equal to frames `pixel_frame_range(start,
             window)` of a full decode. Gradients reach latents[:, :, start:start+window]
-            only.
+            only: the chunks before the window run without grad only to build the cache,
+            which is detached at the window (truncated BPTT), and decoding stops after it.
         """
         num_latent = latents.shape[2]
         if not (0 <= start and window >= 1 and start + window <= num_latent):
             raise ValueError(f"window [{start}, {start + window}) does not fit {num_latent} latent chunks")
-        chunks = [latents[:, :, i : i + 1] for i in range(start + window)]  # early stop after the window
-        outs = run_recurrent(self._decode_step, chunks, self._dec_slots, grad_from=start, checkpoint=self.checkpoint)
+        _, state = self.decode_prefix(latents, start)
+        outs, _ = self.decode_chunks(latents, start, start + window, state)
         return torch.cat(outs, dim=2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -188,21 +304,34 @@ class ChunkedWanDecoder:
         h = vae.encoder(x, feat_cache=feat, feat_idx=[0])
         return vae.quant_conv(h)  # 1x1x1, per chunk == on the concatenation
 
+    def encoder_state(self) -> CacheState:
+        """The encoder's cache before pixel chunk 0."""
+        return CacheState.empty(self._enc_slots)
+
+    def encode_chunks(
+        self, chunks: Sequence[torch.Tensor], first_index: int, state: CacheState
+    ) -> tuple[torch.Tensor, CacheState]:
+        """Pixel chunks `first_index`, ... (chunk 0 one frame, the others 4) from the cache after
+        chunk first_index-1 -> (normalised posterior mode [B, C, len(chunks), H/8, W/8] fp32, cache)."""
+        outs, state = run_chunks(self._encode_step, chunks, state, first_index, self.checkpoint, self.checkpoint_every)
+        return self._posterior_mode(torch.cat(outs, dim=2)), state
+
+    def _posterior_mode(self, moments: torch.Tensor) -> torch.Tensor:
+        mode = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution: mean first, logvar second
+        return normalize(mode, self.vae.config)
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, F, H, W] (F = 4k+1) -> normalised posterior mode [B, C, k+1, H/8, W/8], fp32.
 
         Equals ``normalize(vae.encode(frames).latent_dist.mode())``, with gradient to
         `frames`; each latent chunk is checkpointed, so activation memory is one chunk's
-        plus the (small) cache tensors of all chunks.
+        plus the (small) cache tensors of the saved chunk boundaries.
         """
         num_frames = frames.shape[2]
         if (num_frames - 1) % 4:
             raise ValueError(f"the Wan VAE encodes 4k+1 frames, got {num_frames}")
         chunks = [frames[:, :, chunk_frame_slice(i)] for i in range(num_latent_frames(num_frames))]
-        outs = run_recurrent(self._encode_step, chunks, self._enc_slots, grad_from=0, checkpoint=self.checkpoint)
-        moments = torch.cat(outs, dim=2)
-        mode = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution: mean first, logvar second
-        return normalize(mode, self.vae.config)
+        return self.encode_chunks(chunks, 0, self.encoder_state())[0]
 
 
 def plain_decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,8 @@ class MotionPath:
         space: "flow" or "latent" (`gan.space`).
         flow_scale: `gan.flow_scale`, the motion-tensor normalisation (see `motion_tensor`).
         checkpoint: activation checkpointing in the decoder/encoder chunks (RAFT has its own).
+        checkpoint_every: `gan.cache_checkpoint_every`, the decoder/encoder cache checkpoint
+            interval (`chunked_decode.run_chunks`).
     """
 
     def __init__(
@@ -79,13 +81,14 @@ class MotionPath:
         space: str = "flow",
         flow_scale: float = 20.0,
         checkpoint: bool = True,
+        checkpoint_every: int = 1,
     ):
         if space not in ("flow", "latent"):
             raise ValueError(f"space must be 'flow' or 'latent', got {space!r}")
         if space == "flow" and raft is None:
             raise ValueError("space='flow' needs a RaftFlow")
         window.check()
-        self.codec = ChunkedWanDecoder(vae, checkpoint=checkpoint)
+        self.codec = ChunkedWanDecoder(vae, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         self.raft = raft
         self.window = window
         self.space = space
@@ -95,8 +98,8 @@ class MotionPath:
     def from_config(
         cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True
     ) -> MotionPath:
-        """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*) for clips of
-        `num_latent` latent chunks, and a loaded RAFT."""
+        """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*,
+        cache_checkpoint_every) for clips of `num_latent` latent chunks, and a loaded RAFT."""
         raft = None
         if gan_cfg.space == "flow":
             if raft_model is None:
@@ -108,7 +111,15 @@ class MotionPath:
                 checkpoint=checkpoint,
             )
         window = WindowSpec.from_config(gan_cfg, num_latent)
-        return cls(vae, raft, window, space=gan_cfg.space, flow_scale=gan_cfg.flow_scale, checkpoint=checkpoint)
+        return cls(
+            vae,
+            raft,
+            window,
+            space=gan_cfg.space,
+            flow_scale=gan_cfg.flow_scale,
+            checkpoint=checkpoint,
+            checkpoint_every=gan_cfg.cache_checkpoint_every,
+        )
 
     def draw_window(self, generator: torch.Generator | None = None) -> Window:
         """This step's window (`WindowSpec.draw`); pass a generator seeded alike on every rank."""
