@@ -11,21 +11,51 @@ Sequence parallelism is applied here, from outside, to the unmodified diffusers 
 (`mogan_ds.parallel`); the model code knows nothing of it. Trainable networks are built
 in fp32: the DeepSpeed engine casts them to the ds_config's precision.
 
-Loading: diffusers has no `zero.Init` support, so each rank materialises the full models
-before ZeRO-3 partitions them (3 x 1.3B fp32 ~ 17 GB host RAM per rank at 1.3B: fine; a
-14B teacher would need zero.Init-aware loading).
+Loading: with ``models.zero_init`` (default) each trainable network whose role's final
+DeepSpeed dict (`engines.ds_config_for`) is ZeRO stage 3 is built under `deepspeed.zero.Init`
+from its config and its safetensors are copied tensor by tensor into the partitions
+(`mogan_ds.models.partitioned`): a rank holds 1/world of each such network, never the whole
+(benchmarks/zero_init.py measures it). A role at ZeRO stage 0-2, or ``models.zero_init=false``,
+materialises the full fp32 model on every rank before `deepspeed.initialize` partitions it
+(3 x 1.3B fp32 ~ 17 GB host RAM per rank at 1.3B; 3 x 57 GB at 14B). Both ways give the
+same weights (tests/test_zero_init.py). The frozen teacher, VAE and RAFT are full replicas
+on every rank either way: at 14B the bf16 teacher alone is ~29 GB per rank on the
+accelerator (and in host RAM while it loads), on top of the three partitioned networks.
+The discriminator is built first, so its fresh heads draw the same random numbers whichever
+way and whatever else the recipe loads; the other loads leave the global RNG untouched.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import WanTransformer3DModel
 
 from .config import Config
-from .models.builders import DTYPES, freeze, load_raft, load_transformer, load_vae, wan_paths
-from .motion.discriminator import build_discriminator
+from .engines import ds_config_for
+from .models.builders import (
+    DTYPES,
+    freeze,
+    is_block_at_or_after,
+    load_raft,
+    load_transformer,
+    load_vae,
+    transformer_config,
+    wan_paths,
+)
+from .models.partitioned import (
+    PartitionedBuild,
+    dropped,
+    load_into_partitions,
+    load_partitioned_transformer,
+    move_buffers,
+    partition_rest,
+    zero3,
+)
+from .motion.discriminator import assemble_discriminator, build_discriminator
 from .parallel import (
     Gather,
     ModulePlan,
@@ -35,6 +65,8 @@ from .parallel import (
     parallelize_wan,
     wan_plan,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,27 +79,48 @@ class Networks:
     raft: torch.nn.Module | None
 
 
-def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor) -> Networks:
-    """Load and prepare every network this recipe uses (disabled phases load nothing extra)."""
+def build_networks(
+    cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor, base_ds: dict | None = None
+) -> Networks:
+    """Load and prepare every network this recipe uses (disabled phases load nothing extra).
+
+    ``base_ds`` is the DeepSpeed JSON the engines are built from; with it and
+    ``models.zero_init``, the trainable networks of ZeRO-3 roles are built partitioned.
+    Seed the global RNG first (the discriminator's fresh heads draw from it).
+    """
     paths = wan_paths(cfg.models.root)
     frozen = DTYPES[cfg.models.frozen_dtype]
     teacher_path = paths["transformer"]
     gen_path = Path(cfg.models.generator) if cfg.models.generator else teacher_path
+    role_ds = partitioned_roles(cfg, topo, base_ds)
 
-    generator = load_transformer(gen_path, torch.float32)
-    fake_score = load_transformer(teacher_path, torch.float32) if cfg.dmd.enabled else None
-    teacher = freeze(load_transformer(teacher_path, frozen), device) if cfg.dmd.enabled else None
     discriminator = None
     if cfg.gan.enabled:
-        discriminator = build_discriminator(
-            teacher_path, cfg.gan, disc_prompt, torch.float32, gradient_checkpointing=cfg.models.gradient_checkpointing
-        )
-    vae = freeze(load_vae(paths["vae"], frozen), device)
-    raft = None
-    if cfg.gan.enabled and cfg.gan.space == "flow":
-        # fp32 whatever models.frozen_dtype says: torchvision's RAFT builds its coordinate
-        # grids in fp32 and fails on its first call with half weights (5M parameters: free).
-        raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), device)
+        gc = cfg.models.gradient_checkpointing
+        if "discriminator" in role_ds:
+            discriminator = build_partitioned_discriminator(
+                teacher_path, cfg.gan, disc_prompt, role_ds["discriminator"], topo, gc
+            )
+        else:
+            discriminator = build_discriminator(
+                teacher_path, cfg.gan, disc_prompt, torch.float32, gradient_checkpointing=gc
+            )
+
+    def trainable(role: str, path: Path) -> torch.nn.Module:
+        if role in role_ds:
+            return load_partitioned_transformer(path, role_ds[role], topo)
+        return load_transformer(path, torch.float32)
+
+    with torch.random.fork_rng(devices=[]):  # random inits overwritten by the weights: no trace in the RNG
+        generator = trainable("generator", gen_path)
+        fake_score = trainable("fake_score", teacher_path) if cfg.dmd.enabled else None
+        teacher = freeze(load_transformer(teacher_path, frozen), device) if cfg.dmd.enabled else None
+        vae = freeze(load_vae(paths["vae"], frozen), device)
+        raft = None
+        if cfg.gan.enabled and cfg.gan.space == "flow":
+            # fp32 whatever models.frozen_dtype says: torchvision's RAFT builds its coordinate
+            # grids in fp32 and fails on its first call with half weights (5M parameters: free).
+            raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), device)
 
     for dit in (generator, fake_score, teacher):
         if dit is not None:
@@ -88,6 +141,51 @@ def build_networks(cfg: Config, topo, device: torch.device, disc_prompt: torch.T
     if discriminator is not None:
         discriminator.train()
     return Networks(generator, fake_score, discriminator, teacher, vae, raft)
+
+
+def partitioned_roles(cfg: Config, topo, base_ds: dict | None) -> dict[str, dict]:
+    """role -> its final DeepSpeed dict, for the trainable roles built under zero.Init.
+
+    A role qualifies when ``models.zero_init`` is on, the role is in use and *its own* final
+    dict runs ZeRO stage 3 (a role at stage 0-2 keeps whole parameters: built the full way).
+    """
+    if not cfg.models.zero_init or base_ds is None:
+        return {}
+    used = {"generator": True, "fake_score": cfg.dmd.enabled, "discriminator": cfg.gan.enabled}
+    out = {}
+    for role, on in used.items():
+        if on:
+            ds = ds_config_for(role, cfg, base_ds, topo)
+            if zero3(ds):
+                out[role] = ds
+    log.info("built under zero.Init (partitioned from the start): %s", ", ".join(out) or "none")
+    return out
+
+
+def build_partitioned_discriminator(
+    teacher_path, gan_cfg, prompt_embeds, ds_config: dict, topo, gradient_checkpointing: bool
+) -> torch.nn.Module:
+    """`build_discriminator` with the backbone ZeRO-3 partitioned as it is created (same values).
+
+    The backbone (the teacher's first ``gan_cfg.disc_blocks`` blocks) is created under
+    zero.Init and its weights loaded into its partitions; the blocks it does not build and
+    the output head D drops stay unread. The fresh heads are built whole right after, as
+    `build_discriminator` builds them (same random numbers: the backbone's construction
+    consumed the same ones), then partitioned: `nn.MultiheadAttention` initialises a child's
+    parameter from its own ``__init__``, which zero.Init would lose (`partition_rest`).
+    Transient host memory: the heads, whole (3 heads at 14B width ~ 1.3 GB fp32).
+    """
+    n = gan_cfg.disc_blocks
+    config = transformer_config(teacher_path, n)
+    with PartitionedBuild(ds_config, topo):
+        backbone = WanTransformer3DModel.from_config(config)
+    model = assemble_discriminator(backbone, gan_cfg, prompt_embeds, None, gradient_checkpointing)
+    partition_rest(model, ds_config, topo)
+    move_buffers(model)
+    load_into_partitions(
+        model.backbone, teacher_path, allow_unused=lambda k: is_block_at_or_after(k, n) or dropped(model.backbone, k)
+    )
+    return model
 
 
 def configure_trainable_attention(engines, backend: str) -> None:

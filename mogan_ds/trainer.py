@@ -113,7 +113,7 @@ class MoGANTrainer:
         self.negative = special["negative"].to(self.device)
         # Fresh weights (the discriminator's heads) must be identical on every rank.
         torch.manual_seed(cfg.train.seed)
-        nets = build_networks(cfg, self.topo, self.device, special["disc"])
+        nets = build_networks(cfg, self.topo, self.device, special["disc"], base_ds)
         self.engines = build_engines(
             cfg,
             base_ds,

@@ -78,17 +78,24 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     p = _expect_folder(path, "Wan transformer")
     if num_layers is None:
         return WanTransformer3DModel.from_pretrained(p, torch_dtype=dtype)
-    config = dict(WanTransformer3DModel.load_config(p))
-    if num_layers > config["num_layers"]:
-        raise ValueError(f"asked for {num_layers} blocks of {p}, which has only {config['num_layers']}")
-    config["num_layers"] = num_layers
-    model = WanTransformer3DModel.from_config(config)
-    state = _read_safetensors_folder(p, keep=lambda k: not _is_block_at_or_after(k, num_layers))
+    model = WanTransformer3DModel.from_config(transformer_config(p, num_layers))
+    state = _read_safetensors_folder(p, keep=lambda k: not is_block_at_or_after(k, num_layers))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{p}: truncated load mismatched, missing {missing[:5]}, unexpected {unexpected[:5]}")
     _cast_keeping_fp32(model, dtype)
     return model
+
+
+def transformer_config(path: str | os.PathLike, num_layers: int | None = None) -> dict:
+    """The `WanTransformer3DModel` config of a diffusers folder, optionally cut to its first `num_layers` blocks."""
+    p = _expect_folder(path, "Wan transformer")
+    config = dict(WanTransformer3DModel.load_config(p))
+    if num_layers is not None:
+        if num_layers > config["num_layers"]:
+            raise ValueError(f"asked for {num_layers} blocks of {p}, which has only {config['num_layers']}")
+        config["num_layers"] = num_layers
+    return config
 
 
 def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
@@ -100,7 +107,8 @@ def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
                 t.data = t.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
 
 
-def _is_block_at_or_after(key: str, n: int) -> bool:
+def is_block_at_or_after(key: str, n: int) -> bool:
+    """Whether checkpoint key `key` belongs to block n or a later one (not built by a truncated copy)."""
     m = re.match(r"blocks\.(\d+)\.", key)
     return bool(m) and int(m.group(1)) >= n
 

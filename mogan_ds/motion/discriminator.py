@@ -190,11 +190,22 @@ def build_discriminator(
         gradient_checkpointing: checkpoint each backbone block (`models.gradient_checkpointing`).
     """
     backbone = load_transformer(teacher_transformer_path, dtype=dtype, num_layers=gan_cfg.disc_blocks)
+    return assemble_discriminator(backbone, gan_cfg, prompt_embeds, dtype, gradient_checkpointing)
+
+
+def assemble_discriminator(
+    backbone, gan_cfg, prompt_embeds: torch.Tensor, dtype: torch.dtype | None, gradient_checkpointing: bool = False
+) -> MotionDiscriminator:
+    """D around an already built backbone (see `build_discriminator`): fresh heads, prompt buffer, checkpointing.
+
+    ``dtype=None`` leaves the heads and the prompt embedding as created (a backbone whose
+    parameters are already partitioned in their final dtype, `mogan_ds.models.partitioned`).
+    """
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    model = MotionDiscriminator(
-        backbone, prompt_embeds.to(dtype), gan_cfg.head_blocks, gan_cfg.head_dim, gan_cfg.disc_timestep
-    )
-    model.heads.to(dtype)
-    model.final.to(dtype)
+    prompt = prompt_embeds if dtype is None else prompt_embeds.to(dtype)
+    model = MotionDiscriminator(backbone, prompt, gan_cfg.head_blocks, gan_cfg.head_dim, gan_cfg.disc_timestep)
+    if dtype is not None:
+        model.heads.to(dtype)
+        model.final.to(dtype)
     return model
