@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from mogan_ds.launcher import REPO, deepspeed_command, launch_env
 from mogan_ds.metrics import read_metrics
+from mogan_ds.parallel.ranks import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +52,9 @@ def train_args(tiny_workdir, run_dir, *extra):
     ]
 
 
-def launch(args, **kw):
+def launch(args, master_port=None, **kw):
     return subprocess.run(
-        deepspeed_command(2, REPO / "launch" / "train.py", args),
+        deepspeed_command(2, REPO / "launch" / "train.py", args, master_port=master_port),
         cwd=REPO,
         env=launch_env(),
         capture_output=True,
@@ -69,9 +71,11 @@ def check(proc):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_workdir, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
-    proc = launch(train_args(tiny_workdir, run))
+    port = free_port()
+    proc = launch(train_args(tiny_workdir, run), master_port=port)
     check(proc)
     (run.parent / f"{run.name}.console.txt").write_text(proc.stdout + proc.stderr)
+    (run.parent / f"{run.name}.port").write_text(str(port))
     return run
 
 
@@ -116,6 +120,13 @@ def test_two_rank_run_leaves_its_outputs(uninterrupted):
 
     pipe = WanPipeline.from_pretrained(uninterrupted / "export")
     assert pipe.transformer.config.num_layers == 4
+
+
+def test_run_leaves_no_shared_memory_behind(uninterrupted):
+    """DeepSpeed's CPU all-reduce buffers (~66 MB per rank in /dev/shm) are unlinked once mapped."""
+    port = (uninterrupted.parent / f"{uninterrupted.name}.port").read_text()
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, left
 
 
 def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_workdir, tmp_path):

@@ -72,6 +72,28 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     # Also called when torch.distributed is already up: deepspeed.comm then wraps the
     # existing group, which DeepSpeed's own collectives (DistributedAttention) require.
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
+    _release_cpu_shm_name()
+
+
+def _release_cpu_shm_name() -> None:
+    """Unlink this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On the CPU accelerator every rank creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (~66 MB, ops/csrc/cpu/comm/shm.cpp) and never unlinks it, so each launch leaks RAM until
+    reboot (CI runs dozens of launches). Once every rank has mapped every peer's buffer (all
+    have returned from init, hence the barrier), the names are no longer needed: unlinking keeps
+    the mappings alive and frees the memory when the last process exits, even after a SIGKILL.
+    """
+    if get_accelerator().device_name() != "cpu":
+        return
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # every CPU rank, file or not: a collective must not depend on local state
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    own = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{torch.distributed.get_rank()}"
+    try:
+        os.unlink(own)
+    except FileNotFoundError:
+        pass
 
 
 # --------------------------------------------------------------------------- layout
