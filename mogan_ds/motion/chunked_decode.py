@@ -174,14 +174,17 @@ def _run_plain(step, chunks, state: CacheState, first_index: int) -> tuple[list[
 def _run_checkpointed_chunk(step, x, state: CacheState, i: int) -> tuple[list[torch.Tensor], CacheState]:
     """One chunk as the functional step ``(x_i, *cache) -> (out_i, *new_cache)`` under checkpoint."""
     # The new cache structure is a pure function of the old one and the chunk index, so the
-    # closure's side channel gets the same value on forward and on recomputation.
+    # closure's side channel gets the same value on forward and on recomputation. The closure
+    # (kept by the checkpoint for recomputation) must not capture `state`: inside a segment
+    # that would keep the cache tensors alive that the outer checkpoint is meant to drop.
     new_kinds: list[tuple] = []
+    kinds = state.kinds
 
     def functional_step(x_i, *cache):
-        feat = _unpack(state.kinds, cache)
+        feat = _unpack(kinds, cache)
         out = step(i, x_i, feat)
-        kinds, tensors = _pack(feat)
-        new_kinds[:] = [kinds]
+        out_kinds, tensors = _pack(feat)
+        new_kinds[:] = [out_kinds]
         return (out, *tensors)
 
     result = _checkpoint(functional_step, x, *state.tensors, use_reentrant=False)
@@ -197,10 +200,11 @@ def _run_checkpointed_segment(step, seg, state: CacheState, i0: int) -> tuple[li
     """
     n = len(seg)
     end_kinds: list[tuple] = []
+    kinds = state.kinds  # not `state` in the closure (see _run_checkpointed_chunk)
 
     def functional_segment(*args):
         xs, cache = args[:n], args[n:]
-        outs, st = [], CacheState(state.kinds, cache)
+        outs, st = [], CacheState(kinds, cache)
         for j, x in enumerate(xs):
             (out,), st = _run_checkpointed_chunk(step, x, st, i0 + j)
             outs.append(out)
