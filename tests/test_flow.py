@@ -113,3 +113,72 @@ def test_flow_to_rgb_shares_one_scale_per_clip():
         assert torch.equal(rgb[b], flow_to_image(flow[b].transpose(0, 1).contiguous()).transpose(0, 1))
     # Scaling a clip's flow does not change its picture (normalised by the clip's max).
     assert (rgb[1].int() - flow_to_rgb(flow[1:] / 10)[0].int()).abs().max() <= 1  # uint8 rounding
+
+
+# --------------------------------------------------------------------------- the SP split of the fake path
+
+
+class QueueLink:
+    """The neighbour messages of `sp_split.PeerLink` within one process: rank r's send_prev
+    feeds rank r-1's recv_next, first in first out (ranks back-propagate from the last).
+    `drop` sends zeros instead (a negative control: the cache gradients left out)."""
+
+    def __init__(self, boxes: list, rank: int, drop: bool = False):
+        self.boxes, self.rank, self.drop = boxes, rank, drop
+
+    def send_prev(self, tensors):
+        self.boxes[self.rank - 1].extend(t.detach().clone() * (0 if self.drop else 1) for t in tensors)
+
+    def recv_next(self, metas):
+        out = [self.boxes[self.rank].pop(0) for _ in metas]
+        assert [(o.shape, o.dtype) for o in out] == [(s, d) for s, d, _ in metas]
+        return out
+
+
+@pytest.mark.parametrize("start,window,size,every", [(0, 4, 2, 1), (1, 3, 2, 2), (0, 4, 3, 1), (1, 3, 3, 1)])
+def test_sp_split_shares_add_up_to_the_whole_path(raft, start, window, size, every):
+    """Each rank's share (prefix without grad, cache gradients handed back rank by rank) gives the
+    whole window's D input and, summed over the ranks, the whole path's gradient on the latents."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan
+
+    from mogan_ds.models.tiny import TINY_VAE
+    from mogan_ds.motion.pipeline import MotionPath
+    from mogan_ds.motion.sp_split import SplitMotion, share_bounds
+    from mogan_ds.motion.window import Window, WindowSpec
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**TINY_VAE).eval().requires_grad_(False)
+    path = MotionPath(
+        vae, RaftFlow(raft, num_iters=2, pairs_per_chunk=3), WindowSpec(4, window, start), checkpoint_every=every
+    )
+    win = Window(start, window)
+    z = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    weight = torch.randn(1, 16, window, 4, 4, generator=torch.Generator().manual_seed(9))
+    zr = z.clone().requires_grad_(True)
+    ref = path.fake(zr, win).d_input
+    (ref * weight).sum().backward()
+
+    topo = SimpleNamespace(sp_group=None, sp_rank=0, sp_size=size, rank=0)
+    split = SplitMotion(path.codec, path.raft, path.flow_scale, topo)
+    shares = share_bounds(window, size)
+
+    def run(drop=False):
+        boxes = [[] for _ in range(size)]
+        zs = [z.clone().requires_grad_(True) for _ in range(size)]
+        outs = [split.share(zs[r], win, shares, r, QueueLink(boxes, r, drop))[0] for r in range(size)]
+        for r in reversed(range(size)):  # rank r+1's backward sends what rank r's receives
+            lo, hi = shares[r]
+            outs[r].backward(weight[:, :, lo:hi])
+        assert all(not b for b in boxes)  # every message was consumed
+        return torch.cat(outs, dim=2).detach(), sum(t.grad for t in zs)
+
+    d_input, grad = run()
+    torch.testing.assert_close(d_input, ref.detach(), atol=1e-5, rtol=1e-5)
+    scale = zr.grad.abs().max().item()
+    assert scale > 0 and zr.grad[:, :, start : start + window].abs().amax(dim=(0, 1, 3, 4)).min().item() > 0
+    assert (grad - zr.grad).abs().max().item() <= 1e-5 * scale
+    if (start, size) == (0, 2):  # without the cache gradients between the shares the sum is wrong
+        _, dropped = run(drop=True)
+        assert (dropped - zr.grad).abs().max().item() > 1e-3 * scale

@@ -114,10 +114,12 @@ class RaftFlow(nn.Module):
         return flow.view(b, f - 1, 2, h, w).transpose(1, 2)
 
 
-def motion_tensor(flow: torch.Tensor, scale: float) -> torch.Tensor:
+def motion_tensor(flow: torch.Tensor, scale: float, repeat_last: bool = True) -> torch.Tensor:
     """Appendix A motion tensor: flows [B, 2, F-1, H, W] (pixels) -> [B, 3, F, H, W].
 
-    1. append a copy of the last flow, so there is one map per frame (F maps);
+    1. append a copy of the last flow, so there is one map per frame (F maps). With
+       ``repeat_last=False`` nothing is appended ([B, 2, n] -> [B, 3, n]): a sequence-parallel
+       share of a clip that is not its end has the flow to the next share's first frame instead;
     2. add the per-pixel magnitude sqrt(u^2 + v^2) as a third channel;
     3. divide all three channels by the fixed `scale` (``gan.flow_scale``, in pixels of
        the clip's resolution): displacements up to `scale` pixels land in [-1, 1] (the
@@ -128,7 +130,8 @@ def motion_tensor(flow: torch.Tensor, scale: float) -> torch.Tensor:
         raise ValueError(f"expected flow [B, 2, F-1, H, W], got {tuple(flow.shape)}")
     if scale <= 0:
         raise ValueError(f"flow scale must be positive, got {scale}")
-    flow = torch.cat([flow, flow[:, :, -1:]], dim=2)
+    if repeat_last:
+        flow = torch.cat([flow, flow[:, :, -1:]], dim=2)
     # vector_norm's backward is 0 (not NaN) where the flow is exactly 0.
     magnitude = torch.linalg.vector_norm(flow, dim=1, keepdim=True)
     return torch.cat([flow, magnitude], dim=1) / scale

@@ -39,6 +39,7 @@ from torch import nn
 
 from .chunked_decode import ChunkedWanDecoder
 from .flow import RaftFlow, motion_tensor
+from .sp_split import SplitMotion, share_bounds
 from .window import Window, WindowSpec
 
 
@@ -70,6 +71,9 @@ class MotionPath:
         checkpoint: activation checkpointing in the decoder/encoder chunks (RAFT has its own).
         checkpoint_every: `gan.cache_checkpoint_every`, the decoder/encoder cache checkpoint
             interval (`chunked_decode.run_chunks`).
+        sp: a topology (sp_group, sp_rank, sp_size, rank) whose SP group shares the fake path's
+            work (`sp_split`, space="flow" only; `gan.split_over_sp`); None or sp_size 1: every
+            rank runs the whole path. The real path stays whole on every rank (no grad).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class MotionPath:
         flow_scale: float = 20.0,
         checkpoint: bool = True,
         checkpoint_every: int = 1,
+        sp=None,
     ):
         if space not in ("flow", "latent"):
             raise ValueError(f"space must be 'flow' or 'latent', got {space!r}")
@@ -93,13 +98,19 @@ class MotionPath:
         self.window = window
         self.space = space
         self.flow_scale = float(flow_scale)
+        self.split = None
+        if sp is not None and sp.sp_size > 1 and space == "flow":
+            share_bounds(window.length, sp.sp_size)  # a window shorter than the SP group fails here
+            self.split = SplitMotion(self.codec, raft, self.flow_scale, sp)
 
     @classmethod
     def from_config(
-        cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True
+        cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True, sp=None
     ) -> MotionPath:
         """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*,
-        cache_checkpoint_every) for clips of `num_latent` latent chunks, and a loaded RAFT."""
+        cache_checkpoint_every, split_over_sp) for clips of `num_latent` latent chunks, a loaded
+        RAFT and the process topology `sp` (its SP group splits the fake path when
+        gan.split_over_sp)."""
         raft = None
         if gan_cfg.space == "flow":
             if raft_model is None:
@@ -119,6 +130,7 @@ class MotionPath:
             flow_scale=gan_cfg.flow_scale,
             checkpoint=checkpoint,
             checkpoint_every=gan_cfg.cache_checkpoint_every,
+            sp=sp if gan_cfg.split_over_sp else None,
         )
 
     def draw_window(self, generator: torch.Generator | None = None) -> Window:
@@ -153,11 +165,16 @@ class MotionPath:
         """Generator latents [B, C, T, h, w] (normalised, with grad) -> D input for `window`.
 
         Gradients reach ``latents[:, :, window.start:window.stop]`` (truncated BPTT: nothing
-        before the window, and nothing after it is even decoded).
+        before the window, and nothing after it is even decoded). With an SP split the latents
+        must be the same on every rank of the group; `d_input` is the whole window's, while
+        frames, flow and motion are this rank's share of it.
         """
         self._check_fits(window, latents.shape[2], "latent chunks")
         if self.space == "latent":
             return MotionSample(d_input=latents[:, :, window.start : window.stop])
+        if self.split is not None:
+            d_input, frames, flow, motion = self.split.fake(latents, window)
+            return MotionSample(d_input=d_input, frames=frames, flow=flow, motion=motion)
         frames = self.codec.decode_window(latents, window.start, window.length)
         flow, motion = self.flow_and_motion(frames)
         return MotionSample(d_input=self.encode_motion(motion), frames=frames, flow=flow, motion=motion)
