@@ -126,7 +126,9 @@ class MoGANTrainer:
         self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
         self.teacher_fn = transformer_velocity_fn(self.teacher) if cfg.dmd.enabled else None
         self.motion = (
-            MotionPath.from_config(cfg.gan, cfg.latent_frames, self.vae, nets.raft) if cfg.gan.enabled else None
+            MotionPath.from_config(cfg.gan, cfg.latent_frames, self.vae, nets.raft, sp=self.topo)
+            if cfg.gan.enabled
+            else None
         )
         self.schedule = FlowMatchSchedule.from_config(cfg)
         self.gas = gradient_accumulation_steps(cfg, self.topo.dp_size)
