@@ -22,6 +22,9 @@ G_GAN_LOSS = "g_gan_loss"
 G_FAKE_LOGIT = "g_fake_logit"
 GAN_WINDOW_START = "gan_window_start"
 
+# (1)+(3) fused (train.shared_generator_sample): the keys of (1) and of (3), each from its own
+# loss on the one shared sample, and the phase's wall time as time_generator_dmd_gan.
+
 # (4) discriminator <- logistic + approximate R1/R2 (losses/gan.py)
 D_LOSS = "d_loss"
 D_LOSS_REAL = "d_loss_real"

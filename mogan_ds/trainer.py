@@ -6,6 +6,11 @@ One iteration runs the paper's four phases in order:
     (3) generator      <- motion-GAN loss               (chunked decode -> RAFT -> D)
     (4) discriminator  <- logistic loss + approx. R1/R2 (real clips vs phase 3's fakes)
 
+With `train.shared_generator_sample`, a step where (1) and (3) are both due fuses them into
+one phase run first, "generator_dmd_gan": one generator sample per micro step, the DMD
+loss + lambda_G * GAN loss on it, one backward, one generator step; (2) and (4) follow,
+(4) on that sample's detached discriminator input.
+
 Randomness is drawn from generators seeded by (seed, step, phase, micro step[, data-
 parallel rank]): noise differs across data-parallel ranks and agrees across sequence-
 parallel peers, choices that change the number of network calls (the distilled entry,
@@ -55,6 +60,8 @@ from .training_samples import render_samples
 
 log = logging.getLogger("mogan_ds")
 PHASES = ("generator_dmd", "fake_score", "generator_gan", "discriminator")
+# train.shared_generator_sample, at a step where both generator updates are due: (1)+(3) fused.
+SHARED_PHASES = ("generator_dmd_gan", "fake_score", "discriminator")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,16 +208,25 @@ class MoGANTrainer:
 
     # ================================================================== the iteration
     def train_step(self, step: int) -> dict:
-        """One MoGAN iteration: the paper's four phases, each switchable with its own interval."""
+        """One MoGAN iteration: the paper's four phases, each switchable with its own interval
+        ((1) and (3) fused into one generator update with `train.shared_generator_sample`)."""
         cfg, logs, self._times = self.cfg, {}, {}
-        if cfg.dmd.enabled and step % cfg.dmd.interval == 0:
+        dmd_due = cfg.dmd.enabled and step % cfg.dmd.interval == 0
+        gan_due = cfg.gan.enabled and step % cfg.gan.interval == 0
+        fused = dmd_due and gan_due and cfg.train.shared_generator_sample
+        if fused:
+            g_logs, fakes, window = self._timed("generator_dmd_gan", self.generator_dmd_gan_update, step)  # (1)+(3)
+            logs |= g_logs
+        elif dmd_due:
             logs |= self._timed("generator_dmd", self.generator_dmd_update, step)  # (1)
         if cfg.dmd.enabled:
             for k in range(cfg.dmd.critic_updates):
                 logs |= self._timed("fake_score", self.fake_score_update, step, k)  # (2)
-        if cfg.gan.enabled and step % cfg.gan.interval == 0:
+        if gan_due and not fused:
             g_logs, fakes, window = self._timed("generator_gan", self.generator_gan_update, step)  # (3)
-            logs |= g_logs | self._timed("discriminator", self.discriminator_update, step, fakes, window)  # (4)
+            logs |= g_logs
+        if gan_due:
+            logs |= self._timed("discriminator", self.discriminator_update, step, fakes, window)  # (4)
         return logs | {M.time_key(k): v for k, v in self._times.items()}
 
     # ------------------------------------------------------------------ (1) G <- DMD
@@ -220,14 +236,18 @@ class MoGANTrainer:
             shared, local = self._rngs(step, "dmd", micro)
             embeds = self._next_prompts()
             x0 = self._generate(embeds, shared, local, grad=True)
-            x_t, t, sigma, _ = self._noise(x0.detach(), local)
-            with torch.no_grad():
-                x0_real = self._teacher_cfg_x0(x_t, t, sigma, embeds)
-                x0_fake = self.schedule.velocity_to_x0(x_t, self.fake_fn(x_t, t, embeds), sigma)
-            loss, logs = dmd_loss(x0, x0_real, x0_fake, self.cfg.dmd.weight)
+            loss, logs = self._dmd_loss(x0, embeds, local)
             self._backward_step("generator", loss)
             rows.append(logs)
         return _mean_logs(rows)
+
+    def _dmd_loss(self, x0: torch.Tensor, embeds: torch.Tensor, local: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """lambda_DMD * DMD loss of the sample x0 [B,C,T,H,W] (with grad); draws t and eps from `local`."""
+        x_t, t, sigma, _ = self._noise(x0.detach(), local)
+        with torch.no_grad():
+            x0_real = self._teacher_cfg_x0(x_t, t, sigma, embeds)
+            x0_fake = self.schedule.velocity_to_x0(x_t, self.fake_fn(x_t, t, embeds), sigma)
+        return dmd_loss(x0, x0_real, x0_fake, self.cfg.dmd.weight)
 
     # ------------------------------------------------------------------ (2) f_fake <- FM
     def fake_score_update(self, step: int, k: int) -> dict:
@@ -246,19 +266,49 @@ class MoGANTrainer:
     # ------------------------------------------------------------------ (3) G <- motion GAN
     def generator_gan_update(self, step: int) -> tuple[dict, list[torch.Tensor], Window]:
         """Also returns the detached discriminator inputs of the fakes (phase 4 reuses them: no second decode)."""
-        rows, fakes, g = [], [], self.cfg.gan
+        rows, fakes = [], []
         window = self.motion.draw_window(self._rngs(step, "gan_window")[0])
-        disc = self.engines.discriminator
         # D is a path for the gradient, not a learner, during G's update.
-        with no_param_grads(disc):
+        with no_param_grads(self.engines.discriminator):
             for micro in range(self.gas):
                 shared, local = self._rngs(step, "gan_g", micro)
                 x0 = self._generate(self._next_prompts(), shared, local, grad=True)
-                d_in = self.motion.fake(x0, window).d_input
-                loss, logs = g_logistic_loss(disc.module(d_in))
-                self._backward_step("generator", g.weight_g * loss)
+                loss, logs, d_in = self._gan_loss(x0, window)
+                self._backward_step("generator", loss)
                 rows.append(logs)
-                fakes.append(d_in.detach())
+                fakes.append(d_in)
+        return _mean_logs(rows) | {M.GAN_WINDOW_START: window.start}, fakes, window
+
+    def _gan_loss(self, x0: torch.Tensor, window: Window) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(lambda_G * G's logistic loss of the sample x0 [B,C,T,H,W], logs, D's input detached [B,...])."""
+        d_in = self.motion.fake(x0, window).d_input
+        loss, logs = g_logistic_loss(self.engines.discriminator.module(d_in))
+        return self.cfg.gan.weight_g * loss, logs, d_in.detach()
+
+    # ------------------------------------------------------------------ (1)+(3) on one sample
+    def generator_dmd_gan_update(self, step: int) -> tuple[dict, list[torch.Tensor], Window]:
+        """`train.shared_generator_sample`: phases (1) and (3) on one generator sample per micro step.
+
+        The sample, its DMD timestep and noise come from phase (1)'s draw site ("dmd", micro),
+        the window from phase (3)'s ("gan_window"); "gan_g" is not drawn, and one prompt batch
+        per micro step is consumed instead of two. backward(lambda_DMD * L_DMD + lambda_G * L_G)
+        gives the sum of the two phases' gradients at these parameters; the generator engine
+        clips that sum and steps once; a non-finite sum skips the whole micro step (counted once).
+        Logs: the two phases' keys. Returns what (3) returns.
+        """
+        rows, fakes = [], []
+        window = self.motion.draw_window(self._rngs(step, "gan_window")[0])
+        with no_param_grads(self.engines.discriminator):
+            for micro in range(self.gas):
+                shared, local = self._rngs(step, "dmd", micro)
+                embeds = self._next_prompts()
+                x0 = self._generate(embeds, shared, local, grad=True)
+                # DMD first: its teacher/fake-score forwards (no grad) end before the decode's graph exists.
+                dmd, dmd_logs = self._dmd_loss(x0, embeds, local)
+                gan, gan_logs, d_in = self._gan_loss(x0, window)
+                self._backward_step("generator", dmd + gan)
+                rows.append(dmd_logs | gan_logs)
+                fakes.append(d_in)
         return _mean_logs(rows) | {M.GAN_WINDOW_START: window.start}, fakes, window
 
     # ------------------------------------------------------------------ (4) D <- logistic + R1/R2

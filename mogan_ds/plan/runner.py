@@ -271,10 +271,12 @@ def _labels(tr, nets) -> dict[torch.nn.Module, str]:
 def _phase_plan(cfg: Config, gas: int, disc_gas: int) -> list[tuple[str, int]]:
     """(phase, repeats per iteration) in the order train_step runs them (every phase due at step 0)."""
     out = []
+    # train.shared_generator_sample: (1) and (3) run as one phase on one sample (train_step's "generator_dmd_gan").
+    fused = cfg.train.shared_generator_sample and cfg.dmd.enabled and cfg.gan.enabled
     if cfg.dmd.enabled:
-        out += [("generator_dmd", gas), ("fake_score", gas * cfg.dmd.critic_updates)]
+        out += [("generator_dmd_gan" if fused else "generator_dmd", gas), ("fake_score", gas * cfg.dmd.critic_updates)]
     if cfg.gan.enabled:
-        out += [("generator_gan", gas), ("discriminator", min(gas, disc_gas))]
+        out += ([] if fused else [("generator_gan", gas)]) + [("discriminator", min(gas, disc_gas))]
         if disc_gas > gas:
             out.append(("discriminator_extra_fake", disc_gas - gas))
     return out
@@ -287,6 +289,8 @@ def _run_phase(tr, name: str, state: dict) -> None:
         tr.fake_score_update(0, 0)
     elif name == "generator_gan":
         _, state["fakes"], state["window"] = tr.generator_gan_update(0)
+    elif name == "generator_dmd_gan":
+        _, state["fakes"], state["window"] = tr.generator_dmd_gan_update(0)
     elif name == "discriminator":
         tr.discriminator_update(0, state["fakes"], state["window"])
     elif name == "discriminator_extra_fake":
