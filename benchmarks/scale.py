@@ -8,8 +8,12 @@ object:
     gan_overhead_share                share of the FLOPs MoGAN adds, by network
     act_mem_ratio_sp2                 generator GAN phase activation peak per rank, sp=2 / sp=1
     h100_1x8: {fits, peak_gib_per_rank, sp_size}   one node of 8 H100 (80 GB), sp from --h100-sp
+    zero_presets: {cluster: {preset: {fits, peak_gib_per_rank, zero_comm_gib, est_iteration_s,
+                   est_iteration_s_comm_serial}}}  the --ds_config as given, ZeRO-2 for the
+                   generator and fake score (parallel.zero_stage.*=2), and the optimizer-offload
+                   JSON, on both clusters (the stages change no traced figure: the trace is reused)
 
-Not a timed test: four plans of the 1.3B recipe, each 1-2 minutes on a busy 2-core CPU.
+Not a timed test: four traced plans of the 1.3B recipe (the preset comparisons reuse them).
 
     python benchmarks/scale.py [--ds_config ds_configs/zero3_bf16.json] [--h100-sp 1] [key=value ...]
 """
@@ -31,6 +35,17 @@ from mogan_ds.plan.hardware import GIB  # noqa: E402
 from mogan_ds.plan.report import format_plan, make_plan, verdict  # noqa: E402
 
 RECIPE = "wan2.1-t2v-1.3b"
+OFFLOAD = "ds_configs/zero3_bf16_offload.json"
+
+
+def _preset_figures(p) -> dict:
+    return {
+        "fits": p.fits,
+        "peak_gib_per_rank": round(p.peak_bytes / GIB, 2),
+        "zero_comm_gib": round(sum(v for k, v in p.comm_bytes.items() if k.startswith("zero")) / GIB, 1),
+        "est_iteration_s": round(p.seconds, 1),
+        "est_iteration_s_comm_serial": round(p.seconds_serial, 1),
+    }
 
 
 def main() -> None:
@@ -67,6 +82,21 @@ def main() -> None:
     h100 = make_plan(h100_cfg, ds, 1, 8, "h100")
     print(f"1 x 8 H100, sp {args.h100_sp}: {verdict(h100)}", flush=True)
 
+    offload_ds = load_ds_config(OFFLOAD)
+    presets = {}
+    for key, c, nodes, gpu in (("h200_2x8", cfg, 2, "h200"), ("h100_1x8", h100_cfg, 1, "h100")):
+        z2 = copy.deepcopy(c)
+        z2.parallel.zero_stage.generator = z2.parallel.zero_stage.fake_score = 2
+        presets[key] = {
+            name: _preset_figures(make_plan(pc, pds, nodes, 8, gpu))
+            for name, pc, pds in (
+                ("ds_config", c, ds),
+                ("zero2_generator_fake_score", z2, ds),
+                ("offload", c, offload_ds),
+            )
+            if name != "zero2_generator_fake_score" or c.parallel.sp_size == 1  # ZeRO-2 needs sp 1
+        }
+
     print(
         json.dumps(
             {
@@ -82,6 +112,7 @@ def main() -> None:
                     "peak_gib_per_rank": round(h100.peak_bytes / GIB, 2),
                     "sp_size": args.h100_sp,
                 },
+                "zero_presets": presets,
                 "planner_wall_s": round(time.perf_counter() - t0, 1),
             }
         )

@@ -2,7 +2,8 @@
 
 Trainable roles — generator, fake score, discriminator — each get their own ZeRO engine
 from the same `ds_configs/*.json`, with the role's optimiser, clipping and batch sizes
-merged in by `ds_config_for`. Every engine receives the same topology object as `mpu`,
+merged in by `ds_config_for`, and its ZeRO stage replaced by `parallel.zero_stage.<role>`
+when that is set (e.g. ZeRO-2 for the generator and fake score, ZeRO-3 for D). Every engine receives the same topology object as `mpu`,
 so ZeRO partitions and reduces over the data-parallel group while sequence-parallel
 peers share one replica's work. Frozen networks (teacher, VAE, RAFT) are plain modules:
 replicated, in `models.frozen_dtype`, without grads.
@@ -80,10 +81,46 @@ def _on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
+def role_zero_stage(role: str, cfg: Config, base: dict) -> int:
+    """The ZeRO stage `role`'s engine runs: `parallel.zero_stage.<role>`, or the JSON's when that is 0."""
+    stage = int(getattr(cfg.parallel.zero_stage, role))
+    return stage if stage else int(base.get("zero_optimization", {}).get("stage", 0))
+
+
+def _apply_role_stage(role: str, cfg: Config, ds: dict, topo) -> None:
+    """Set `parallel.zero_stage.<role>` in `ds` (in place), refusing what that stage cannot run.
+
+    Why per role: the generator and fake score are small enough at 1.3B that ZeRO-2 (full bf16
+    weights on every rank, partitioned gradients and optimizer states) fits, and it replaces
+    ZeRO-3's all-gather of every layer at every forward - the backward simulation runs the
+    generator up to 3 times per sample - with one all-gather of the updated weights per
+    optimizer step. The discriminator and anything else can stay on the JSON's stage 3.
+    """
+    stage = getattr(cfg.parallel.zero_stage, role)
+    if not stage:
+        return
+    key = f"parallel.zero_stage.{role}"
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = stage
+    if stage < 3:
+        if topo.sp_size > 1:
+            # zero_config_fixups would refuse it too; name the recipe key instead of the JSON's.
+            raise ConfigError(
+                f"{key}={stage} with parallel.sp_size={topo.sp_size}: sequence parallelism needs ZeRO stage 3 "
+                "(stages 0-2 sum the gradients over the SP group instead of averaging them)"
+            )
+        if str(zero.get("offload_param", {}).get("device", "none")) != "none":
+            raise ConfigError(
+                f"{key}={stage}: the DeepSpeed JSON offloads parameters (zero_optimization.offload_param), "
+                "which only ZeRO stage 3 supports; use a JSON without it or stage 3 for this role"
+            )
+
+
 def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
-    """The final DeepSpeed dict of one role: the JSON + the recipe's optimiser/batch values."""
+    """The final DeepSpeed dict of one role: the JSON + the role's ZeRO stage + the recipe's optimiser/batch values."""
     o: OptimConfig = getattr(cfg.optim, role)
     ds = copy.deepcopy(base)
+    _apply_role_stage(role, cfg, ds, topo)
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size, role)
     ds["train_batch_size"] = role_batch_size(cfg, role)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from mogan_ds.config import ConfigError, load_config
-from mogan_ds.engines import ds_config_for, gradient_accumulation_steps, load_ds_config
+from mogan_ds.engines import ROLES, ds_config_for, gradient_accumulation_steps, load_ds_config, role_zero_stage
 from mogan_ds.launcher import REPO, launch_env
 
 
@@ -113,3 +113,72 @@ def test_discriminator_batch_is_its_own():
         gradient_accumulation_steps(load_config("wan2.1-t2v-1.3b", ["gan.disc_batch_size=24"]), 16, "discriminator")
     with pytest.raises(ConfigError, match="gan.disc_batch_size"):
         load_config("wan2.1-t2v-1.3b", ["train.micro_batch_size=2", "gan.disc_batch_size=3", "train.batch_size=16"])
+
+
+def test_per_role_zero_stage_overrides_the_json_stage():
+    base = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    cfg = load_config("wan2.1-t2v-1.3b", ["parallel.zero_stage.generator=2", "parallel.zero_stage.fake_score=2"])
+    stages = {r: ds_config_for(r, cfg, base, topo(16))["zero_optimization"]["stage"] for r in ROLES}
+    assert stages == {"generator": 2, "fake_score": 2, "discriminator": 3}
+    assert {r: role_zero_stage(r, cfg, base) for r in ROLES} == stages
+    # the rest of the JSON's ZeRO settings are kept, and the JSON itself is untouched
+    g = ds_config_for("generator", cfg, base, topo(16))["zero_optimization"]
+    assert g["overlap_comm"] is True and g["reduce_bucket_size"] == base["zero_optimization"]["reduce_bucket_size"]
+    assert base["zero_optimization"]["stage"] == 3
+    # 0 = the JSON's stage
+    assert ds_config_for("generator", load_config("wan2.1-t2v-1.3b"), base, topo(16))["zero_optimization"]["stage"] == 3
+    # stage 2 cannot average gradients over an SP group, nor offload parameters: refused, naming the key
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage.generator=2 with parallel.sp_size=2"):
+        ds_config_for("generator", cfg, base, topo(8, 2))
+    offload_param = {**base, "zero_optimization": {**base["zero_optimization"], "offload_param": {"device": "cpu"}}}
+    with pytest.raises(ConfigError, match="offload_param"):
+        ds_config_for("fake_score", cfg, offload_param, topo(16))
+    with pytest.raises(ConfigError, match="parallel.zero_stage.discriminator"):
+        load_config("wan2.1-t2v-1.3b", ["parallel.zero_stage.discriminator=4"])
+
+
+@pytest.mark.slow
+def test_zero2_generator_and_critic_train_like_zero3(tiny_workdir, tmp_path_factory, tmp_path):
+    """The ZeRO-2 preset (parallel.zero_stage.{generator,fake_score}=2, D on the JSON's stage 3)
+    trains the tiny recipe on 2 ranks like the all-ZeRO-3 reference run (tests/scale_runs.py)."""
+    import torch
+    from scale_runs import COMPARED, STEPS, check, reference_run, train_args
+
+    from mogan_ds.consolidate import engine_dir, engine_fp32_state_dict
+    from mogan_ds.launcher import deepspeed_command
+    from mogan_ds.metrics import read_metrics
+
+    reference = reference_run(tiny_workdir, tmp_path_factory)
+    run = tmp_path / "run"
+    args = train_args(tiny_workdir, run, STEPS, "parallel.zero_stage.generator=2", "parallel.zero_stage.fake_score=2")
+    check(
+        subprocess.run(
+            deepspeed_command(2, REPO / "launch" / "train.py", args),
+            cwd=REPO,
+            env=launch_env(),
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    )
+    # The same losses (ZeRO-2 and ZeRO-3 reduce the same fp32 gradients in another order).
+    ours, ref = read_metrics(run), read_metrics(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, ref):
+        for k in COMPARED:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    for step in range(1, STEPS + 1):
+        ckpt = f"checkpoints/step_{step:08d}"
+        for role, stage in (("generator", 2), ("fake_score", 2), ("discriminator", 3)):
+            # the stage each engine really ran: DeepSpeed writes engine.zero_optimization_stage()
+            # into every optimizer-state file of its checkpoint
+            optim = sorted(engine_dir(run / ckpt, role).rglob("*optim_states.pt"))
+            assert optim, role
+            sd = torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            assert sd["zero_stage"] == stage, (role, sd["zero_stage"])
+            # the fp32 masters after each optimizer step equal the ZeRO-3 run's within fp32 rounding
+            x, y = engine_fp32_state_dict(run / ckpt, role), engine_fp32_state_dict(reference / ckpt, role)
+            assert x.keys() == y.keys()
+            for k in x:
+                torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6, msg=f"{role} {k} step {step}")
+    assert (run / "export").is_dir()  # the EMA export at the end runs on a ZeRO-2 generator too

@@ -239,3 +239,61 @@ def test_14b_preset_and_recipe():
     # the paper's D depth (16 of 30 blocks) and head depths (8, 14, 16 of 30) at 40 layers
     assert cfg.gan.disc_blocks == round(16 / 30 * 40)
     assert [round((b + 1) / 40 * 30) for b in cfg.gan.head_blocks] == [8, 14, 16]
+
+
+def test_stage2_model_states_equal_deepspeeds_estimator():
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from mogan_ds.plan.memory import zero_model_states
+
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.Linear(640, 1280), torch.nn.Linear(1280, 320))
+    n = sum(p.numel() for p in module.parameters())
+    for offload in (False, True):
+        s = zero_model_states("generator", module, 8, 2, offload, False, stage=2)
+        assert s.gpu_bytes == estimate_zero2_model_states_mem_needs(n, 8, 2, cpu_offload=offload)[1]
+        # full bf16 weights on every rank + 18 bytes/param over the 16 ranks (2 with the optimizer offloaded)
+        assert s.gpu_bytes == 2 * n + (0 if offload else 18 * n // 16)
+        assert abs(sum(s.breakdown.values()) - s.gpu_bytes) <= 8
+        assert s.stage == 2 and (s.host_bytes > 0) == offload
+    with pytest.raises(ValueError, match="offload"):
+        zero_model_states("generator", module, 8, 2, True, True, stage=2)
+
+
+def test_plan_models_zero2_roles_and_the_offload_preset():
+    """One traced iteration, three DeepSpeed layouts: ZeRO-3 everywhere, ZeRO-2 for G and the
+    fake score, the optimizer-offload JSON; model states and ZeRO traffic follow each role's stage."""
+    from mogan_ds.engines import load_ds_config
+    from mogan_ds.launcher import REPO
+    from mogan_ds.plan.report import make_plan
+
+    ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    offload = load_ds_config(REPO / "ds_configs" / "zero3_bf16_offload.json")
+    z2 = ["parallel.zero_stage.generator=2", "parallel.zero_stage.fake_score=2"]
+    z3_plan = make_plan(load_config("tiny", SMALL), ds, 1, 2, "h100")
+    z2_plan = make_plan(load_config("tiny", SMALL + z2), ds, 1, 2, "h100")
+    off_plan = make_plan(load_config("tiny", SMALL), offload, 1, 2, "h100")
+    assert z2_plan.run is z3_plan.run is off_plan.run  # the stages change no traced figure: one trace
+    stages = {s.name: s.stage for s in z2_plan.states if s.trainable}
+    assert stages == {"generator": 2, "fake_score": 2, "discriminator": 3}
+    calls = {}
+    for ph in z3_plan.run.phases:
+        for r, c in ph.engine_calls.items():
+            calls[r] = calls.get(r, 0) + c.updates * ph.repeats
+    world, steps = 2, {"generator": 2, "fake_score": 1, "discriminator": 1}  # SMALL: one critic update
+    for role in ("generator", "fake_score"):
+        params = sum(p.numel() for p in z3_plan.run.modules[role].parameters())
+        shard = params * 2 * (world - 1) / world
+        # ZeRO-2: one all-gather of the updated weights per step, a reduce-scatter per backward, no per-forward gathers
+        assert z2_plan.comm_bytes[f"zero2_all_gather ({role})"] == int(shard * steps[role])
+        assert z2_plan.comm_bytes[f"zero2_reduce_scatter ({role})"] == int(shard * calls[role])
+        assert f"zero3_all_gather ({role})" not in z2_plan.comm_bytes
+        assert z3_plan.comm_bytes[f"zero3_all_gather ({role})"] > z2_plan.comm_bytes[f"zero2_all_gather ({role})"]
+    for kind in ("zero3_all_gather (discriminator)", "zero3_reduce_scatter (discriminator)"):
+        assert z2_plan.comm_bytes[kind] == z3_plan.comm_bytes[kind]
+    assert z2_plan.state_bytes > z3_plan.state_bytes and z2_plan.comm_s < z3_plan.comm_s
+    assert z2_plan.iteration_flops.total == z3_plan.iteration_flops.total
+    # offload: optimizer states leave the GPU; the CPU step and host copies add time
+    assert off_plan.state_bytes < z3_plan.state_bytes and off_plan.host_bytes_per_node > 0
+    assert off_plan.offload_s > 0 and z3_plan.offload_s == 0
+    assert off_plan.seconds == pytest.approx(z3_plan.seconds + off_plan.offload_s)

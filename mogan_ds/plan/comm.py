@@ -1,4 +1,4 @@
-"""Communication per rank and iteration: Ulysses collectives as they run, ZeRO-3 traffic by arithmetic.
+"""Communication per rank and iteration: Ulysses collectives as they run, ZeRO traffic by arithmetic.
 
 Sequence parallelism is planned with the project's real hooks (`mogan_ds.parallel`:
 `UlyssesWanAttnProcessor` + DeepSpeed's `DistributedAttention`, the `_cp_plan` shard and
@@ -12,9 +12,9 @@ attention, all S tokens and heads/sp inside it) and counts the bytes each call m
     reduce_scatter_fn   output <- sum of the sp chunks (sends (sp-1)/sp of the input)
 
 Data values are meaningless (fake tensors); shapes, dtypes and autograd structure are
-the real ones. ZeRO-3's own collectives are not run (the engines are stand-ins): their
-bytes follow from each engine's parameter count and how often its module runs
-(`zero3_traffic`).
+the real ones. ZeRO's own collectives are not run (the engines are stand-ins): their
+bytes follow from each engine's parameter count, how often its module runs and how often
+it steps (`zero3_traffic`, `zero2_traffic`, `offload_traffic`).
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class EngineCalls:
     forwards: int = 0  # every forward: one all-gather of the parameters
     grad_forwards: int = 0  # forwards recorded by autograd: their backward re-gathers the parameters
     updates: int = 0  # backward+step calls: one gradient reduce-scatter each
+    steps: int = 0  # optimizer steps (one per phase run: its micro steps accumulate into one update)
 
 
 def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int = 2) -> dict[str, int]:
@@ -150,3 +151,27 @@ def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int 
         "zero3_all_gather": int(shard * (calls.forwards + calls.grad_forwards)),
         "zero3_reduce_scatter": int(shard * calls.updates),
     }
+
+
+def zero2_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int = 2) -> dict[str, int]:
+    """Bytes per rank of one ZeRO-2 engine's collectives (our arithmetic, ring algorithms).
+
+    Every rank holds the full bf16 parameters, so a forward gathers nothing. Each backward
+    reduce-scatters the gradients into their owners' partitions (stage 2 reduces at every
+    micro step, bucket by bucket), and each optimizer step all-gathers the updated bf16
+    parameters from their owners: (N-1)/N * P * param_bytes per rank for either.
+    """
+    if world <= 1:
+        return {"zero2_all_gather": 0, "zero2_reduce_scatter": 0}
+    shard = params * param_bytes * (world - 1) / world
+    return {"zero2_all_gather": int(shard * calls.steps), "zero2_reduce_scatter": int(shard * calls.updates)}
+
+
+def offload_traffic(params: int, calls: EngineCalls, world: int, grad_bytes: int = 2, param_bytes: int = 2) -> int:
+    """Bytes per rank over the host link (PCIe) of an engine whose optimizer is offloaded (our arithmetic).
+
+    Each backward copies this rank's gradient partition (P/N) to the host, and each step
+    copies the updated partition of the half-precision parameters back. The copies are
+    counted at the half-precision size (the fp32 cast happens on one side or the other).
+    """
+    return int(params / world * (grad_bytes * calls.updates + param_bytes * calls.steps))

@@ -13,10 +13,13 @@ reduce-scatters each gradient into its partition as soon as it is complete; the 
 is a model state). Do not count FLOPs in the same pass: FlopCounterMode's module tracker
 keeps references to tensors and inflates the peak (DESIGN.md).
 
-Model states. `zero_model_states` asks DeepSpeed's own ZeRO-3 estimator
-(`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`) for the GPU
-bytes of one trainable engine, and adds a per-component breakdown (that arithmetic is
-ours, see the function).
+Model states. `zero_model_states` asks DeepSpeed's own estimator for the GPU bytes of one
+trainable engine at its ZeRO stage - `estimate_zero3_model_states_mem_needs`
+(deepspeed.runtime.zero.stage3) for stage 3, `estimate_zero2_model_states_mem_needs`
+(deepspeed.runtime.zero.stage_1_and_2) for stage 2 - and adds a per-component breakdown
+(that arithmetic is ours, see the function). Not modelled at either stage: the gradient
+reduce buckets (`reduce_bucket_size` elements, two with `overlap_comm`) and ZeRO-3's
+prefetch buffers, which DeepSpeed's estimators leave out as well.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ class ModelStates:
     gpu_bytes: int  # what the plan adds up
     breakdown: dict[str, int]  # component -> bytes (ours; see zero_model_states)
     source: str
+    stage: int = 0  # ZeRO stage of a trainable engine (0: a frozen replica)
+    host_bytes: int = 0  # CPU memory per node for an offloaded optimizer (DeepSpeed's estimator), else 0
 
 
 def largest_layer_params(module: torch.nn.Module) -> int:
@@ -129,57 +134,92 @@ def largest_layer_params(module: torch.nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
 
 
+def _where(offload_optimizer: bool, offload_param: bool) -> str:
+    if offload_param:
+        return "params+optimizer offloaded to CPU"
+    return "optimizer offloaded to CPU" if offload_optimizer else "all on GPU"
+
+
 def zero_model_states(
-    name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_optimizer: bool, offload_param: bool
+    name: str,
+    module: torch.nn.Module,
+    gpus_per_node: int,
+    nodes: int,
+    offload_optimizer: bool,
+    offload_param: bool,
+    stage: int = 3,
 ) -> ModelStates:
-    """A trainable engine's model states per rank under ZeRO-3 over all nodes*gpus ranks.
+    """A trainable engine's model states per rank under ZeRO `stage` (2 or 3) over all nodes*gpus ranks.
 
     The partition group is every rank (the topology's zero_group: dp*sp ranks), so the
-    divisor is the world size. `gpu_bytes` is DeepSpeed's estimator with zero_init=True
-    (the GPU figure does not depend on it): 18 bytes/param/world without offload, 2 with
-    the optimizer offloaded, 0 with parameters offloaded, plus 4 bytes per parameter of
-    the largest layer (its gathered fp32-sized working buffer).
+    divisor is the world size N; P is the engine's parameter count.
 
-    The breakdown is our arithmetic, for the table: bf16 parameter shard 2 B, bf16
-    gradient shard 2 B, fp32 master 4 B, Adam exp_avg + exp_avg_sq 8 B per parameter /
-    world, and 2 B fp32 gradient remainder that DeepSpeed's 18 B includes (its fp32 grad
-    buffer for the optimizer step is 4 B where we count the bf16 shard's 2 B).
+    Stage 3: DeepSpeed's estimator with zero_init=True (the GPU figure does not depend on
+    it): 18 bytes * P / N without offload, 2 with the optimizer offloaded, 0 with
+    parameters offloaded, plus 4 bytes per parameter of the largest layer (its gathered
+    fp32-sized working buffer). The breakdown is our arithmetic, for the table: bf16
+    parameter shard 2 B, bf16 gradient shard 2 B, fp32 master 4 B, Adam exp_avg +
+    exp_avg_sq 8 B per parameter / N, and 2 B fp32 gradient remainder that DeepSpeed's 18 B
+    includes (its fp32 grad buffer for the optimizer step is 4 B where we count the bf16
+    shard's 2 B).
+
+    Stage 2: DeepSpeed's `estimate_zero2_model_states_mem_needs`: the full bf16 parameters
+    (2 B * P, on every rank) + 18 B * P / N, or 2 B * P with the optimizer offloaded. The
+    breakdown follows the estimator's own comment (bf16 grads 2 + fp32 grads 4 + fp32 master
+    4 + Adam 8 bytes per parameter / N).
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     total = sum(p.numel() for p in module.parameters())
-    largest = largest_layer_params(module)
     world = gpus_per_node * nodes
-    _, gpu_bytes, largest_mem = estimate_zero3_model_states_mem_needs(
-        total,
-        largest,
-        num_gpus_per_node=gpus_per_node,
-        num_nodes=nodes,
-        cpu_offload=offload_optimizer or offload_param,
-        cpu_offload_params=offload_param,
-        zero_init=True,
-    )
     on_gpu = not (offload_optimizer or offload_param)
-    breakdown = {
-        "bf16 params": 0 if offload_param else 2 * total // world,
-        "bf16 grads": 2 * total // world if on_gpu else 0,
-        "fp32 master": 4 * total // world if on_gpu else 0,
-        "adam moments": 8 * total // world if on_gpu else 0,
-        "fp32 grad (step)": 2 * total // world if on_gpu else 0,
-        "largest layer": largest_mem,
-    }
-    where = (
-        "optimizer offloaded to CPU"
-        if offload_optimizer and not offload_param
-        else ("params+optimizer offloaded to CPU" if offload_param else "all on GPU")
-    )
+    offload = offload_optimizer or offload_param
+    if stage == 2:
+        if offload_param:
+            raise ValueError(f"{name}: ZeRO stage 2 cannot offload parameters (offload_param is stage 3 only)")
+        cpu_bytes, gpu_bytes = estimate_zero2_model_states_mem_needs(
+            total, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=offload_optimizer
+        )
+        breakdown = {
+            "bf16 params (full)": 2 * total,
+            "bf16 grads": 2 * total // world if on_gpu else 0,
+            "fp32 grads": 4 * total // world if on_gpu else 0,
+            "fp32 master": 4 * total // world if on_gpu else 0,
+            "adam moments": 8 * total // world if on_gpu else 0,
+        }
+        source = f"DeepSpeed estimate_zero2_model_states_mem_needs, ZeRO-2 over {world} ranks"
+    elif stage == 3:
+        largest = largest_layer_params(module)
+        cpu_bytes, gpu_bytes, largest_mem = estimate_zero3_model_states_mem_needs(
+            total,
+            largest,
+            num_gpus_per_node=gpus_per_node,
+            num_nodes=nodes,
+            cpu_offload=offload,
+            cpu_offload_params=offload_param,
+            zero_init=True,
+        )
+        breakdown = {
+            "bf16 params": 0 if offload_param else 2 * total // world,
+            "bf16 grads": 2 * total // world if on_gpu else 0,
+            "fp32 master": 4 * total // world if on_gpu else 0,
+            "adam moments": 8 * total // world if on_gpu else 0,
+            "fp32 grad (step)": 2 * total // world if on_gpu else 0,
+            "largest layer": largest_mem,
+        }
+        source = f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks"
+    else:
+        raise ValueError(f"{name}: ZeRO stage {stage} is not modelled (the planner models stages 2 and 3)")
     return ModelStates(
         name,
         total,
         True,
         int(gpu_bytes),
         breakdown,
-        f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks, {where}",
+        f"{source}, {_where(offload_optimizer, offload_param)}",
+        stage,
+        int(cpu_bytes) if offload else 0,
     )
 
 

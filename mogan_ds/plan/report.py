@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ConfigError, validate
+from ..engines import ROLES, ds_config_for
 from ..models.presets import transformer_limits
-from .comm import EngineCalls, zero3_traffic
+from .comm import EngineCalls, PlanTopology, offload_traffic, zero2_traffic, zero3_traffic
 from .flops import Flops
-from .hardware import DEFAULT_MFU, GIB, GPUS, estimate_seconds
+from .hardware import DEFAULT_MFU, GIB, GPUS, comm_seconds, estimate_seconds, offload_seconds
 from .memory import ModelStates, frozen_model_states, zero_model_states
 from .runner import RunResult, run_iteration
 
@@ -51,6 +52,8 @@ class Plan:
     comm_bytes: dict[str, int]
     act_peak_bytes: int
     act_peak_phase: str
+    offload_s: float = 0.0  # CPU optimizer step + host copies per iteration (0 without offload)
+    host_link_bytes: int = 0  # per rank and iteration, offloaded engines only
 
     @property
     def gpu(self):
@@ -61,6 +64,10 @@ class Plan:
         return sum(s.gpu_bytes for s in self.states)
 
     @property
+    def host_bytes_per_node(self) -> int:
+        return sum(s.host_bytes for s in self.states)
+
+    @property
     def peak_bytes(self) -> int:
         return self.state_bytes + self.act_peak_bytes
 
@@ -69,8 +76,22 @@ class Plan:
         return self.peak_bytes <= self.gpu.usable_bytes
 
     @property
-    def seconds(self) -> float:
+    def compute_s(self) -> float:
         return estimate_seconds(self.iteration_flops.total, self.gpu, self.mfu)
+
+    @property
+    def comm_s(self) -> float:
+        return comm_seconds(self.comm_bytes, self.gpu, self.nodes, self.gpus_per_node, self.cfg.parallel.sp_size)
+
+    @property
+    def seconds(self) -> float:
+        """The estimate: compute at the MFU plus the offloaded optimizer's time; communication overlapped."""
+        return self.compute_s + self.offload_s
+
+    @property
+    def seconds_serial(self) -> float:
+        """An upper bound: the same with no communication overlapped (nominal link bandwidths)."""
+        return self.seconds + self.comm_s
 
     def largest_consumer(self) -> tuple[str, int]:
         items = [(f"{s.name} {'model states' if s.trainable else 'weights'}", s.gpu_bytes) for s in self.states]
@@ -78,20 +99,64 @@ class Plan:
         return max(items, key=lambda kv: kv[1])
 
 
+# The traced iteration depends on the recipe, the world size and the trainable dtype, not on
+# the ZeRO stages or offload: plans that differ only there (the offload suggestion, the
+# ZeRO-2/ZeRO-3/offload comparisons of benchmarks/scale.py) reuse one trace.
+_RUNS: dict[tuple, RunResult] = {}
+_RUNS_KEPT = 4
+
+
+def _traced(cfg: Config, world: int, dtype: torch.dtype) -> RunResult:
+    key_cfg = copy.deepcopy(cfg)
+    key_cfg.parallel.zero_stage = type(cfg.parallel.zero_stage)()
+    key = (repr(key_cfg), world, dtype)
+    run = _RUNS.get(key)
+    if run is None:
+        run = run_iteration(cfg, world, dtype)
+        if len(_RUNS) >= _RUNS_KEPT:
+            _RUNS.pop(next(iter(_RUNS)))
+        _RUNS[key] = run
+    return run
+
+
+def _optimizer_steps(run: RunResult) -> dict[str, int]:
+    """Optimizer steps per iteration and role, from the phases run (every phase due at step 0).
+
+    A phase's micro steps accumulate into one update: each generator phase steps the
+    generator once, the fake-score phase (gas x critic_updates micro steps) critic_updates
+    times, the discriminator phases (with their extra-fake micro steps) D once.
+    """
+    steps = {"generator": 0, "fake_score": 0, "discriminator": 0}
+    for ph in run.phases:
+        if ph.name.startswith("generator"):
+            steps["generator"] += 1
+        elif ph.name == "fake_score":
+            steps["fake_score"] += ph.repeats // run.gas
+        elif ph.name.startswith("discriminator"):
+            steps["discriminator"] = 1
+    return steps
+
+
 def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, mfu: float = DEFAULT_MFU) -> Plan:
     if gpu not in GPUS:
         raise ConfigError(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     world = nodes * gpus_per_node
     validate(cfg, **transformer_limits(cfg.models), world_size=world)
-    zero = ds.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) != 3:
-        raise ConfigError(
-            "plan: only ZeRO stage 3 ds_configs are modelled (the trainer's parallel layout needs stage 3 with sp > 1)"
-        )
-    run = run_iteration(cfg, world, trainable_dtype(ds))
-    off_opt, off_param = _offload(ds, "offload_optimizer"), _offload(ds, "offload_param")
-    states = [zero_model_states(r, run.modules[r], gpus_per_node, nodes, off_opt, off_param) for r in run.trainable]
-    states += [frozen_model_states(n, run.modules[n]) for n in ("teacher", "vae", "raft") if n in run.modules]
+    topo = PlanTopology(world, cfg.parallel.sp_size)
+    # Each role's final DeepSpeed dict, as the trainer builds it (JSON + parallel.zero_stage.<role>).
+    role_ds = {}
+    for role in ROLES:
+        try:
+            role_ds[role] = ds_config_for(role, cfg, ds, topo)
+        except ValueError as e:  # zero_config_fixups: stage < 3 with sp > 1, ...
+            raise ConfigError(f"plan: {role}: {e}") from None
+        stage = int(role_ds[role].get("zero_optimization", {}).get("stage", 0))
+        if stage not in (2, 3):
+            raise ConfigError(
+                f"plan: {role} would run ZeRO stage {stage}; only stages 2 and 3 are modelled "
+                "(set zero_optimization.stage in the DeepSpeed JSON or parallel.zero_stage.<role>)"
+            )
+    run = _traced(cfg, world, trainable_dtype(ds))
     flops, calls = Flops(), {r: EngineCalls() for r in run.trainable}
     comm: dict[str, int] = {}
     for ph in run.phases:
@@ -102,12 +167,39 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
             calls[r].forwards += c.forwards * ph.repeats
             calls[r].grad_forwards += c.grad_forwards * ph.repeats
             calls[r].updates += c.updates * ph.repeats
+    steps = _optimizer_steps(run)
+    states, step_params, host_link = [], 0.0, 0
     for r in run.trainable:
-        params = sum(p.numel() for p in run.modules[r].parameters())
-        for kind, b in zero3_traffic(params, calls[r], world).items():
+        rd, module = role_ds[r], run.modules[r]
+        stage = int(rd["zero_optimization"]["stage"])
+        off_opt, off_param = _offload(rd, "offload_optimizer"), _offload(rd, "offload_param")
+        states.append(zero_model_states(r, module, gpus_per_node, nodes, off_opt, off_param, stage))
+        params = sum(p.numel() for p in module.parameters())
+        calls[r].steps = steps[r]
+        traffic = zero3_traffic if stage == 3 else zero2_traffic
+        for kind, b in traffic(params, calls[r], world).items():
             comm[f"{kind} ({r})"] = b
+        if off_opt or off_param:
+            step_params += params / world * steps[r]
+            host_link += offload_traffic(params, calls[r], world)
+    states += [frozen_model_states(n, run.modules[n]) for n in ("teacher", "vae", "raft") if n in run.modules]
+    offload_s = offload_seconds(step_params, host_link, GPUS[gpu], gpus_per_node) if step_params else 0.0
     peak = max(run.phases, key=lambda p: p.act_peak_bytes)
-    return Plan(cfg, gpu, nodes, gpus_per_node, mfu, run, states, flops, comm, peak.act_peak_bytes, peak.name)
+    return Plan(
+        cfg,
+        gpu,
+        nodes,
+        gpus_per_node,
+        mfu,
+        run,
+        states,
+        flops,
+        comm,
+        peak.act_peak_bytes,
+        peak.name,
+        offload_s,
+        host_link,
+    )
 
 
 def _gib(n: float) -> str:
@@ -157,13 +249,24 @@ def format_plan(p: Plan) -> str:
         f"  {'total':<14} {'':15}{_gib(p.peak_bytes)}  of {p.gpu.usable_bytes / GIB:.1f} GiB usable "
         f"({p.gpu.memory_bytes / 1e9:.0f} GB minus a 4 GiB reserve, an estimate)"
     )
+    if p.host_bytes_per_node:
+        lines.append(
+            f"  {'host (CPU)':<14} {'':15}{_gib(p.host_bytes_per_node)}  per node for the offloaded optimizers "
+            "(DeepSpeed's estimators, incl. their 1.5x buffer factor)"
+        )
     lines += ["", "communication per rank and iteration"]
     for k, v in sorted(p.comm_bytes.items()):
         lines.append(f"  {k:<38} {_gib(v)}")
+    if p.host_link_bytes:
+        lines.append(f"  {'offload host<->GPU (PCIe)':<38} {_gib(p.host_link_bytes)}")
     lines += [
         "",
         f"estimated iteration time: {p.seconds:.1f} s (an estimate: {it.total / 1e12:.0f} TFLOP at {p.mfu:.0%} MFU of "
-        f"{p.gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s dense bf16; communication assumed overlapped)",
+        f"{p.gpu.bf16_dense_flops / 1e12:.0f} TFLOP/s dense bf16"
+        + (f" + {p.offload_s:.1f} s CPU optimizer step and host copies" if p.offload_s else "")
+        + "; communication assumed overlapped)",
+        f"  with no communication overlapped: {p.seconds_serial:.1f} s ({p.comm_s:.1f} s of collectives at nominal "
+        f"link bandwidth: {'NVLink' if p.nodes == 1 else 'one 400 Gb/s NIC per GPU'} for ZeRO, NVLink for SP)",
     ]
     return "\n".join(lines)
 
@@ -222,6 +325,11 @@ def summary(p: Plan, fixes: list[tuple[str, Plan]] | None = None) -> dict:
         "phase_act_peak_gib": {ph.name: round(ph.act_peak_bytes / GIB, 2) for ph in p.run.phases},
         "comm_gib": {k: round(v / GIB, 3) for k, v in p.comm_bytes.items()},
         "est_iteration_s": round(p.seconds, 2),
+        "est_iteration_s_comm_serial": round(p.seconds_serial, 2),
+        "comm_s": round(p.comm_s, 2),
+        "offload_s": round(p.offload_s, 2),
+        "zero_stage": {s.name: s.stage for s in p.states if s.trainable},
+        "host_gib_per_node": round(p.host_bytes_per_node / GIB, 2),
         "mfu_assumed": p.mfu,
         "gpu": p.gpu_key,
         "nodes": p.nodes,

@@ -19,7 +19,7 @@ report:
   repeat the same work, so FLOPs and traffic are multiplied by the real counts and the
   activation peak is that of one micro step (gradient accumulation lives in the ZeRO
   partitions, i.e. in the model states);
-* `.item()` returns 1 (`ScalarStub`): fake tensors hold no values. Logged losses are
+* `.item()` returns 1 (`PlanTrace(stub_scalars=True)`): fake tensors hold no values. Logged losses are
   placeholders and the trainer's finite-loss check passes;
 * a random GAN window start (`gan.window_start=random`) is fixed at the middle allowed start;
 * the distilled entry of the backward simulation is fixed at (K-1)//2 of K entries (1 of
@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from diffusers.utils import logging as diffusers_logging
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import Config
 from ..engines import Engines, gradient_accumulation_steps
@@ -54,20 +53,6 @@ from .memory import drop_param_grads
 from .trace import ModuleLabels, PlanTrace
 
 log = logging.getLogger("mogan_ds")
-
-aten = torch.ops.aten
-
-
-class ScalarStub(TorchDispatchMode):
-    """`.item()` on a fake tensor returns 1 (True / 1 / 1.0) instead of failing."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is aten._local_scalar_dense.default:
-            t = args[0]
-            if t.dtype == torch.bool:
-                return True
-            return 1 if not t.is_floating_point() else 1.0
-        return func(*args, **(kwargs or {}))
 
 
 class PlanEngine:
@@ -333,13 +318,16 @@ def prepare(
     return Prepared(tr, nets, phases, _labels(tr, nets), gas, disc_gas, entry_index)
 
 
-def trace_pass(prep: Prepared, counter: CollectiveBytes | None = None, memo: bool = False) -> BlockMemo | None:
+def trace_pass(
+    prep: Prepared, counter: CollectiveBytes | None = None, memo: bool = False, stub_scalars: bool = False
+) -> BlockMemo | None:
     """Run every phase once under `PlanTrace`: fills each phase's FLOPs, activation peak, SP
     collective bytes and engine calls in one pass.
 
     Parameter gradients are freed as soon as they are complete (ZeRO-3 moves them into
     the partitions, counted with the model states). With `memo`, identical DiT and RAFT
     update blocks are measured once and replayed (`memo.BlockMemo`); returns the memo.
+    `stub_scalars`: `.item()` returns 1 (fake tensors; see `PlanTrace`).
     """
     engines = dict(prep.trainer.engines.items())
     hooks = drop_param_grads(e.module for e in engines.values())
@@ -347,7 +335,7 @@ def trace_pass(prep: Prepared, counter: CollectiveBytes | None = None, memo: boo
     state: dict[str, Any] = {}
     blocks = None
     try:
-        with PlanTrace(labels) as mode:
+        with PlanTrace(labels, stub_scalars) as mode:
             if memo:
                 blocks = BlockMemo(mode, counter, prep.nets.values(), memo_types())
             for ph in prep.phases:
@@ -378,9 +366,9 @@ def run_iteration(cfg: Config, world_size: int, trainable_dtype: torch.dtype = t
     counter = CollectiveBytes()
     with LocalCollectives(counter):
         prep = prepare(cfg, world_size, trainable_dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True), ScalarStub():
+        with FakeTensorMode(allow_non_fake_inputs=True):
             for m in prep.nets.values():
                 m.to_empty(device="cpu")
-            trace_pass(prep, counter, memo=True)
+            trace_pass(prep, counter, memo=True, stub_scalars=True)
     trainable = [r for r in ("generator", "fake_score", "discriminator") if r in prep.nets]
     return RunResult(prep.phases, prep.nets, trainable, prep.gas, prep.disc_gas, prep.entry_index)

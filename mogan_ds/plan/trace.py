@@ -85,17 +85,29 @@ class ModuleLabels:
         self._handles.clear()
 
 
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+def _stub_scalar(t: torch.Tensor):
+    return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
+
+
 class PlanTrace(LiveBytes):
     """Live bytes (see LiveBytes) and FLOPs by label of everything dispatched while active.
 
     `take_flops()` returns the FLOPs counted since the last call and restarts the count;
-    `counting = False` pauses FLOP counting (memory is always tracked).
+    `counting = False` pauses FLOP counting (memory is always tracked). With
+    `stub_scalars` (fake tensors hold no values), `.item()` returns 1 (True / 1 / 1.0):
+    logged losses become placeholders and the trainer's finite-loss check passes. It is
+    done here rather than in a mode of its own because every operator pays each Python
+    dispatch mode's overhead, and the planner dispatches a few hundred thousand.
     """
 
-    def __init__(self, labels: ModuleLabels | None = None):
+    def __init__(self, labels: ModuleLabels | None = None, stub_scalars: bool = False):
         super().__init__()
         self.labels = labels
         self.counting = True
+        self.stub_scalars = stub_scalars
         self._flops: dict[str | None, int] = defaultdict(int)
 
     def take_flops(self) -> Flops:
@@ -107,12 +119,22 @@ class PlanTrace(LiveBytes):
         return Flops(sum(counts.values()), by_network)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.stub_scalars and func is _LOCAL_SCALAR:
+            return _stub_scalar(args[0])
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         alias = returns_alias(func)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t, alias)
+        # aten outputs: a tensor or a flat tuple/list of them (tree_flatten for anything else)
+        if isinstance(out, torch.Tensor):
+            self._track(out, alias)
+        else:
+            for t in out if isinstance(out, (tuple, list)) else tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._track(t, alias)
+                elif isinstance(t, (tuple, list)):
+                    for u in tree_flatten(t)[0]:
+                        if isinstance(u, torch.Tensor):
+                            self._track(u, alias)
         if self.counting:
             formula = flop_registry.get(func._overloadpacket)
             if formula is not None:
