@@ -1,7 +1,11 @@
-"""The toy-world experiment end to end at its smoke size (experiments/toy_motion, smoke.yaml): every
-stage for real (data, RAFT, VAE, teacher, DMD and MoGAN through launch/train.py, evaluation) on tiny
-counts, each writing its artefacts; the trained toy RAFT must beat the zero-flow baseline on held-out
-clips, and a second run must find every stage cached."""
+"""The toy-world experiment (experiments/toy_motion).
+
+- End to end at its smoke size (smoke.yaml): every stage for real (data, RAFT, VAE, teacher, DMD
+  and MoGAN through launch/train.py, evaluation) on the smallest counts, each writing its
+  artefacts, and a second run finds every stage cached. Nothing is trained enough to measure.
+- The committed flow instrument (results/raft_small.pth, the full run's stage 2): it beats the
+  zero-flow baseline on the held-out split stage 1's recipe renders.
+"""
 
 import json
 import math
@@ -13,8 +17,6 @@ from mogan_ds.launcher import REPO
 
 sys.path.insert(0, str(REPO))
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
@@ -25,13 +27,18 @@ def smoke(tmp_path_factory):
     return exp, exp.run()
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_artefacts(smoke):
     exp, reports = smoke
     w = exp.work
     assert all(reports[s] is not None for s in reports)
     assert len(list((w / "data" / "train").glob("*.tar"))) == 2 and list((w / "data" / "heldout").glob("*.tar"))
-    assert json.loads((w / "data" / "prompts" / "meta.json").read_text())["num_prompts"] == 12
-    assert (w / "raft" / "raft_small.pth").is_file()
+    assert json.loads((w / "data" / "prompts" / "meta.json").read_text())["num_prompts"] == 6
+    assert reports["data"]["world"]["textured"] and reports["data"]["mean_true_flow_magnitude"] > 0
+    raft = reports["raft"]
+    assert (w / "raft" / "raft_small.pth").is_file() and (exp.results / "raft_small.pth").is_file()
+    assert raft["heldout_pairs"] == 4 and raft["zero_flow_epe"] > 0
+    assert all(math.isfinite(raft[f"heldout_epe_iters{i}"]) for i in (4, 20))
     assert (w / "vae" / "vae" / "config.json").is_file() and math.isfinite(reports["vae"]["heldout_psnr_db"])
     assert (w / "models" / "wan" / "model_index.json").is_file()
     assert (w / "models" / "generator" / "config.json").is_file()
@@ -44,33 +51,15 @@ def test_every_stage_writes_its_artefacts(smoke):
     rows = json.loads((exp.results / "results.json").read_text())
     assert [r["model"] for r in rows] == ["data (held-out real)", "teacher", "dmd", "mogan"]
     for r in rows:
-        assert r["num_videos"] == 2 and 0.0 <= r["dynamics_degree"] <= 1.0 and 0.0 < r["motion_smoothness"] <= 1.0
-        lo, hi = r["mean_flow_magnitude_ci95"]
-        assert lo <= r["mean_flow_magnitude"] <= hi
-    assert "| mogan | 2 |" in (exp.results / "results.md").read_text()
+        assert r["num_videos"] == 1 and 0.0 <= r["dynamics_degree"] <= 1.0 and 0.0 < r["motion_smoothness"] <= 1.0
+        lo, hi = r["mean_flow_magnitude_ci95"]  # rounded to 4 decimals; one video: both ends are its value
+        assert lo - 1e-4 <= r["mean_flow_magnitude"] <= hi + 1e-4
+    assert "| mogan | 1 |" in (exp.results / "results.md").read_text()
     for png in ("results.png", "training_curves.png", "pretraining_curves.png", "samples_prompt0.png"):
         assert (exp.results / png).stat().st_size > 1000, png
 
 
-def test_raft_training_stays_near_the_zero_flow_start(smoke):
-    # The flow head starts at exactly zero flow (zero-initialised last layer), so a training run
-    # that did not diverge ends near the zero-flow baseline or below it.
-    raft = smoke[1]["raft"]
-    assert 0 < raft["zero_flow_epe"] and all(math.isfinite(raft[f"heldout_epe_iters{i}"]) for i in (4, 20))
-    assert raft["heldout_epe_iters4"] < 2 * raft["zero_flow_epe"], raft
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: raft_small from random init does not yet beat zero flow on held-out clips within the "
-    "smoke size's 80 steps (nor the full size's 400; README, The toy-world experiment); strict, so a RAFT "
-    "stage that starts beating it turns this into a failure to update",
-)
-def test_trained_raft_beats_zero_flow_on_heldout(smoke):
-    raft = smoke[1]["raft"]
-    assert raft["heldout_epe_iters20"] < raft["zero_flow_epe"], raft
-
-
+@pytest.mark.slow
 def test_a_second_run_finds_every_stage_cached(smoke):
     from experiments.toy_motion.pipeline import STAGES, Experiment
 
@@ -79,3 +68,34 @@ def test_a_second_run_finds_every_stage_cached(smoke):
     again = Experiment(exp.work, "smoke", exp.results, echo=lines.append).run()
     assert again == reports
     assert lines == [f"[toy] {s}: done (cached in {exp.work / s})" for s in STAGES]
+
+
+def test_committed_toy_raft_beats_zero_flow_on_heldout(tmp_path):
+    # The first held-out clips exactly as stage 1 renders them (the renderer draws clip by clip
+    # from one seeded generator, so a shorter corpus is a prefix), through the same mp4 encoding.
+    import torch
+
+    from experiments.toy_motion.measure import flow_pairs, heldout_epe, load_toy_raft
+    from experiments.toy_motion.pipeline import HELDOUT_SEED_OFFSET, HERE, load_clips, load_recipe
+    from mogan_ds.data.synthetic import write_synthetic_corpus
+
+    torch.set_num_threads(1)
+    r = load_recipe("data")
+    write_synthetic_corpus(
+        str(tmp_path),
+        num_clips=4,
+        frames=r["frames"],
+        size=(r["size"], r["size"]),
+        fps=r["fps"],
+        shards=1,
+        seed=r["seed"] + HELDOUT_SEED_OFFSET,
+        world=r["world"],
+        echo=lambda *_: None,
+    )
+    clips = load_clips(tmp_path)
+    assert sum(m["kind"] != "static" for _, m in clips) >= 2  # the check needs motion to be wrong about
+    a, b, gt = flow_pairs(clips, 12)
+    rep = heldout_epe(load_toy_raft(HERE / "results" / "raft_small.pth"), a, b, gt, iters=(20,))
+    # Clearly better than predicting no motion, everywhere and on the moving pixels alone.
+    assert rep["heldout_epe_iters20"] < 0.7 * rep["zero_flow_epe"], rep
+    assert rep["heldout_epe_moving_pixels_iters20"] < 0.7 * rep["zero_flow_epe_moving_pixels"], rep

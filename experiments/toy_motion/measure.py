@@ -43,6 +43,31 @@ def raft_pair_flow(raft, a: torch.Tensor, b: torch.Tensor, iters: int, chunk: in
     )
 
 
+def flow_pairs(clips: list[tuple[np.ndarray, dict]], n: int, seed: int = 0):
+    """`n` frame pairs drawn (fixed seed) from clips with ground truth -> frames t, t+1 in [-1, 1]
+    [n, 3, H, W] each and their exact flow [n, 2, H, W]."""
+    nf = clips[0][0].shape[0]
+    pairs = [(c, t) for c in range(len(clips)) for t in range(nf - 1)]
+    pick = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))[:n]]
+    a = torch.stack([to_unit(clips[c][0][t]) for c, t in pick])
+    b = torch.stack([to_unit(clips[c][0][t + 1]) for c, t in pick])
+    return a, b, torch.stack([true_flow(clips[c][1], t) for c, t in pick])
+
+
+def heldout_epe(raft, a: torch.Tensor, b: torch.Tensor, gt: torch.Tensor, iters=(4, 20)) -> dict:
+    """End-point error of RAFT's flow against the exact flow, and of the zero-flow baseline
+    (whose EPE is |true flow|): over all pixels, and over the moving ones (|flow| > 0.5 px)."""
+    out = {"heldout_pairs": len(a), "zero_flow_epe": round(float(gt.norm(dim=1).mean()), 4)}
+    moving = gt.norm(dim=1) > 0.5
+    for n in iters:
+        err = torch.linalg.vector_norm(raft_pair_flow(raft, a, b, n) - gt, dim=1)
+        out[f"heldout_epe_iters{n}"] = round(float(err.mean()), 4)
+        if moving.any():
+            out[f"heldout_epe_moving_pixels_iters{n}"] = round(float(err[moving].mean()), 4)
+    out["zero_flow_epe_moving_pixels"] = round(float(gt.norm(dim=1)[moving].mean()), 4) if moving.any() else None
+    return out
+
+
 def clip_flow(raft, video: np.ndarray, iters: int = 20) -> torch.Tensor:
     """RAFT flow of every consecutive pair of a uint8 clip [F, H, W, 3] -> [F-1, 2, H, W]."""
     x = to_unit(video)
