@@ -58,7 +58,10 @@ def share_bounds(length: int, size: int) -> list[tuple[int, int]]:
     """Contiguous shares [lo, hi) of `length` window chunks over `size` ranks; the first
     ``length % size`` shares have one chunk more (rank 0 has no prefix to recompute)."""
     if size < 1 or length < size:
-        raise ValueError(f"a window of {length} latent chunks cannot be split over {size} sequence-parallel ranks")
+        raise ValueError(
+            f"a window of {length} latent chunks cannot be split over {size} sequence-parallel ranks: "
+            "use gan.window >= parallel.sp_size or gan.split_over_sp=false"
+        )
     base, extra = divmod(length, size)
     bounds, lo = [], 0
     for r in range(size):
