@@ -109,6 +109,14 @@ def _apply_role_stage(role: str, cfg: Config, ds: dict, topo) -> None:
                 f"{key}={stage} with parallel.sp_size={topo.sp_size}: sequence parallelism needs ZeRO stage 3 "
                 "(stages 0-2 sum the gradients over the SP group instead of averaging them)"
             )
+        if role == "generator" and cfg.eval.every > 0 and cfg.train.ema_decay > 0:
+            # ema.compute_swapped_in maps the EMA shard onto ZeRO-3 compute partitions; a ZeRO-1/2
+            # rank's shard covers only its optimizer fragment: refused here rather than mid-run.
+            raise ConfigError(
+                f"{key}={stage} with eval.every > 0 and train.ema_decay > 0: in-training evaluation samples "
+                "with the EMA swapped into the generator's ZeRO-3 partitions; keep the generator at stage 3 "
+                "or set eval.every=0"
+            )
         if str(zero.get("offload_param", {}).get("device", "none")) != "none":
             raise ConfigError(
                 f"{key}={stage}: the DeepSpeed JSON offloads parameters (zero_optimization.offload_param), "

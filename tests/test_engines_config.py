@@ -133,6 +133,11 @@ def test_per_role_zero_stage_overrides_the_json_stage():
     offload_param = {**base, "zero_optimization": {**base["zero_optimization"], "offload_param": {"device": "cpu"}}}
     with pytest.raises(ConfigError, match="offload_param"):
         ds_config_for("fake_score", cfg, offload_param, topo(16))
+    evaluating = load_config(
+        "wan2.1-t2v-1.3b", ["parallel.zero_stage.generator=2", "eval.every=10", "train.ema_decay=0.99"]
+    )
+    with pytest.raises(ConfigError, match="eval.every"):
+        ds_config_for("generator", evaluating, base, topo(16))
     with pytest.raises(ConfigError, match="parallel.zero_stage.discriminator"):
         load_config("wan2.1-t2v-1.3b", ["parallel.zero_stage.discriminator=4"])
 
