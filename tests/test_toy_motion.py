@@ -99,3 +99,33 @@ def test_committed_toy_raft_beats_zero_flow_on_heldout(tmp_path):
     # Clearly better than predicting no motion, everywhere and on the moving pixels alone.
     assert rep["heldout_epe_iters20"] < 0.7 * rep["zero_flow_epe"], rep
     assert rep["heldout_epe_moving_pixels_iters20"] < 0.7 * rep["zero_flow_epe_moving_pixels"], rep
+
+
+def test_textured_world_exact_flow_is_rafts_convention():
+    # The ground truth stage 2 trains on: backward-warping frame t+1 by the exact flow (RAFT's
+    # convention, frame t -> t+1 in pixels) gives back frame t on the moving pixels; zero flow
+    # and the negated flow do not. Stage 1's world, rendered directly (no mp4).
+    import numpy as np
+    import torch
+
+    from experiments.toy_motion.measure import to_unit, true_flow
+    from experiments.toy_motion.pipeline import load_recipe
+    from mogan_ds.data.synthetic import render_clip
+    from mogan_ds.eval.amt import warp
+
+    r = load_recipe("data")
+    rng = np.random.default_rng(7)
+    errs = {"exact": [], "zero": [], "negated": []}
+    for _ in range(6):
+        video, truth = render_clip(rng, 3, r["size"], r["size"], r["world"])
+        truth.update(height=r["size"], width=r["size"])
+        a, b = to_unit(video[0])[None] * 0.5 + 0.5, to_unit(video[1])[None] * 0.5 + 0.5
+        flow = true_flow(truth, 0)[None]
+        moving = flow.norm(dim=1) > 0.5
+        if not moving.any():
+            continue
+        for name, f in (("exact", flow), ("zero", torch.zeros_like(flow)), ("negated", -flow)):
+            errs[name].append(float((warp(b, f) - a).abs().mean(1)[moving].mean()))
+    assert len(errs["exact"]) >= 3, errs
+    exact, zero, negated = (float(np.mean(v)) for v in errs.values())
+    assert exact < 0.4 * zero and zero < negated, (exact, zero, negated)
