@@ -30,6 +30,10 @@ SP2_CHECKS = [
     "chain_input_grad",
     "chain_generator_grads",
     "chain_disc_grads",
+    "motion_d_input",
+    "motion_loss",
+    "motion_input_grad",
+    "motion_generator_grads",
     *(f"zero3_{k}_step{s}" for s in (1, 2) for k in ("grads", "input_grad", "params_after")),
 ]
 SP1_CHECKS = [f"dp_{k}_step{s}" for s in (1, 2) for k in ("grads", "input_grad", "params_after")]
@@ -87,10 +91,16 @@ def test_sp2_groups_and_engine_facts(sp2):
     assert info["chain_disc_block1_tokens"] == 24
     assert info["sp_processors"] == 4 and info["sp_hooks"] == 4
     assert info["sp_processor_backend"].endswith("NATIVE")
+    # The motion path was split: the window's 9 frames (chunks 0..2) as 5 on rank 0 and 4 on rank 1.
+    assert info["motion_split"] is True and info["motion_window_frames"] == 9
+    assert [r["motion_rank0_frames"] for r in sp2["per_rank_info"][:1]] == [5]
+    assert sp2["per_rank_info"][1]["motion_rank1_frames"] == 4
 
 
 def test_sp2_matches_single_process_reference(sp2):
-    """(a) plain autograd, (d) G -> replicated op -> D chain, (b) ZeRO-3 engine with two steps."""
+    """(a) plain autograd, (d) G -> replicated op -> D chain, (e) G -> motion path split over the SP
+    ranks -> D (the GAN phase's generator gradient equals the unsplit, sp=1 path's), (b) ZeRO-3
+    engine with two steps."""
     _assert_checks(sp2, SP2_CHECKS)
 
 

@@ -13,6 +13,13 @@ is invisible to a rank-vs-rank comparison.
   d  chain_*    generator (SP) -> replicated nonlinearity -> discriminator-like module
                 (Wan backbone sharded + heads gathering their first input) -> loss:
                 gradients of both models and of the input vs the reference.
+  e  motion_*   the generator GAN phase's chain with the real motion path: generator (SP) ->
+                MotionPath (tiny Wan VAE decode -> raft_small -> VAE encode of the motion
+                tensor) split over the SP ranks (gan.split_over_sp: each rank its share of
+                the window's chunks, cache gradients sent back, D input all-gathered) ->
+                discriminator-like module -> logistic generator loss: the loss, the
+                generator's gradients and the input gradient vs the reference with the whole
+                (unsplit) motion path in one process, i.e. what sp=1 computes.
   b  zero3_*    the SP model inside a ZeRO-3 engine (mpu=topology, zero_config_fixups,
                 activation checkpointing, small buckets): full gradients gathered with
                 safe_get_full_grad, the parameters after an SGD step, and the gradients
@@ -275,6 +282,61 @@ def check_chain(topo, res: Results) -> None:
     )
 
 
+def check_motion_chain(topo, res: Results) -> None:
+    """(e) G (SP) -> MotionPath split over the SP group -> D -> softplus(-D): vs the unsplit path."""
+    from diffusers import AutoencoderKLWan
+
+    from mogan_ds.models.builders import build_raft
+    from mogan_ds.models.tiny import TINY_VAE
+    from mogan_ds.motion.flow import RaftFlow
+    from mogan_ds.motion.pipeline import MotionPath
+    from mogan_ds.motion.window import Window, WindowSpec
+
+    G, D = build_wan(0), TinyDisc(1)
+    G_ref, D_ref = copy.deepcopy(G), copy.deepcopy(D)
+    torch.manual_seed(3)
+    vae = AutoencoderKLWan(**TINY_VAE).eval().requires_grad_(False)
+    raft = RaftFlow(build_raft("raft_small"), num_iters=2, pairs_per_chunk=4)
+    frames_latent = SHAPE[1]  # 3 latent chunks; the window is all of them: shares [0, 2) and [2, 3)
+    spec, window = WindowSpec(frames_latent, frames_latent, 0), Window(0, frames_latent)
+    x, t, text, _ = batch(3)
+
+    def run(g, d, path, xin):
+        x0 = g(xin, t, text).sample
+        fake = path.fake(x0, window)
+        # x1e5: through the tiny random VAE and RAFT the gradients are ~1e-6, too small for the
+        # test's absolute tolerance to mean anything; a constant factor changes no comparison.
+        return 1e5 * F.softplus(-d(fake.d_input)).mean(), fake
+
+    xr = x.clone().requires_grad_()
+    loss_ref, fake_ref = run(G_ref, D_ref, MotionPath(vae, raft, spec), xr)
+    loss_ref.backward()
+
+    parallelize_wan(G, topo)
+    install_ulysses_attention(D.backbone, topo)
+    parallelize_module(
+        D,
+        {**wan_plan(D.backbone, prefix="backbone", gather_output=False), "heads.*": ModulePlan(inputs={0: Gather(1)})},
+        topo,
+    )
+    path = MotionPath(vae, raft, spec, sp=topo)
+    res.info["motion_split"] = path.split is not None
+    xs = x.clone().requires_grad_()
+    loss, fake = run(G, D, path, xs)
+    loss.backward()
+    res.info[f"motion_rank{topo.sp_rank}_frames"] = int(fake.frames.shape[2])
+    res.info["motion_window_frames"] = int(fake_ref.frames.shape[2])
+
+    res.compare("motion_d_input", fake.d_input, fake_ref.d_input)
+    res.compare("motion_loss", loss, loss_ref)
+    res.compare("motion_input_grad", sp_mean(xs.grad, topo), xr.grad)
+    res.compare_many(
+        "motion_generator_grads",
+        {n: sp_mean(p.grad, topo) for n, p in G.named_parameters()},
+        {n: p.grad for n, p in G_ref.named_parameters()},
+    )
+
+
 def _engine(model, topo, config):
     import deepspeed
 
@@ -380,6 +442,7 @@ def main() -> None:
     if topo.sp_size > 1:
         check_sp_autograd(topo, res)
         check_chain(topo, res)
+        check_motion_chain(topo, res)
         check_zero3(topo, res, "zero3")
         negative_control(topo, res)
     else:
