@@ -181,9 +181,12 @@ def test_zero2_generator_and_critic_train_like_zero3(tiny_workdir, tmp_path_fact
             assert optim, role
             sd = torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
             assert sd["zero_stage"] == stage, (role, sd["zero_stage"])
-            # the fp32 masters after each optimizer step equal the ZeRO-3 run's within fp32 rounding
+            # The fp32 masters after each optimizer step equal the ZeRO-3 run's within fp32 rounding
+            # (measured: G and the fake score within 7e-7). D, at stage 3 in both runs, trains on
+            # fakes of a generator that differs by that rounding (measured: within 1.9e-6).
             x, y = engine_fp32_state_dict(run / ckpt, role), engine_fp32_state_dict(reference / ckpt, role)
             assert x.keys() == y.keys()
+            atol = 1e-6 if stage == 2 else 5e-6
             for k in x:
-                torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6, msg=f"{role} {k} step {step}")
+                torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=atol, msg=f"{role} {k} step {step}")
     assert (run / "export").is_dir()  # the EMA export at the end runs on a ZeRO-2 generator too
