@@ -297,3 +297,17 @@ def test_plan_models_zero2_roles_and_the_offload_preset():
     assert off_plan.state_bytes < z3_plan.state_bytes and off_plan.host_bytes_per_node > 0
     assert off_plan.offload_s > 0 and z3_plan.offload_s == 0
     assert off_plan.seconds == pytest.approx(z3_plan.seconds + off_plan.offload_s)
+
+
+def test_split_motion_path_is_planned_per_share(planned):
+    """At sp 2 the planner builds the motion path with its stand-in SP group, as the trainer does:
+    rank 0 takes the flow of its share of the window only (less RAFT work than sp 1; at this
+    2-chunk window its decode is the same: its chunk plus the next share's first chunk),
+    receives the next rank's cache gradients and sends nothing, and D's input is all-gathered."""
+    cfg2 = load_config("tiny", [*SMALL, "parallel.sp_size=2"])
+    sp2 = run_iteration(cfg2, world_size=2, trainable_dtype=torch.float32)
+    gan1 = next(p for p in planned.phases if p.name == "generator_gan")  # sp 1
+    gan2 = next(p for p in sp2.phases if p.name == "generator_gan")
+    assert gan2.collectives.get("sp_recv", 0) > 0 and "sp_send" not in gan2.collectives
+    assert gan2.collectives.get("sp_all_gather", 0) > 0
+    assert gan2.flops.by_network["raft"] < gan1.flops.by_network["raft"]

@@ -64,7 +64,7 @@ class LocalCollectives:
     Other groups fall through to DeepSpeed's functions unchanged.
     """
 
-    NAMES = ("get_world_size", "all_to_all_single", "allgather_fn", "reduce_scatter_fn")
+    NAMES = ("get_world_size", "all_to_all_single", "allgather_fn", "reduce_scatter_fn", "send", "recv")
 
     def __init__(self, counter: CollectiveBytes):
         self.counter = counter
@@ -106,6 +106,21 @@ class LocalCollectives:
             counter.add("sp_reduce_scatter", tensor.numel() * tensor.element_size() * (group.size - 1) / group.size)
             return None
 
+        def send(tensor, dst, group=None, tag=0):
+            if not isinstance(group, PlanSPGroup):
+                return saved["send"](tensor, dst, group=group, tag=tag)
+            counter.add("sp_send", tensor.numel() * tensor.element_size())
+            return None
+
+        def recv(tensor, src=None, group=None, tag=0):
+            # The SP-split motion path's cache gradients from the next SP rank: the buffer's
+            # (fake) contents stand for them; only its size matters here.
+            if not isinstance(group, PlanSPGroup):
+                return saved["recv"](tensor, src=src, group=group, tag=tag)
+            counter.add("sp_recv", tensor.numel() * tensor.element_size())
+            return None
+
+        dist.send, dist.recv = send, recv
         dist.get_world_size = get_world_size
         dist.all_to_all_single = all_to_all_single
         dist.allgather_fn = allgather_fn

@@ -213,7 +213,9 @@ def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopol
     tr.fake_fn = transformer_velocity_fn(tr.engines.fake_score) if cfg.dmd.enabled else None
     tr.teacher_fn = transformer_velocity_fn(tr.teacher) if cfg.dmd.enabled else None
     tr.motion = (
-        MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft")) if cfg.gan.enabled else None
+        MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft"), sp=topo)
+        if cfg.gan.enabled
+        else None
     )
     if tr.motion is not None and tr.motion.window.start == RANDOM:
         # A random start is fixed at the middle of the allowed starts (chunks before the
