@@ -110,8 +110,7 @@ def generator_config(cfg) -> dict:
     from .models.builders import read_transformer_config, wan_paths
 
     path = Path(cfg.models.generator) if cfg.models.generator else wan_paths(cfg.models.root)["transformer"]
-    # `_name_or_path` as from_pretrained records it, so the written config.json is the trainer export's.
-    return {**read_transformer_config(path), "_name_or_path": str(path)}
+    return read_transformer_config(path)
 
 
 def trainable_order(transformer_config: dict) -> list[tuple[str, torch.Size]]:

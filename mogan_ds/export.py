@@ -84,7 +84,10 @@ def write_pipeline_folder(
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(teacher_root, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns("transformer"))
-    clean = WanTransformer3DModel.from_config(transformer_config)
+    # Where the weights were loaded from (from_pretrained's `_name_or_path`, absent when built
+    # partitioned from a config) is a path on the training machine, not part of the release.
+    config = {k: v for k, v in transformer_config.items() if k != "_name_or_path"}
+    clean = WanTransformer3DModel.from_config(config)
     clean.load_state_dict({k: v for k, v in state.items() if k in clean.state_dict()}, strict=True)
     clean.to(dtype).save_pretrained(tmp / "transformer")
     if out.exists():
