@@ -115,16 +115,47 @@ def is_block_at_or_after(key: str, n: int) -> bool:
 
 def _read_safetensors_folder(folder: Path, keep) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors folder whose key passes `keep`."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise MissingWeightsError(f"{folder}: no *.safetensors weights found next to config.json")
+    by_file: dict[Path, list[str]] = {}
+    for k, f in safetensors_index(folder).items():
+        if keep(k):
+            by_file.setdefault(f, []).append(k)
     state = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as fh:
+            for k in keys:
+                state[k] = fh.get_tensor(k)
+    return state
+
+
+def safetensors_index(folder: str | os.PathLike) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file that holds it, for a diffusers/transformers weights folder.
+
+    A sharded folder (``*.safetensors.index.json`` with a ``weight_map``, as save_pretrained
+    writes past ``max_shard_size``) is read from its index; otherwise every ``*.safetensors``
+    file's header is read (a single-file folder). Only headers are read here.
+    """
+    p = Path(folder)
+    indexes = sorted(p.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise MissingWeightsError(f"{p}: several safetensors indexes {[i.name for i in indexes]}; expected one")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        out = {k: p / f for k, f in weight_map.items()}
+        missing = sorted({f.name for f in out.values() if not f.is_file()})
+        if missing:
+            raise MissingWeightsError(f"{indexes[0]} names shards that are not there: {missing[:5]}")
+        return out
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise MissingWeightsError(f"{p}: no *.safetensors weights found next to config.json")
+    out = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
-                if keep(k):
-                    state[k] = fh.get_tensor(k)
-    return state
+                if k in out:
+                    raise MissingWeightsError(f"{p}: tensor {k} is in both {out[k].name} and {f.name}")
+                out[k] = f
+    return out
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -37,7 +37,6 @@ the whole tensor, DeepSpeed broadcasts and re-partitions it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from deepspeed import comm as dist
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 
-from .builders import MissingWeightsError, is_block_at_or_after, transformer_config
+from .builders import is_block_at_or_after, safetensors_index, transformer_config
 
 
 def zero3(ds_config: dict) -> bool:
@@ -133,37 +132,6 @@ def move_buffers(module: torch.nn.Module, device: torch.device | str | None = No
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def safetensors_index(folder: str | os.PathLike) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file that holds it, for a diffusers/transformers weights folder.
-
-    A sharded folder (``*.safetensors.index.json`` with a ``weight_map``, as save_pretrained
-    writes past ``max_shard_size``) is read from its index; otherwise every ``*.safetensors``
-    file's header is read (a single-file folder). Only headers are read here.
-    """
-    p = Path(folder)
-    indexes = sorted(p.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise MissingWeightsError(f"{p}: several safetensors indexes {[i.name for i in indexes]}; expected one")
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        out = {k: p / f for k, f in weight_map.items()}
-        missing = sorted({f.name for f in out.values() if not f.is_file()})
-        if missing:
-            raise MissingWeightsError(f"{indexes[0]} names shards that are not there: {missing[:5]}")
-        return out
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise MissingWeightsError(f"{p}: no *.safetensors weights found next to config.json")
-    out = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                if k in out:
-                    raise MissingWeightsError(f"{p}: tensor {k} is in both {out[k].name} and {f.name}")
-                out[k] = f
-    return out
 
 
 def read_flat_range(fh, key: str, start: int, end: int) -> torch.Tensor:
