@@ -1,4 +1,4 @@
-"""Peak memory per rank of building a trainable Wan DiT: the full way vs `models.zero_init`.
+"""Peak memory per rank of building a Wan DiT: the full way vs partitioned (`models.zero_init`, the ZeRO-3 teacher).
 
 Writes a mid-size WanTransformer3DModel with random weights (save_pretrained, 212M
 parameters by default: Wan 1.3B's width, 4 blocks; bf16 file by default) to a temporary folder, then builds the
@@ -10,6 +10,13 @@ launcher (CPU ranks, gloo), at world sizes 1 and 2:
     zero_init  partitioned.load_partitioned_transformer: zero.Init + the safetensors read
                tensor by tensor into each rank's partitions, then deepspeed.initialize
 
+With ``--role teacher`` the frozen teacher is built instead, in ``models.frozen_dtype`` bf16:
+
+    full       freeze(builders.load_transformer(bf16)): the replica every rank holds when
+               parallel.zero_stage.teacher is 1-2 (no engine)
+    zero_init  partitioned.load_partitioned_frozen_transformer (fp32-kept modules included),
+               then its ZeRO-3 inference engine (engines.teacher_ds_config, no optimizer)
+
 Per rank it records the process's peak private (anonymous) resident memory (`AnonPeak`) and
 its ru_maxrss (which also counts the mapped safetensors pages, page cache shared by the
 node's ranks); on DeepSpeed's CPU accelerator "device" memory is this same host memory, on
@@ -19,7 +26,7 @@ allocated at the first step, so not here). Prints a table and, as its last line,
 object {model_params, model_gib, runs: [{mode, world, rank, base_gib, build_gib, init_gib, ...}]}.
 
     python benchmarks/zero_init.py [--layers 4] [--heads 12] [--head-dim 128] [--ffn 8960] [--worlds 1 2]
-                                   [--save-dtype bf16|fp32]
+                                   [--save-dtype bf16|fp32] [--role generator|teacher]
 """
 
 from __future__ import annotations
@@ -119,22 +126,39 @@ def worker(args) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
     }
     on_cpu = get_accelerator().device_name() == "cpu"
+    if args.role == "teacher":
+        from mogan_ds.config import load_config
+        from mogan_ds.engines import build_teacher_engine, teacher_ds_config
+        from mogan_ds.models.builders import freeze
+        from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
+
+        # The tiny recipe's batch arithmetic (batch 2) at bf16: only precision and ZeRO keys matter here.
+        cfg = load_config("tiny", ["models.frozen_dtype=bf16"])
+        ds = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json").read_text())
     torch.distributed.barrier()
     anon = AnonPeak()
     rec = {"mode": args.mode, "world": topo.world_size, "rank": topo.rank, "base_gib": _peak_bytes() / GIB}
     rec["anon_base_gib"] = anon.read() / GIB
     t0 = time.perf_counter()
-    if args.mode == "full":
+    if args.role == "teacher" and args.mode == "full":
+        model = freeze(load_transformer(args.model, torch.bfloat16), torch.device(get_accelerator().device_name()))
+    elif args.role == "teacher":
+        model = load_partitioned_frozen_transformer(args.model, teacher_ds_config(cfg, ds, topo), topo)
+    elif args.mode == "full":
         model = load_transformer(args.model, torch.float32)
     else:
         model = load_partitioned_transformer(args.model, ds, topo)
     rec["build_s"] = time.perf_counter() - t0
     rec["build_gib"] = _peak_bytes() / GIB
     rec["anon_build_gib"] = anon.read() / GIB
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=topo)
+    if args.role == "teacher":
+        # A replica has no engine; the partitioned teacher gets its inference engine.
+        module = model if args.mode == "full" else build_teacher_engine(model, cfg, ds, topo).module
+    else:
+        module = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=topo)[0].module
     rec["init_gib"] = _peak_bytes() / GIB
     rec["anon_init_gib"] = anon.read() / GIB
-    rec["partition_numel"] = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+    rec["partition_numel"] = sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters())
     if not on_cpu:
         rec["device_peak_gib"] = get_accelerator().max_memory_allocated() / GIB
     out = [None] * topo.world_size
@@ -143,10 +167,12 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps(out))
 
 
-def launch(mode: str, world: int, model: Path, out: Path) -> list[dict]:
+def launch(mode: str, world: int, model: Path, out: Path, role: str = "generator") -> list[dict]:
     from mogan_ds.launcher import deepspeed_command, launch_env
 
-    cmd = deepspeed_command(world, __file__, ["--worker", "--mode", mode, "--model", str(model), "--out", str(out)])
+    cmd = deepspeed_command(
+        world, __file__, ["--worker", "--mode", mode, "--role", role, "--model", str(model), "--out", str(out)]
+    )
     proc = subprocess.run(
         cmd, env=launch_env({"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}), capture_output=True, text=True
     )
@@ -168,6 +194,12 @@ def main() -> None:
         default="bf16",
         help="dtype of the written checkpoint; both ways build fp32 trainable weights from it",
     )
+    ap.add_argument(
+        "--role",
+        choices=["generator", "teacher"],
+        default="generator",
+        help="generator: fp32 trainable weights + AdamW engine; teacher: the frozen bf16 teacher, replica vs ZeRO-3",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["full", "zero_init"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -188,16 +220,17 @@ def main() -> None:
         n_params = int(
             subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]
         )
-        model_gib = n_params * 4 / GIB
+        built = "bf16" if args.role == "teacher" else "fp32"
+        model_gib = n_params * (2 if args.role == "teacher" else 4) / GIB
         print(
-            f"Wan DiT: {args.layers} blocks, dim {args.heads * args.head_dim}, ffn {args.ffn}: "
-            f"{n_params / 1e6:.0f}M parameters = {model_gib:.2f} GiB fp32, saved as {args.save_dtype}",
+            f"Wan DiT ({args.role}): {args.layers} blocks, dim {args.heads * args.head_dim}, ffn {args.ffn}: "
+            f"{n_params / 1e6:.0f}M parameters = {model_gib:.2f} GiB {built}, saved as {args.save_dtype}",
             flush=True,
         )
         runs = []
         for world in args.worlds:
             for mode in ("full", "zero_init"):
-                runs += launch(mode, world, tmp / "dit", tmp / f"{mode}_{world}.json")
+                runs += launch(mode, world, tmp / "dit", tmp / f"{mode}_{world}.json", args.role)
     for key, title in (("anon", "private (anonymous) memory"), ("", "ru_maxrss, incl. mapped safetensors pages")):
         pre = f"{key}_" if key else ""
         print(f"\npeak {title} above the process's baseline, GiB per rank")
@@ -217,7 +250,13 @@ def main() -> None:
                 )
     print(
         json.dumps(
-            {"model_params": n_params, "model_gib": round(model_gib, 3), "save_dtype": args.save_dtype, "runs": runs}
+            {
+                "role": args.role,
+                "model_params": n_params,
+                "model_gib": round(model_gib, 3),
+                "save_dtype": args.save_dtype,
+                "runs": runs,
+            }
         )
     )
 

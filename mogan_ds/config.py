@@ -254,6 +254,16 @@ class ZeroStagesConfig:
     discriminator: int = F(
         0, "ZeRO stage of the discriminator's engine; 0 = the JSON's stage (see generator).", ge=0, le=3
     )
+    teacher: int = F(
+        0,
+        "ZeRO stage of the frozen teacher; 0 = the JSON's stage. 3: a ZeRO-3 inference engine (no optimizer), "
+        "built partitioned and loaded tensor by tensor, its parameters in models.frozen_dtype partitioned over "
+        "the ZeRO group and gathered layer by layer in its forward: a rank holds 1/world of it (the 14B teacher "
+        "needs this). 1 or 2: a full replica on every rank (stages 1-2 partition only gradients and optimizer "
+        "states, which a frozen network does not have): no all-gathers, the whole model in memory per rank.",
+        ge=0,
+        le=3,
+    )
 
 
 @dataclass

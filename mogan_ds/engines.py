@@ -5,8 +5,16 @@ from the same `ds_configs/*.json`, with the role's optimiser, clipping and batch
 merged in by `ds_config_for`, and its ZeRO stage replaced by `parallel.zero_stage.<role>`
 when that is set (e.g. ZeRO-2 for the generator and fake score, ZeRO-3 for D). Every engine receives the same topology object as `mpu`,
 so ZeRO partitions and reduces over the data-parallel group while sequence-parallel
-peers share one replica's work. Frozen networks (teacher, VAE, RAFT) are plain modules:
-replicated, in `models.frozen_dtype`, without grads.
+peers share one replica's work.
+
+The frozen teacher is built here too when its stage (`parallel.zero_stage.teacher`, 0 = the
+JSON's) is 3: a ZeRO-3 *inference* engine, as DeepSpeed-Chat builds its reference model
+(``deepspeed.initialize(model=ref, config=eval_ds_config)``, no optimizer): its parameters
+stay partitioned over the same ZeRO group and are gathered layer by layer in its forward.
+Its dict (`teacher_ds_config`) is the JSON's ZeRO section at stage 3 with the precision of
+`models.frozen_dtype`, not the JSON's training precision. At stages 0-2 (which partition only
+gradients and optimizer states, none of which a frozen network has) the teacher is a plain
+replicated module, as the VAE and RAFT always are: in `models.frozen_dtype`, without grads.
 """
 
 from __future__ import annotations
@@ -151,13 +159,85 @@ def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
     return zero_config_fixups(ds, topo)
 
 
+# Training-only sections a frozen engine must not carry (it has no optimizer and no gradients).
+_TRAINING_ONLY_ZERO_KEYS = ("offload_optimizer",)
+# ZeRO options that would change the frozen teacher's values (quantised weights) or that its
+# partitioned build cannot honour (fp32-kept modules in an NVMe-swapped partition).
+_TEACHER_REFUSED = {
+    "zero_quantized_weights": "quantises the gathered weights, so the teacher would not compute with its own values",
+    "zero_quantized_nontrainable_weights": "quantises frozen weights, so the teacher would not compute with its "
+    "own values",
+}
+
+
+def teacher_zero3(cfg: Config, base: dict | None) -> bool:
+    """Whether the frozen teacher runs as a ZeRO-3 inference engine (its stage, or the JSON's when 0, is 3)."""
+    return cfg.dmd.enabled and base is not None and role_zero_stage("teacher", cfg, base) == 3
+
+
+def teacher_ds_config(cfg: Config, base: dict, topo) -> dict:
+    """The final DeepSpeed dict of the frozen teacher's ZeRO-3 inference engine.
+
+    The JSON's ``zero_optimization`` at stage 3 (prefetch, persistence threshold, live
+    parameters and ``offload_param`` as the JSON sets them) without the optimizer's offload;
+    no optimizer, scheduler or clipping; precision from ``models.frozen_dtype`` (bf16 ->
+    ``bf16.enabled``, fp32 -> neither bf16 nor fp16), whatever the JSON trains in; batch
+    sizes those of the generator's DMD update, the phase that runs it (DeepSpeed checks
+    them even without an optimizer). Refused, naming the key: quantised weights (the
+    teacher would not compute with its own values) and parameters offloaded to NVMe (the
+    fp32-kept modules of a half-precision teacher are re-typed in their partitions before
+    loading, which a swapped-out partition does not allow).
+    """
+    stage = role_zero_stage("teacher", cfg, base)
+    if stage != 3:
+        raise ConfigError(
+            f"parallel.zero_stage.teacher: the teacher runs ZeRO stage {stage} (a replica); only stage 3 builds an engine"
+        )
+    ds = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("fp16", "bf16", "amp", "torch_autocast")}
+    zero = {k: v for k, v in ds.get("zero_optimization", {}).items() if k not in _TRAINING_ONLY_ZERO_KEYS}
+    zero["stage"] = 3
+    for key, why in _TEACHER_REFUSED.items():
+        if zero.get(key):
+            raise ConfigError(f"zero_optimization.{key} with the ZeRO-3 teacher (parallel.zero_stage.teacher): {why}")
+    if str(zero.get("offload_param", {}).get("device", "none")) == "nvme":
+        raise ConfigError(
+            "zero_optimization.offload_param.device=nvme with the ZeRO-3 teacher (parallel.zero_stage.teacher): "
+            "its fp32-kept modules cannot be re-typed in swapped-out partitions; offload to cpu, or set "
+            "parallel.zero_stage.teacher=1 for a replica"
+        )
+    ds["zero_optimization"] = zero
+    ds.pop("checkpoint", None)  # nothing to load: the teacher is rebuilt from its weights folder
+    if cfg.models.frozen_dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size)
+    ds["train_batch_size"] = cfg.train.batch_size
+    return zero_config_fixups(ds, topo, trainable=False)
+
+
+def build_teacher_engine(module: torch.nn.Module, cfg: Config, base: dict, topo):
+    """The teacher's ZeRO-3 inference engine around its partitioned build (`networks.build_networks`).
+
+    No optimizer: DeepSpeed wraps the module in its parameter-offload hooks only (gather
+    before each submodule's forward, release after). The module's parameters must already be
+    ZeRO-3 partitions in their final dtypes; the engine does not re-cast them.
+    """
+    if any(p.requires_grad for p in module.parameters()):
+        raise ValueError("teacher: expected a frozen module (requires_grad False)")
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(cfg, base, topo), mpu=topo)
+    engine.module.eval()
+    return engine
+
+
 @dataclass
 class Engines:
     generator: object
     fake_score: object | None
     discriminator: object | None
+    teacher: object | None = None  # the frozen teacher's ZeRO-3 inference engine, or None (a replica / no DMD)
 
     def items(self):
+        """The trainable engines (the teacher is frozen: never stepped, saved or loaded)."""
         return [(r, getattr(self, r)) for r in ROLES if getattr(self, r) is not None]
 
 
@@ -171,11 +251,18 @@ def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, to
     return engine
 
 
-def build_engines(cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None]) -> Engines:
-    """One engine per trainable role that is in use; a disabled role gets None."""
-    return Engines(
-        **{role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()}
-    )
+def build_engines(
+    cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None], teacher: torch.nn.Module | None = None
+) -> Engines:
+    """One engine per trainable role that is in use (a disabled role gets None), and the teacher's.
+
+    ``teacher``: the frozen teacher when it is partitioned (`teacher_zero3`), else None (a
+    replica, or no DMD): it gets its ZeRO-3 inference engine here, beside the trainable ones.
+    """
+    engines = {role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()}
+    if teacher is not None:
+        engines["teacher"] = build_teacher_engine(teacher, cfg, base, topo)
+    return Engines(**engines)
 
 
 class no_param_grads:  # noqa: N801 - used as a context manager

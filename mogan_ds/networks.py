@@ -3,7 +3,7 @@
     generator      WanTransformer3DModel   <- models.generator (DMD-distilled) or the teacher
     fake_score     WanTransformer3DModel   <- the teacher's weights
     discriminator  MotionDiscriminator     <- the teacher's first gan.disc_blocks blocks + fresh heads
-    teacher        WanTransformer3DModel   frozen replica (models.frozen_dtype)
+    teacher        WanTransformer3DModel   frozen (models.frozen_dtype): ZeRO-3 partitions or a replica
     vae            AutoencoderKLWan        frozen replica; decoder run through the chunked decoder
     raft           torchvision RAFT        frozen replica, always fp32 (see `motion.flow.RaftFlow`)
 
@@ -18,9 +18,16 @@ from its config and its safetensors are copied tensor by tensor into the partiti
 (benchmarks/zero_init.py measures it). A role at ZeRO stage 0-2, or ``models.zero_init=false``,
 materialises the full fp32 model on every rank before `deepspeed.initialize` partitions it
 (3 x 1.3B fp32 ~ 17 GB host RAM per rank at 1.3B; 3 x 57 GB at 14B). Both ways give the
-same weights (tests/test_zero_init.py). The frozen teacher, VAE and RAFT are full replicas
-on every rank either way: at 14B the bf16 teacher alone is ~29 GB per rank on the
-accelerator (and in host RAM while it loads), on top of the three partitioned networks.
+same weights (tests/test_zero_init.py).
+
+The frozen teacher follows its own stage, `parallel.zero_stage.teacher` (0 = the JSON's):
+at stage 3 (every shipped JSON) it is built the same way, partitioned from the start and
+loaded tensor by tensor in ``models.frozen_dtype`` with diffusers' fp32-kept modules
+(`load_partitioned_frozen_transformer`: the replica's values and dtypes), and becomes a
+ZeRO-3 inference engine (`engines.build_teacher_engine`): 1/world of it per rank (at 14B,
+~1.8 GB bf16 over 16 ranks instead of ~29 GB), gathered layer by layer in its forward. This
+does not depend on ``models.zero_init``, which concerns the trainable networks. At stages 1-2
+the teacher is a full replica on every rank, as the VAE and RAFT always are (small).
 The discriminator is built first, so its fresh heads draw the same random numbers whichever
 way and whatever else the recipe loads; the other loads leave the global RNG untouched.
 """
@@ -35,7 +42,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .config import Config
-from .engines import ds_config_for
+from .engines import ds_config_for, teacher_ds_config, teacher_zero3
 from .models.builders import (
     DTYPES,
     freeze,
@@ -50,6 +57,7 @@ from .models.partitioned import (
     PartitionedBuild,
     dropped,
     load_into_partitions,
+    load_partitioned_frozen_transformer,
     load_partitioned_transformer,
     move_buffers,
     partition_rest,
@@ -77,6 +85,7 @@ class Networks:
     teacher: torch.nn.Module | None
     vae: torch.nn.Module
     raft: torch.nn.Module | None
+    teacher_partitioned: bool = False  # ZeRO-3 partitions awaiting their inference engine (engines.build_engines)
 
 
 def build_networks(
@@ -85,7 +94,8 @@ def build_networks(
     """Load and prepare every network this recipe uses (disabled phases load nothing extra).
 
     ``base_ds`` is the DeepSpeed JSON the engines are built from; with it and
-    ``models.zero_init``, the trainable networks of ZeRO-3 roles are built partitioned.
+    ``models.zero_init``, the trainable networks of ZeRO-3 roles are built partitioned, and
+    with it the teacher is partitioned when its stage is 3 (`engines.teacher_zero3`).
     Seed the global RNG first (the discriminator's fresh heads draw from it).
     """
     paths = wan_paths(cfg.models.root)
@@ -114,7 +124,11 @@ def build_networks(
     with torch.random.fork_rng(devices=[]):  # random inits overwritten by the weights: no trace in the RNG
         generator = trainable("generator", gen_path)
         fake_score = trainable("fake_score", teacher_path) if cfg.dmd.enabled else None
-        teacher = freeze(load_transformer(teacher_path, frozen), device) if cfg.dmd.enabled else None
+        teacher = None
+        if teacher_zero3(cfg, base_ds):
+            teacher = load_partitioned_frozen_transformer(teacher_path, teacher_ds_config(cfg, base_ds, topo), topo)
+        elif cfg.dmd.enabled:
+            teacher = freeze(load_transformer(teacher_path, frozen), device)
         vae = freeze(load_vae(paths["vae"], frozen), device)
         raft = None
         if cfg.gan.enabled and cfg.gan.space == "flow":
@@ -140,7 +154,7 @@ def build_networks(
         fake_score.train()
     if discriminator is not None:
         discriminator.train()
-    return Networks(generator, fake_score, discriminator, teacher, vae, raft)
+    return Networks(generator, fake_score, discriminator, teacher, vae, raft, teacher_zero3(cfg, base_ds))
 
 
 def partitioned_roles(cfg: Config, topo, base_ds: dict | None) -> dict[str, dict]:

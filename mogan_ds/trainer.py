@@ -126,8 +126,11 @@ class MoGANTrainer:
             base_ds,
             self.topo,
             {"generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator},
+            teacher=nets.teacher if nets.teacher_partitioned else None,
         )
         configure_trainable_attention(self.engines, cfg.models.attention_backend)
+        # A partitioned teacher runs as its engine's module (ZeRO-3 gathers each layer in its
+        # forward); it is never stepped or checkpointed (rebuilt from models.root on resume).
         self.teacher, self.vae = nets.teacher, nets.vae
         self.gen_fn = transformer_velocity_fn(self.engines.generator)
         self.fake_fn = transformer_velocity_fn(self.engines.fake_score) if cfg.dmd.enabled else None
@@ -184,12 +187,13 @@ class MoGANTrainer:
         engines = ", ".join(f"{r} {_params(e.module) / 1e6:,.1f}M" for r, e in self.engines.items())
         frozen = ", ".join(
             f"{name} {_params(m) / 1e6:,.1f}M {weights_dtype(m)}".replace("torch.", "")
+            + (" (ZeRO-3 partitions)" if name == "teacher" and self.engines.teacher is not None else "")
             for name, m in (("teacher", self.teacher), ("vae", self.vae), ("raft", self.motion and self.motion.raft))
             if isinstance(m, torch.nn.Module)
         )
         lines = [
             f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size} on {self.device.type}; attention: {attn}",
-            f"engines (ZeRO partitions of): {engines}; frozen replicas: {frozen}",
+            f"engines (ZeRO partitions of): {engines}; frozen: {frozen}",
             f"batch {cfg.train.batch_size} (micro {self.micro} x dp {t.dp_size} x accumulation {self.gas}), "
             f"{cfg.train.max_steps} steps from step {self.step}",
         ]

@@ -190,3 +190,48 @@ def test_zero2_generator_and_critic_train_like_zero3(tiny_workdir, tmp_path_fact
             for k in x:
                 torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=atol, msg=f"{role} {k} step {step}")
     assert (run / "export").is_dir()  # the EMA export at the end runs on a ZeRO-2 generator too
+
+
+def test_teacher_engine_dict_is_zero3_inference_in_the_frozen_dtype():
+    from mogan_ds.engines import teacher_ds_config, teacher_zero3
+
+    cfg = load_config("wan2.1-t2v-14b", [])
+    base = load_ds_config(REPO / "ds_configs" / "zero3_bf16_offload.json")
+    t = teacher_ds_config(cfg, base, topo(16))
+    # ZeRO-3, no optimizer / scheduler / clipping, the optimizer's offload dropped, the JSON's ZeRO knobs kept.
+    assert teacher_zero3(cfg, base) and t["zero_optimization"]["stage"] == 3
+    assert not {"optimizer", "scheduler", "gradient_clipping"} & t.keys()
+    assert "offload_optimizer" not in t["zero_optimization"] and "offload_optimizer" in base["zero_optimization"]
+    assert (
+        t["zero_optimization"]["stage3_prefetch_bucket_size"]
+        == base["zero_optimization"]["stage3_prefetch_bucket_size"]
+    )
+    # Batch sizes DeepSpeed accepts: those of the generator's DMD update (train 16 = micro 1 x gas 1 x dp 16).
+    assert (t["train_batch_size"], t["train_micro_batch_size_per_gpu"], t["gradient_accumulation_steps"]) == (16, 1, 1)
+    assert t["bf16"] == {"enabled": True} and "fp16" not in t
+    # The precision follows models.frozen_dtype, not the JSON's training precision (both ways).
+    fp32 = teacher_ds_config(load_config("wan2.1-t2v-14b", ["models.frozen_dtype=fp32"]), base, topo(16))
+    assert "bf16" not in fp32 and "fp16" not in fp32
+    cpu = load_ds_config(REPO / "ds_configs" / "zero3_cpu.json")
+    assert "bf16" not in cpu and teacher_ds_config(cfg, cpu, topo(16))["bf16"] == {"enabled": True}
+    # offload_param from the JSON is honoured.
+    off = {**base, "zero_optimization": {**base["zero_optimization"], "offload_param": {"device": "cpu"}}}
+    assert teacher_ds_config(cfg, off, topo(16))["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    # The teacher's stage: 0 follows the JSON (stage 2 JSON -> replica), 3 forces the engine, 1/2 a replica.
+    z2 = {**base, "zero_optimization": {"stage": 2}}
+    assert not teacher_zero3(cfg, z2)
+    assert teacher_zero3(load_config("wan2.1-t2v-14b", ["parallel.zero_stage.teacher=3"]), z2)
+    assert not teacher_zero3(load_config("wan2.1-t2v-14b", ["parallel.zero_stage.teacher=1"]), base)
+    assert not teacher_zero3(load_config("wan2.1-t2v-14b", ["dmd.enabled=false"]), base)
+    with pytest.raises(ConfigError, match="parallel.zero_stage.teacher"):
+        teacher_ds_config(cfg, z2, topo(16))
+    # Refused, naming the key: quantised frozen weights, NVMe-swapped partitions.
+    for key, value in (
+        ("zero_quantized_nontrainable_weights", True),
+        ("zero_quantized_weights", True),
+        ("offload_param", {"device": "nvme", "nvme_path": "/x"}),
+    ):
+        bad = {**base, "zero_optimization": {**base["zero_optimization"], key: value}}
+        with pytest.raises(ConfigError, match=f"zero_optimization.{key}"):
+            teacher_ds_config(cfg, bad, topo(16))
+    assert "optimizer" not in base and base["bf16"] == {"enabled": True}  # the JSON itself is untouched

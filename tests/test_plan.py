@@ -311,3 +311,38 @@ def test_split_motion_path_is_planned_per_share(planned):
     assert gan2.collectives.get("sp_recv", 0) > 0 and "sp_send" not in gan2.collectives
     assert gan2.collectives.get("sp_all_gather", 0) > 0
     assert gan2.flops.by_network["raft"] < gan1.flops.by_network["raft"]
+
+
+def test_partitioned_teacher_states_and_all_gathers():
+    """parallel.zero_stage.teacher: the ZeRO-3 teacher holds params*2/world (bf16) plus one gathered layer and
+    all-gathers its parameters once per DMD micro step (CFG batched, no_grad); the replica holds all of it."""
+    from mogan_ds.engines import load_ds_config
+    from mogan_ds.launcher import REPO
+    from mogan_ds.plan.memory import largest_layer_params
+    from mogan_ds.plan.report import make_plan, summary
+
+    ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    bf16 = [*SMALL, "models.frozen_dtype=bf16", "train.batch_size=4"]  # world 2: gas 2
+    part = make_plan(load_config("tiny", bf16), ds, 1, 2, "h100")
+    repl = make_plan(load_config("tiny", [*bf16, "parallel.zero_stage.teacher=1"]), ds, 1, 2, "h100")
+    assert part.run is repl.run  # the teacher's stage changes no traced figure
+    teacher = part.run.modules["teacher"]
+    params = sum(p.numel() for p in teacher.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in teacher.buffers())
+    t_part = next(s for s in part.states if s.name == "teacher")
+    t_repl = next(s for s in repl.states if s.name == "teacher")
+    world = 2
+    assert t_part.breakdown["params (partition)"] == params * 2 // world
+    assert t_part.gpu_bytes == params * 2 // world + largest_layer_params(teacher) * 2 + buffers
+    assert (t_part.stage, t_repl.stage, t_repl.gpu_bytes) == (3, 0, params * 2 + buffers)
+    assert repl.state_bytes - part.state_bytes == t_repl.gpu_bytes - t_part.gpu_bytes > 0
+    assert summary(part)["zero_stage"]["teacher"] == 3 and "teacher" not in summary(repl)["zero_stage"]
+    forwards = sum(ph.engine_calls["teacher"].forwards * ph.repeats for ph in part.run.phases)
+    assert forwards == part.run.gas == 2  # once per DMD micro step: cond + uncond in one batched call
+    assert all(ph.engine_calls["teacher"].grad_forwards == 0 for ph in part.run.phases)
+    assert part.comm_bytes["zero3_all_gather (teacher)"] == int(params * 2 * (world - 1) / world * forwards)
+    assert "zero3_all_gather (teacher)" not in repl.comm_bytes
+    # Parameters offloaded by the JSON: the partition moves to host memory, only the gathered layer stays.
+    off = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_param": {"device": "cpu"}}}
+    t_off = next(s for s in make_plan(load_config("tiny", bf16), off, 1, 2, "h100").states if s.name == "teacher")
+    assert t_off.breakdown["params (partition)"] == 0 and t_off.host_bytes == params * 2 // world * 2

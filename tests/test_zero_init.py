@@ -7,6 +7,10 @@ checkpoint that does not match is refused. Through the real `deepspeed` launcher
 ranks (tests/dist/zero_init_parity.py, slow): the tiny recipe built both ways has identical
 consolidated weights, losses, weights after the steps and EMA shards; the networks are
 partitioned before any engine exists and the gathered loading path equals the direct one.
+The partitioned side also runs the frozen teacher as a ZeRO-3 inference engine (the reference
+keeps it a replica): the DMD losses, hence the teacher's CFG outputs, are identical. In one
+process, the teacher engine's parameters, dtypes (fp32-kept modules in bf16) and output equal
+the replica's.
 One launch, at dp 1 x sp 2: ZeRO-3 partitions over both ranks there as at dp 2, and the
 Ulysses wrapping runs on the partitioned networks (`--sp 1` runs the dp 2 case by hand).
 """
@@ -117,6 +121,49 @@ def test_bf16_partitioned_discriminator_equals_the_full_build(tiny_models, topo)
         assert torch.equal(full(x), part(x))
 
 
+@pytest.mark.parametrize("frozen_dtype", ["bf16", "fp32"])
+def test_partitioned_teacher_engine_equals_the_replica(tiny_models, topo, frozen_dtype):
+    """The ZeRO-3 inference teacher: the replica's values and dtypes (fp32-kept modules too), its output exactly."""
+    from mogan_ds.config import load_config
+    from mogan_ds.engines import build_teacher_engine
+    from mogan_ds.models.builders import DTYPES, freeze, load_transformer
+    from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
+    from mogan_ds.sampling import transformer_velocity_fn
+
+    path = tiny_models / "wan" / "transformer"
+    cfg = load_config("tiny", [f"models.frozen_dtype={frozen_dtype}"])
+    base = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000}}  # no precision: fp32 JSON
+    replica = freeze(load_transformer(path, DTYPES[frozen_dtype]), torch.device("cpu"))
+    from mogan_ds.engines import teacher_ds_config
+
+    module = load_partitioned_frozen_transformer(path, teacher_ds_config(cfg, base, topo), topo)
+    assert all(hasattr(p, "ds_id") and p.data.numel() == 0 and not p.requires_grad for p in module.parameters())
+    engine = build_teacher_engine(module, cfg, base, topo)
+    assert engine.optimizer is None or type(engine.optimizer).__name__ == "DeepSpeedZeRoOffload"
+    ref, got = dict(replica.named_parameters()), _gathered(engine.module)
+    assert ref.keys() == got.keys()
+    kept = [n for n in ref if ref[n].dtype == torch.float32]
+    if frozen_dtype == "bf16":  # diffusers keeps the time embedder, modulation tables and norm2 in fp32
+        assert kept and len(kept) < len(ref) and any("scale_shift_table" in n for n in kept)
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype and torch.equal(got[n], ref[n]), n
+    for (n, x), (_, y) in zip(replica.named_buffers(), engine.module.named_buffers()):
+        assert x.dtype == y.dtype and torch.equal(x, y), n
+    # The trainer's teacher call: the engine's module under no_grad, CFG-batched inputs.
+    x = _wan_inputs(torch.float32)
+    fn_ref, fn_got = transformer_velocity_fn(replica), transformer_velocity_fn(engine.module)
+    args = (
+        torch.cat([x["hidden_states"]] * 2),
+        torch.tensor([500.0, 757.0]),
+        torch.cat([x["encoder_hidden_states"]] * 2),
+    )
+    with torch.no_grad():
+        a, b = fn_ref(*args), fn_got(*args)
+    assert a.abs().max() > 0 and torch.equal(a, b)
+    # Still partitioned after the forward (released layer by layer), except persistent small parameters.
+    assert any(p.data.numel() == 0 for p in engine.module.parameters())
+
+
 def test_sharded_folder_loads_like_the_single_file(tiny_models, topo, tmp_path):
     from diffusers import WanTransformer3DModel
 
@@ -217,10 +264,23 @@ def _assert_parity(result: dict) -> None:
     assert gathered and all(c["max_abs"] == 0.0 for c in gathered.values())
     facts = result["facts"]
     assert facts["gathered_path_counts"]["gathered"] > 0 and facts["gathered_path_counts"]["direct"] == 0
-    for role in ("generator", "fake_score", "discriminator"):
+    for role in ("generator", "fake_score", "discriminator", "teacher"):
         f = facts[role]
         assert f["all_zero3"] and f["no_full_data"], (role, f)
         assert f["partition_numel"] == f["expected_partition_numel"] < f["full_numel"], (role, f)
+    # The teacher: a ZeRO-3 inference engine (never saved: not among the trainable engines) whose
+    # module the trainer calls, vs a frozen replica in the reference run; the DMD losses above
+    # (its CFG output against the fake score's) are equal, so both teachers computed the same.
+    assert facts["teacher_partitioned"]
+    assert facts["teacher_engine"]["True"] == {
+        "engine": True,
+        "is_engine_module": True,
+        "partitioned": True,
+        "requires_grad": False,
+        "saved": False,
+    }
+    assert facts["teacher_engine"]["False"]["engine"] is False and not facts["teacher_engine"]["False"]["partitioned"]
+    assert all(checks[f"step{k}_dmd_loss"]["ref_max"] > 0 for k in range(2))
     # The steps did train: losses move from step to step.
     rows = facts["losses"]["True"]
     assert rows[0]["d_loss"] != rows[1]["d_loss"]

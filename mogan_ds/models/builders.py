@@ -98,13 +98,19 @@ def transformer_config(path: str | os.PathLike, num_layers: int | None = None) -
     return config
 
 
+def keep_fp32_rule(model: torch.nn.Module):
+    """diffusers' rule, name -> bool: a tensor stays fp32 when a part of its dotted name is in ``_keep_in_fp32_modules``."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return lambda name: bool(keep.intersection(name.split(".")))
+
+
 def _cast_keeping_fp32(model, dtype: torch.dtype) -> None:
     """Cast like diffusers' from_pretrained(torch_dtype=...): `_keep_in_fp32_modules` stay fp32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = keep_fp32_rule(model)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_floating_point():
-                t.data = t.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+                t.data = t.data.to(torch.float32 if keep(name) else dtype)
 
 
 def is_block_at_or_after(key: str, n: int) -> bool:

@@ -48,7 +48,7 @@ from deepspeed import comm as dist
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 
-from .builders import is_block_at_or_after, safetensors_index, transformer_config
+from .builders import is_block_at_or_after, keep_fp32_rule, safetensors_index, transformer_config
 
 
 def zero3(ds_config: dict) -> bool:
@@ -263,6 +263,58 @@ def load_partitioned_transformer(path: str | os.PathLike, ds_config: dict, topo,
         model, path, allow_unused=lambda k: num_layers is not None and is_block_at_or_after(k, num_layers)
     )
     return model
+
+
+def load_partitioned_frozen_transformer(path: str | os.PathLike, ds_config: dict, topo):
+    """`freeze(load_transformer(path, frozen_dtype))` with the parameters ZeRO-3 partitioned from the start.
+
+    For the frozen teacher's inference engine (`engines.teacher_ds_config`: its precision is
+    ``models.frozen_dtype``). The same values, dtypes and buffers as the replica: in half
+    precision the parameters of the model's ``_keep_in_fp32_modules`` (Wan: time embedder,
+    modulation tables, the affine cross-attention norm) stay fp32, as diffusers'
+    ``from_pretrained(torch_dtype=...)`` keeps them and unlike a trainable engine, which casts
+    every parameter (`keep_partitions_in_fp32`). Eval mode, no grads.
+    """
+    config = transformer_config(path)
+    build = PartitionedBuild(ds_config, topo)
+    with build:
+        model = WanTransformer3DModel.from_config(config)
+    keep_partitions_in_fp32(model, build.dtype)
+    move_buffers(model)
+    load_into_partitions(model, path)
+    return model.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def keep_partitions_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Re-type the partitions of the model's fp32-kept parameters to fp32, before any weight is loaded.
+
+    zero.Init partitions each module's parameters as the module is built, before its
+    parent (which names it) exists, so the name rule of ``_keep_in_fp32_modules`` can only
+    be applied afterwards. The partitions still hold their random initial values, which
+    `load_into_partitions` overwrites, so nothing is rounded. ZeRO-3 gathers parameters
+    grouped by their partition's dtype, and the engine does not re-cast a zero.Init model.
+    Returns how many parameters were re-typed (0 when `dtype` is fp32).
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if dtype == torch.float32:
+        return 0
+    keep = keep_fp32_rule(model)
+    n = 0
+    for name, p in model.named_parameters():
+        if not keep(name) or p.ds_tensor.dtype == torch.float32:
+            continue
+        t = p.ds_tensor
+        if p.ds_status != ZeroParamStatus.NOT_AVAILABLE or getattr(t, "final_location", None) is not None:
+            raise ValueError(f"{name}: its partition is not a local tensor (gathered or swapped); cannot keep it fp32")
+        pinned = t.is_pinned()
+        t.data = t.data.to(torch.float32)
+        if pinned:  # an offloaded partition keeps its pinned host memory (async copies to the device)
+            t.data = t.data.pin_memory()
+        p.data = torch.empty(0, dtype=torch.float32, device=p.device)
+        n += 1
+    return n
 
 
 def dropped(module: torch.nn.Module, key: str) -> bool:

@@ -230,3 +230,40 @@ def frozen_model_states(name: str, module: torch.nn.Module) -> ModelStates:
     nbytes += sum(b.numel() * b.element_size() for b in module.buffers())
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()})
     return ModelStates(name, total, False, nbytes, {"weights": nbytes}, f"frozen replica, {'/'.join(dtypes)}")
+
+
+def partitioned_frozen_states(
+    name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_param: bool = False
+) -> ModelStates:
+    """A frozen network run as a ZeRO-3 inference engine (the teacher at `parallel.zero_stage.teacher` 3).
+
+    Our arithmetic (DeepSpeed's estimators assume an optimizer): no gradients, no master
+    weights, no optimizer states, so each rank holds its partition of the parameters at
+    their dtype, bytes / N over the N = nodes * gpus_per_node ranks of the ZeRO group (dp*sp),
+    plus, while a layer runs, that layer gathered whole (the largest module's own parameters
+    at their dtype; the prefetch bucket is not modelled, as for the trainable engines). With
+    ``offload_param`` the partition lives in host memory (counted per node) and only the
+    gathered layer is on the GPU.
+    """
+    world = gpus_per_node * nodes
+    total = sum(p.numel() for p in module.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    shard = -(-nbytes // world)
+    per_param = nbytes / total if total else 0.0
+    largest = int(largest_layer_params(module) * per_param)
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())  # replicated (RoPE tables)
+    breakdown = {"params (partition)": 0 if offload_param else shard, "largest layer (gathered)": largest}
+    if buffers:
+        breakdown["buffers"] = buffers
+    dtypes = "/".join(sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()}))
+    where = "params offloaded to CPU" if offload_param else "all on GPU"
+    return ModelStates(
+        name,
+        total,
+        False,
+        sum(breakdown.values()),
+        breakdown,
+        f"ZeRO-3 inference engine over {world} ranks, {dtypes}, {where} (our arithmetic)",
+        3,
+        shard * gpus_per_node if offload_param else 0,
+    )

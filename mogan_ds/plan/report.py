@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ConfigError, validate
-from ..engines import ROLES, ds_config_for
+from ..engines import ROLES, ds_config_for, teacher_ds_config, teacher_zero3
 from ..models.presets import transformer_limits
 from .comm import EngineCalls, PlanTopology, offload_traffic, zero2_traffic, zero3_traffic
 from .flops import Flops
 from .hardware import DEFAULT_MFU, GIB, GPUS, comm_seconds, estimate_seconds, offload_seconds
-from .memory import ModelStates, frozen_model_states, zero_model_states
+from .memory import ModelStates, frozen_model_states, partitioned_frozen_states, zero_model_states
 from .runner import RunResult, run_iteration
 
 NETWORK_ORDER = ("generator", "teacher", "fake_score", "vae_decode", "raft", "vae_encode", "discriminator", "other")
@@ -156,8 +156,9 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
                 f"plan: {role} would run ZeRO stage {stage}; only stages 2 and 3 are modelled "
                 "(set zero_optimization.stage in the DeepSpeed JSON or parallel.zero_stage.<role>)"
             )
+    teacher_ds = teacher_ds_config(cfg, ds, topo) if teacher_zero3(cfg, ds) else None
     run = _traced(cfg, world, trainable_dtype(ds))
-    flops, calls = Flops(), {r: EngineCalls() for r in run.trainable}
+    flops, calls = Flops(), {r: EngineCalls() for r in (*run.trainable, "teacher")}
     comm: dict[str, int] = {}
     for ph in run.phases:
         flops = flops + ph.flops.scaled(ph.repeats)
@@ -182,7 +183,19 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
         if off_opt or off_param:
             step_params += params / world * steps[r]
             host_link += offload_traffic(params, calls[r], world)
-    states += [frozen_model_states(n, run.modules[n]) for n in ("teacher", "vae", "raft") if n in run.modules]
+    if teacher_ds is not None:
+        # The teacher's ZeRO-3 inference engine: its partition, and one all-gather per forward
+        # (no_grad: no backward re-gather, no gradients to reduce).
+        teacher, off_param = run.modules["teacher"], _offload(teacher_ds, "offload_param")
+        states.append(partitioned_frozen_states("teacher", teacher, gpus_per_node, nodes, off_param))
+        pbytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        params = sum(p.numel() for p in teacher.parameters())
+        gathered = zero3_traffic(params, calls["teacher"], world, param_bytes=pbytes / params)["zero3_all_gather"]
+        comm["zero3_all_gather (teacher)"] = gathered
+        if off_param:
+            host_link += int(pbytes / world * calls["teacher"].forwards)
+    frozen = ("vae", "raft") if teacher_ds is not None else ("teacher", "vae", "raft")
+    states += [frozen_model_states(n, run.modules[n]) for n in frozen if n in run.modules]
     offload_s = offload_seconds(step_params, host_link, GPUS[gpu], gpus_per_node) if step_params else 0.0
     peak = max(run.phases, key=lambda p: p.act_peak_bytes)
     return Plan(
@@ -328,7 +341,7 @@ def summary(p: Plan, fixes: list[tuple[str, Plan]] | None = None) -> dict:
         "est_iteration_s_comm_serial": round(p.seconds_serial, 2),
         "comm_s": round(p.comm_s, 2),
         "offload_s": round(p.offload_s, 2),
-        "zero_stage": {s.name: s.stage for s in p.states if s.trainable},
+        "zero_stage": {s.name: s.stage for s in p.states if s.trainable or s.stage},
         "host_gib_per_node": round(p.host_bytes_per_node / GIB, 2),
         "mfu_assumed": p.mfu,
         "gpu": p.gpu_key,

@@ -207,7 +207,10 @@ def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopol
         generator=PlanEngine(nets["generator"]),
         fake_score=PlanEngine(nets["fake_score"]) if "fake_score" in nets else None,
         discriminator=PlanEngine(nets["discriminator"]) if "discriminator" in nets else None,
+        # Counts the teacher's forwards (its ZeRO-3 all-gathers when partitioned; a replica gathers nothing).
+        teacher=PlanEngine(nets["teacher"]) if "teacher" in nets else None,
     )
+    # The trainer calls the teacher's module itself (a partitioned one through its engine's hooks).
     tr.teacher, tr.vae = nets.get("teacher"), nets["vae"]
     tr.gen_fn = transformer_velocity_fn(tr.engines.generator)
     tr.fake_fn = transformer_velocity_fn(tr.engines.fake_score) if cfg.dmd.enabled else None
@@ -333,6 +336,8 @@ def trace_pass(
     """
     engines = dict(prep.trainer.engines.items())
     hooks = drop_param_grads(e.module for e in engines.values())
+    if prep.trainer.engines.teacher is not None:  # frozen: forwards counted, no grads to drop
+        engines["teacher"] = prep.trainer.engines.teacher
     labels = ModuleLabels(prep.labels)
     state: dict[str, Any] = {}
     blocks = None

@@ -5,16 +5,19 @@
 
 In one process group it builds the tiny recipe's trainer twice, the full way
 (``models.zero_init=false``: every rank materialises the models, `deepspeed.initialize`
-partitions them) and partitioned from the start (``models.zero_init=true``), and compares:
+partitions them; the frozen teacher a full replica, ``parallel.zero_stage.teacher=1``) and
+partitioned from the start (``models.zero_init=true``; the teacher a ZeRO-3 inference engine,
+its stage following the JSON's 3), and compares:
 
   weights_<role>        every parameter's consolidated fp32 master after the build
   step<k>_<loss>        the logged losses of STEPS training iterations (all four phases)
   after_<role>          the consolidated masters after those iterations
   ema                   this rank's EMA shard of the generator after them
 
-and, on a third build of the networks alone (no engine), that a zero_init network is
-partitioned before any engine exists (each parameter holds only its 1/world partition,
-no full data) and that the gathered-write loading path equals the direct one.
+and, on a third build of the networks alone (no engine), that a zero_init network (and the
+teacher) is partitioned before any engine exists (each parameter holds only its 1/world
+partition, no full data) and that the gathered-write loading path equals the direct one.
+The DMD losses compare the partitioned teacher's CFG output with the replica's.
 Rank 0 writes the JSON: each check's max abs difference over both ranks and the largest
 reference value (a reference of zeros would make a comparison vacuous).
 """
@@ -50,6 +53,8 @@ def overrides(workdir_args: list[str], run_dir: Path, zero_init: bool, sp: int) 
         *workdir_args,
         f"output.run_dir={run_dir}",
         f"models.zero_init={str(zero_init).lower()}",
+        # the reference keeps the teacher a replica; the partitioned side follows the JSON (stage 3)
+        f"parallel.zero_stage.teacher={0 if zero_init else 1}",
         f"parallel.sp_size={sp}",
         f"train.max_steps={STEPS}",
         f"train.batch_size={2 // sp}",
@@ -96,7 +101,8 @@ def partition_facts(cfg, topo, base_ds, prompt_shape, tiny_generator: Path, chec
     nets = build_networks(cfg, topo, torch.device("cpu"), torch.zeros(prompt_shape), base_ds)
     world = dist.get_world_size()
     facts = {}
-    for role in ("generator", "fake_score", "discriminator"):
+    facts["teacher_partitioned"] = nets.teacher_partitioned
+    for role in ("generator", "fake_score", "discriminator", "teacher"):
         module = getattr(nets, role)
         params = list(module.parameters())
         facts[role] = {
@@ -158,10 +164,22 @@ def main() -> None:
         checks.add("ema", a, b)
 
     t = trainers[True]
+    # The teacher: a ZeRO-3 inference engine on the partitioned side, a plain replica on the other.
+    facts_teacher = {
+        str(z): {
+            "engine": tr.engines.teacher is not None,
+            "is_engine_module": tr.engines.teacher is not None and tr.engines.teacher.module is tr.teacher,
+            "partitioned": all(hasattr(p, "ds_id") for p in tr.teacher.parameters()),
+            "requires_grad": any(p.requires_grad for p in tr.teacher.parameters()),
+            "saved": "teacher" in dict(tr.engines.items()),
+        }
+        for z, tr in trainers.items()
+    }
     gen_path = Path(t.cfg.models.generator or Path(t.cfg.models.root) / "transformer")
     prompt_shape = t.engines.discriminator.module.prompt_embeds.shape
     facts = partition_facts(t.cfg, t.topo, load_ds_config(DS_CPU), prompt_shape, gen_path, checks)
     facts["sp"], facts["dp"] = t.topo.sp_size, t.topo.dp_size
+    facts["teacher_engine"] = facts_teacher
     # Ulysses SP installed on the partitioned networks (the processor class of every attention).
     facts["attention_processors"] = sorted(
         {
