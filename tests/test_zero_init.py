@@ -281,6 +281,10 @@ def _assert_parity(result: dict) -> None:
     }
     assert facts["teacher_engine"]["False"]["engine"] is False and not facts["teacher_engine"]["False"]["partitioned"]
     assert all(checks[f"step{k}_dmd_loss"]["ref_max"] > 0 for k in range(2))
+    # And in bf16 over both ranks: bf16 and fp32-kept partitions, the replica's values and output exactly.
+    assert facts["teacher_bf16"]["partition_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    for name in ("teacher_bf16_param_values", "teacher_bf16_output"):
+        assert checks[name]["max_abs"] == 0.0 and checks[name]["ref_max"] > 0, (name, checks[name])
     # The steps did train: losses move from step to step.
     rows = facts["losses"]["True"]
     assert rows[0]["d_loss"] != rows[1]["d_loss"]

@@ -33,6 +33,11 @@ Loading writes each rank's flat slice of every parameter straight into ``param.d
 hpZ secondary partition, quantised, or currently gathered) is loaded through
 ``GatheredParameters(modifier_rank=0)`` instead: the group's first rank reads
 the whole tensor, DeepSpeed broadcasts and re-partitions it.
+
+The frozen teacher (`load_partitioned_frozen_transformer`, for its ZeRO-3 inference engine)
+is built the same way with one difference: in half precision it keeps diffusers'
+``_keep_in_fp32_modules`` parameters fp32, as the replica it replaces does
+(`keep_partitions_in_fp32`), instead of casting every parameter as a trainable engine does.
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int 
     forward; an activation-checkpoint recomputation fetches them for the backward that
     follows); gradients (bf16, the communication dtype of a bf16 engine) are
     reduce-scattered once per backward. Persistent small parameters
-    (stage3_param_persistence_threshold) and prefetch reuse are ignored.
+    (stage3_param_persistence_threshold) and prefetch reuse are ignored. A frozen ZeRO-3
+    engine (the teacher's inference engine) runs under no_grad and never steps: only its
+    per-forward all-gather is non-zero, at its parameters' bytes (`param_bytes`).
     """
     if world <= 1:
         return {"zero3_all_gather": 0, "zero3_reduce_scatter": 0}

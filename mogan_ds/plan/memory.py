@@ -19,7 +19,10 @@ trainable engine at its ZeRO stage - `estimate_zero3_model_states_mem_needs`
 (deepspeed.runtime.zero.stage_1_and_2) for stage 2 - and adds a per-component breakdown
 (that arithmetic is ours, see the function). Not modelled at either stage: the gradient
 reduce buckets (`reduce_bucket_size` elements, two with `overlap_comm`) and ZeRO-3's
-prefetch buffers, which DeepSpeed's estimators leave out as well.
+prefetch buffers, which DeepSpeed's estimators leave out as well. Frozen networks are
+replicas counted by their bytes (`frozen_model_states`), except a teacher run as a ZeRO-3
+inference engine (`parallel.zero_stage.teacher` 3): its partition plus one gathered layer
+(`partitioned_frozen_states`).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Networks are built on the meta device from the recipe's architecture (`models.root`'s
 config.json files, else the `models.arch` preset; `mogan_ds.models.presets.architecture`),
 cast there (diffusers' `.to(dtype)` fails after `to_empty` on fake tensors), prepared as
-`mogan_ds.networks.build_networks` prepares them (frozen replicas, gradient
-checkpointing, Ulysses hooks), then materialised as fake CPU tensors with `to_empty`.
+`mogan_ds.networks.build_networks` prepares them (frozen networks, gradient
+checkpointing, Ulysses hooks), then materialised as fake CPU tensors with `to_empty`. The
+teacher runs whole here whatever its ZeRO stage (a partitioned teacher computes the same
+activations); a `PlanEngine` counts its forwards for its ZeRO-3 all-gathers.
 No weight is read and no memory is allocated.
 
 The trainer is `MoGANTrainer.__new__` (no `__init__`: no process group, no data, no

@@ -31,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -113,6 +114,7 @@ def partition_facts(cfg, topo, base_ds, prompt_shape, tiny_generator: Path, chec
             "full_numel": sum(p.ds_numel for p in params),
             "expected_partition_numel": sum(math.ceil(p.ds_numel / world) for p in params),
         }
+    facts["teacher_bf16"] = bf16_teacher_matches_replica(cfg, topo, base_ds, checks)
     # The same generator loaded through GatheredParameters (the path for swapped / hpZ partitions).
     from diffusers import WanTransformer3DModel
 
@@ -126,6 +128,40 @@ def partition_facts(cfg, topo, base_ds, prompt_shape, tiny_generator: Path, chec
     for (n, a), (_, b) in zip(nets.generator.named_parameters(), other.named_parameters()):
         checks.add(f"gathered_load_{n}", a.ds_tensor, b.ds_tensor)
     return facts
+
+
+def bf16_teacher_matches_replica(cfg, topo, base_ds, checks: Checks) -> dict:
+    """The teacher engine at models.frozen_dtype=bf16 over both ranks: bf16 and fp32-kept partitions (ZeRO-3
+    gathers them per dtype) give the bf16 replica's parameters and CFG-batched output exactly."""
+    import copy
+
+    from mogan_ds.engines import build_teacher_engine, teacher_ds_config
+    from mogan_ds.models.builders import freeze, load_transformer
+    from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
+    from mogan_ds.sampling import transformer_velocity_fn
+
+    cfg = copy.deepcopy(cfg)
+    cfg.models.frozen_dtype = "bf16"
+    path = Path(cfg.models.root) / "transformer"
+    module = load_partitioned_frozen_transformer(path, teacher_ds_config(cfg, base_ds, topo), topo)
+    engine = build_teacher_engine(module, cfg, base_ds, topo)
+    replica = freeze(load_transformer(path, torch.bfloat16), torch.device("cpu"))
+    partition_dtypes = sorted({str(p.ds_tensor.dtype) for p in engine.module.parameters()})
+    for n, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            checks.add("teacher_bf16_param_values", p.detach().float(), replica.get_parameter(n).float())
+            assert p.dtype == replica.get_parameter(n).dtype, n
+    g = torch.Generator().manual_seed(5)
+    tc = replica.config
+    x = torch.randn(1, tc.in_channels, 2, 8, 8, generator=g)
+    args = (torch.cat([x, x]), torch.tensor([500.0, 757.0]), torch.randn(2, 8, tc.text_dim, generator=g))
+    with torch.no_grad():
+        checks.add(
+            "teacher_bf16_output",
+            transformer_velocity_fn(engine.module)(*args),
+            transformer_velocity_fn(replica)(*args),
+        )
+    return {"partition_dtypes": partition_dtypes, "world": dist.get_world_size()}
 
 
 def main() -> None:
