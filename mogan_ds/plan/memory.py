@@ -128,7 +128,7 @@ class ModelStates:
     gpu_bytes: int  # what the plan adds up
     breakdown: dict[str, int]  # component -> bytes (ours; see zero_model_states)
     source: str
-    stage: int = 0  # ZeRO stage of a trainable engine (0: a frozen replica)
+    stage: int = 0  # ZeRO stage of an engine: trainable, or 3 for the teacher's inference engine (0: a frozen replica)
     host_bytes: int = 0  # CPU memory per node for an offloaded optimizer (DeepSpeed's estimator), else 0
 
 
