@@ -73,6 +73,10 @@ def test_gradients_reach_frames_and_checkpointing_is_exact(raft):
     assert grads[0].abs().max().item() > 0
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * grads[1].abs().max().item()
     assert all(p.grad is None and not p.requires_grad for p in raft.parameters())  # frozen
+    # The backward's recomputation ran to the end of each chunk's call, which clears RAFT's
+    # correlation pyramid: an early-stopped one would leave the last chunk's pyramid on the
+    # module (~1.7 GB at 480x832) until the next call.
+    assert raft.corr_block.corr_pyramid == []
 
 
 def test_raft_stays_in_eval_mode():

@@ -227,6 +227,56 @@ def test_block_replay_matches_running_every_block():
     assert abs(p1 - p0) <= 0.05 * p0, (p1, p0)
 
 
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_raft_replay_matches_running_every_call(early_stop):
+    """RAFT calls measured once and replayed == every call run: FLOPs exactly, also when a
+    checkpoint's recomputation stops at the call's last save (the call's tail FLOPs are then
+    never recomputed); as RaftFlow runs it (no early stop), the peak within 5% and nothing of
+    the probes left alive. (With early stop the real run also keeps the pyramid on the module
+    past the stop, which RaftFlow avoids and a replay does not show.)"""
+    from torch.utils.checkpoint import checkpoint
+    from torchvision.models.optical_flow.raft import RAFT
+
+    from mogan_ds.models.builders import build_raft
+    from mogan_ds.plan.memo import BlockMemo
+    from mogan_ds.plan.trace import ModuleLabels, PlanTrace
+
+    def run(memo: bool):
+        with torch.device("meta"):
+            raft = build_raft("raft_small").requires_grad_(False)
+
+        def pair_flow(a, b):
+            flow = raft(a, b, num_flow_updates=2)[-1]
+            raft.corr_block.corr_pyramid = []
+            return flow
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            raft.to_empty(device="cpu")
+            with PlanTrace(ModuleLabels({raft: "raft"})) as mode:
+                blocks = BlockMemo(mode, None, [raft], (RAFT,)) if memo else None
+                frames = torch.empty(6, 3, 128, 128, requires_grad=True)
+                with torch.no_grad():
+                    pair_flow(frames[:3], frames[3:])
+                flows = [
+                    checkpoint(
+                        pair_flow, frames[i : i + 2], frames[i + 1 : i + 3], use_reentrant=False, early_stop=early_stop
+                    )
+                    for i in (0, 2)
+                ]
+                torch.cat(flows).square().mean().backward()
+                del flows, frames
+                left = mode.live
+        return mode.take_flops(), mode.peak, left, blocks
+
+    f0, p0, left0, _ = run(False)
+    f1, p1, left1, blocks = run(True)
+    assert blocks.hits > 0 and any(e is not None and e.tail > 0 for e in blocks.entries.values())
+    assert f1.total == f0.total and f1.by_network == {"raft": f0.total}
+    if not early_stop:
+        assert abs(p1 - p0) <= 0.05 * p0, (p1, p0)
+        assert left1 == left0 == 0
+
+
 def test_14b_preset_and_recipe():
     from mogan_ds.info import plan_networks
 

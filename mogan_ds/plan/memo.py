@@ -2,9 +2,9 @@
 
 A Wan DiT is 30 (1.3B) or 40 (14B) identical `WanTransformerBlock`s, run by the generator,
 the fake score, the teacher and the discriminator's backbone at the same token count in
-every phase. On fake
-tensors each operator costs the same Python dispatch overhead whatever its size, so the
-planner's run time is mostly these repeats. `BlockMemo` measures a block once per
+every phase, and RAFT is called once per chunk of frame pairs with the same shapes. On
+fake tensors each operator costs the same Python dispatch overhead whatever its size, so
+the planner's run time is mostly these repeats. `BlockMemo` measures a block once per
 distinct call signature and replays that measurement for every identical call:
 
 * signature: the module's class, its parameters' shapes, dtypes and requires_grad, its
@@ -23,6 +23,13 @@ distinct call signature and replays that measurement for every identical call:
   bytes; backward does the same with the backward's figures and returns empty gradients.
   Inside an activation-checkpointed region the checkpoint drops and recomputes these
   saved tensors exactly as it does the block's own, so the recomputation is replayed too.
+* early stop: a recomputation ends at the last tensor its first forward saved, so a real
+  block last in its region never runs the operators after its own last save (a RAFT
+  call's final flow update and upsampling). The probe records those "tail" FLOPs; a replayed recomputation counts them
+  only when it goes on past the block.
+* probes leave no trace: saved tensors are kept detached (no reference cycle through the
+  autograd graph) and attributes a forward sets on the modules (RAFT's correlation pyramid)
+  are put back, so nothing of a probe stays alive in the tracked memory.
 
 Parameter gradients are not produced (the planner frees them on completion anyway,
 `memory.drop_param_grads`; their transient bytes are in the backward peak). The
@@ -41,6 +48,7 @@ from .comm import CollectiveBytes
 from .trace import PlanTrace
 
 _PLAIN = (int, float, bool, str, type(None))
+_TENSOR_ARG = object()  # where an entry's recorded arguments had a tensor (None is a constant argument)
 _saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _current_node = torch._C._current_autograd_node
 
@@ -74,19 +82,53 @@ class _Entry:
     module: torch.nn.Module
     forward: object  # the block's own forward
     in_spec: object  # pytree spec of (args, kwargs)
-    in_leaves: list  # the first call's argument leaves, tensors replaced by None
+    in_leaves: list  # the first call's argument leaves, tensors replaced by _TENSOR_ARG
     out_spec: object  # pytree spec of the outputs
     out_leaves: list  # per leaf: ("t", shape, stride, dtype, requires_grad) or ("c", constant)
     nosave_peak: int | None  # forward peak above the start with saved tensors dropped (None: no-grad key)
+    tail: int = 0  # forward FLOPs after the last saved tensor (skipped by a checkpoint's early stop)
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    """Pack hook that keeps a saved tensor (an enclosing checkpoint would drop it). Detached:
+    packing a block's *output* itself would make a tensor <-> grad_fn reference cycle through
+    C++ that the garbage collector cannot see, and the probe's tensors would never be freed."""
+    return t.detach()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _plain_attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, dict]]:
+    """Each submodule's public instance attributes (what a forward may leave behind, e.g.
+    RAFT's `corr_block.corr_pyramid`), to be put back after a probe."""
+    return [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in module.modules()]
+
+
+def _restore_attributes(saved) -> None:
+    """Undo what a probe's forward set on the modules: it ran outside the caller's code that
+    would clear it, and its tensors would stay alive (and counted) until the next real call."""
+    for m, attrs in saved:
+        for k, v in attrs.items():
+            if vars(m).get(k) is not v:
+                setattr(m, k, v)
 
 
 class BlockMemo:
     """Install on every module of `types` in `modules` while tracing with `mode` (and `counter`)."""
 
-    def __init__(self, mode: PlanTrace, counter: CollectiveBytes | None, modules, types: tuple[type, ...]):
+    def __init__(
+        self,
+        mode: PlanTrace,
+        counter: CollectiveBytes | None,
+        modules,
+        types: tuple[type, ...],
+    ):
         self.mode, self.counter = mode, counter
         self.entries: dict[tuple, _Entry | None] = {}
         self.hits = self.misses = 0
+        self.withheld: tuple[int, str | None] | None = None  # a recomputed block's tail FLOPs (_Replay.forward)
         self._patched: list[torch.nn.Module] = []
         seen = set()
         for root in modules:
@@ -137,7 +179,12 @@ class BlockMemo:
         anchor = next((p for p in module.parameters() if p.requires_grad), None)
         with_anchor = torch.is_grad_enabled() and anchor is not None
         recording = torch.is_grad_enabled() and (with_anchor or any(t.requires_grad for t in tensors))
+        self.withheld = None
         flat = _Replay.apply(self, entry, with_anchor, recording, *tensors, *([anchor] if with_anchor else []))
+        if self.withheld is not None:  # see _Replay.forward
+            (tail, label), self.withheld = self.withheld, None
+            if self.mode.counting:
+                self.mode._flops[label] += tail
         it = iter(flat)
         outs = [next(it) if leaf[0] == "t" else leaf[1] for leaf in entry.out_leaves]
         return tree_unflatten(outs, entry.out_spec)
@@ -177,6 +224,7 @@ class BlockMemo:
         mode = self.mode
         snap = self._snapshot()
         grad_before = {p: p.grad for p in module.parameters()}
+        attrs_before = _plain_attributes(module)
         try:
             inputs = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in leaves]
             in_storages = _storages(inputs)
@@ -192,7 +240,14 @@ class BlockMemo:
                 nosave_peak = mode.peak - base
                 self._restore_counts(snap)
             mode.peak = base
-            with saved_tensors_hooks(lambda t: t, lambda t: t):
+            flops0 = sum(snap[1].values())
+            last_save = [None]
+
+            def pack(t):
+                last_save[0] = sum(mode._flops.values()) - flops0
+                return _keep(t)
+
+            with saved_tensors_hooks(pack, lambda t: t):
                 out = forward(*args, **kwargs)
             out_leaves, out_spec = tree_flatten(out)
             out_tensors = [t for t in out_leaves if isinstance(t, torch.Tensor)]
@@ -212,10 +267,11 @@ class BlockMemo:
                 module,
                 forward,
                 spec,
-                [None if isinstance(x, torch.Tensor) else x for x in leaves],
+                [_TENSOR_ARG if isinstance(x, torch.Tensor) else x for x in leaves],
                 out_spec,
                 meta,
                 nosave_peak,
+                fwd.flops - last_save[0] if last_save[0] is not None else 0,
             )
             if diff:
                 mask = (True,) * len(diff)
@@ -225,6 +281,7 @@ class BlockMemo:
         finally:
             for p, g in grad_before.items():
                 p.grad = g
+            _restore_attributes(attrs_before)
             self._restore(snap)
 
     def _backward(self, module, inputs, diff, mask) -> _Measure:
@@ -248,11 +305,12 @@ class BlockMemo:
         module = entry.module
         snap = self._snapshot()
         grad_before = {p: p.grad for p in module.parameters()}
+        attrs_before = _plain_attributes(module)
         try:
             it = iter(t.detach().requires_grad_(n) for t, n in zip(tensors, needs))
-            inputs = [next(it) if x is None else x for x in entry.in_leaves]
+            inputs = [next(it) if x is _TENSOR_ARG else x for x in entry.in_leaves]
             args, kwargs = tree_unflatten(inputs, entry.in_spec)
-            with torch.enable_grad(), saved_tensors_hooks(lambda t: t, lambda t: t):
+            with torch.enable_grad(), saved_tensors_hooks(_keep, _same):
                 out = entry.forward(*args, **kwargs)
                 diff = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
                 m = entry.bwd[mask] = self._backward(module, inputs, diff, mask)
@@ -261,18 +319,22 @@ class BlockMemo:
         finally:
             for p, g in grad_before.items():
                 p.grad = g
+            _restore_attributes(attrs_before)
             self._restore(snap)
 
-    def _credit(self, m: _Measure, peak: int | None = None) -> None:
+    def _credit(self, m: _Measure, peak: int | None = None, tail: int = 0) -> str | None:
+        """Add a measurement's peak, FLOPs (less `tail`) and collectives; returns the label."""
         mode = self.mode
         mode.peak = max(mode.peak, mode.live + (m.peak if peak is None else peak))
+        label = mode.labels.current() if mode.labels is not None else None
         if mode.counting and m.flops:
-            mode._flops[mode.labels.current() if mode.labels is not None else None] += m.flops
+            mode._flops[label] += m.flops - tail
         if self.counter is not None and self.counter.enabled:
             for k, v in m.collectives.items():
                 self.counter.bytes[k] += v
             for k, v in m.calls.items():
                 self.counter.calls[k] += v
+        return label
 
 
 class _Replay(torch.autograd.Function):
@@ -281,8 +343,15 @@ class _Replay(torch.autograd.Function):
         # Inside an activation checkpoint's first forward (saved-tensor hooks set, not in
         # backward) the block's saved tensors are dropped as they are made; in its
         # recomputation (in backward) they are kept for the backward that follows.
-        dropping = _saved_hooks(False) is not None and _current_node() is None
-        memo._credit(entry.fwd, entry.nosave_peak if dropping else None)
+        hooks, in_backward = _saved_hooks(False) is not None, _current_node() is not None
+        dropping = hooks and not in_backward
+        # A recomputation stops early, right after the last tensor its first forward saved: in
+        # the real block that is before its tail operators (those after its last save), here
+        # at this Function's own save, which raises out of `apply`. So the tail is withheld
+        # here and counted by `_call` only when `apply` returns (the recomputation goes on).
+        tail = entry.tail if hooks and in_backward else 0
+        label = memo._credit(entry.fwd, entry.nosave_peak if dropping else None, tail)
+        memo.withheld = (tail, label) if tail else None
         outs = [torch.empty_strided(m[1], m[2], dtype=m[3]) for m in entry.out_leaves if m[0] == "t"]
         inputs = tensors[:-1] if with_anchor else tensors
         ctx.memo, ctx.entry = memo, entry
@@ -320,11 +389,19 @@ class _Replay(torch.autograd.Function):
 
 
 def memo_types() -> tuple[type, ...]:
-    """The block classes replayed: the Wan DiT block.
+    """The module classes replayed: the Wan DiT block and torchvision's RAFT (a whole flow call).
 
-    (RAFT's UpdateBlock replays to within 0.03% of its backward FLOPs on the tiny recipe,
-    not exactly, so it runs as is.)
+    RAFT is replayed whole rather than per update block: its correlation lookups between
+    the update blocks are half of its operators, and each call (a chunk of frame pairs at
+    a fixed iteration count) is identical to the next.
+
+    The Wan VAE's chunks are not replayed, although they repeat too (tried: 28 -> 21 s per
+    1.3B plan). In the backward of a decode window the real checkpointed chunks overlap:
+    part of a later chunk's recomputed activations is still alive when the earlier chunk
+    recomputes, which a block measured on its own cannot show. The replayed plan put the
+    paper shape's peak 1.8 GiB low (49.5 vs 51.3 GiB per rank); the decoder runs as is.
     """
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from torchvision.models.optical_flow.raft import RAFT
 
-    return (WanTransformerBlock,)
+    return (WanTransformerBlock, RAFT)
