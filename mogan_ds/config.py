@@ -190,6 +190,10 @@ class GANConfig:
         "Causal-cache checkpoint interval of the chunked VAE decode and encode in the motion path: 1 saves the cache at every latent-chunk boundary for backward (the fastest); k > 1 only every k-th and recomputes the chunks in between during backward (one extra VAE forward per chunk, ~2 sqrt(T) instead of T caches at k ~ sqrt(T)); 0 = ceil(sqrt(chunks)). Outputs and gradients do not change.",
         ge=0,
     )
+    vae_block_checkpoint: bool = F(
+        False,
+        "Checkpoint each residual block of the VAE decoder and encoder inside its (already checkpointed) latent chunk in the motion path: a chunk's recompute in backward then holds about one block's activations instead of the whole chunk's (~18.6 GiB -> a few GiB per decoder chunk at 480x832), for one more forward of the residual blocks. Outputs and gradients do not change.",
+    )
     split_over_sp: bool = F(
         True,
         "With parallel.sp_size > 1 and space=flow: each sequence-parallel rank decodes, takes the flow of and encodes only its contiguous share of the window's latent chunks, and an all-gather assembles D's input (cache gradients cross share boundaries point to point; gradients are sp=1's). Cuts the motion path's activations per rank; its backward runs serially across the SP ranks. false = every SP rank runs the whole motion path.",

@@ -18,6 +18,16 @@ layers and cache conventions as `_decode`, nothing copied) and returns the tenso
 left in the list. Under non-reentrant `torch.utils.checkpoint`, recomputation gets exactly
 the cache tensors the forward saw, so it cannot observe a mutated cache.
 
+Residual-block checkpointing (`block_checkpoint`, `gan.vae_block_checkpoint`). A chunk's
+recomputation in backward holds every activation of that chunk at once: at 480x832 one
+decoder chunk's recompute plus backward is ~18.6 GiB, the largest single term of the GAN
+phase once the window is split over SP ranks. With it, each `WanResidualBlock` of the
+decoder and encoder runs as its own nested checkpoint inside the chunk, in the same
+functional form over the cache slots it reads and writes (`_checkpointed_block`), so the
+chunk's recomputation keeps only the blocks' inputs and each block is recomputed once more
+when backward reaches it: one extra forward of the residual blocks for a chunk peak of
+about one block's activations. Outputs and gradients do not change.
+
 `ChunkedWanDecoder.decode_window(z, start, window)` decodes latent chunks
 [start, start + window): chunks before the window run under `no_grad` only to build the
 cache, which is detached at the window boundary (truncated BPTT: no gradient reaches
@@ -43,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, patchify, unpatchify
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .latents import chunk_frame_slice, denormalize, normalize, num_latent_frames
@@ -215,6 +225,60 @@ def _run_checkpointed_segment(step, seg, state: CacheState, i0: int) -> tuple[li
     return list(result[:n]), CacheState(end_kinds[0], tuple(result[n:]))
 
 
+def _checkpointed_block(forward):
+    """Wrap a Wan VAE residual block's ``forward(x, feat_cache, feat_idx)`` as a nested checkpoint.
+
+    The block reads and overwrites the cache list in place, from slot ``feat_idx[0]`` on. Under
+    checkpoint it runs as ``(x, *cache tensors of slots >= i0) -> (out, *tensors it wrote)`` on
+    a private list (slots before i0 are never read by it), so its recomputation sees the cache
+    its forward saw; which slots it wrote, and their kinds, are a pure function of the kinds
+    it was given, recorded on the forward and identical on recomputation.
+    """
+
+    def wrapped(x, feat_cache=None, feat_idx=None):
+        if feat_cache is None or feat_idx is None:
+            return forward(x, feat_cache=feat_cache, feat_idx=feat_idx if feat_idx is not None else [0])
+        i0 = feat_idx[0]
+        kinds, tensors = _pack(feat_cache[i0:])
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))):
+            return forward(x, feat_cache=feat_cache, feat_idx=feat_idx)
+        written: list[tuple] = []
+
+        def fn(x_, *cache):
+            local = [None] * i0 + _unpack(kinds, cache)
+            idx = [i0]
+            out = forward(x_, feat_cache=local, feat_idx=idx)
+            new_kinds, new = _pack(local[i0 : idx[0]])
+            written[:] = [(new_kinds, idx[0])]
+            return (out, *new)
+
+        result = _checkpoint(fn, x, *tensors, use_reentrant=False)
+        new_kinds, i1 = written[0]
+        feat_cache[i0:i1] = _unpack(new_kinds, result[1:])
+        feat_idx[0] = i1
+        return result[0]
+
+    return wrapped
+
+
+class _BlockCheckpoints:
+    """While active, every given residual block runs through `_checkpointed_block` (instance
+    attributes over the class's forward, removed on exit: the shared VAE is left as it was)."""
+
+    def __init__(self, blocks: Sequence[torch.nn.Module]):
+        self.blocks = blocks
+
+    def __enter__(self):
+        for b in self.blocks:
+            b.forward = _checkpointed_block(b.forward)
+        return self
+
+    def __exit__(self, *exc):
+        for b in self.blocks:
+            del b.forward
+        return False
+
+
 class ChunkedWanDecoder:
     """Windowed, checkpointed decoding and encoding through a frozen `AutoencoderKLWan`.
 
@@ -227,15 +291,20 @@ class ChunkedWanDecoder:
         checkpoint_every: cache checkpoint interval (`gan.cache_checkpoint_every`, see
             `run_chunks`): 1 keeps the cache of every chunk boundary for backward, k > 1
             only every k-th (recomputing the rest), 0 every ceil(sqrt(chunks))-th.
+        block_checkpoint: each residual block of the decoder and encoder is a nested
+            checkpoint inside its chunk (`gan.vae_block_checkpoint`, module docstring).
     """
 
-    def __init__(self, vae, checkpoint: bool = True, checkpoint_every: int = 1):
+    def __init__(self, vae, checkpoint: bool = True, checkpoint_every: int = 1, block_checkpoint: bool = False):
         self.vae = vae
         self.checkpoint = checkpoint
         segment_length(checkpoint_every, 1)  # validates
         self.checkpoint_every = checkpoint_every
         self._dec_slots = _count_causal_convs(vae.decoder)
         self._enc_slots = _count_causal_convs(vae.encoder)
+        on = checkpoint and block_checkpoint
+        self._dec_blocks = [m for m in vae.decoder.modules() if isinstance(m, WanResidualBlock)] if on else []
+        self._enc_blocks = [m for m in vae.encoder.modules() if isinstance(m, WanResidualBlock)] if on else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,7 +316,8 @@ class ChunkedWanDecoder:
         vae = self.vae
         raw = denormalize(z_i, vae.config).to(self.dtype)
         x = vae.post_quant_conv(raw)  # a 1x1x1 conv: per chunk == on the whole clip
-        out = vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=(i == 0))
+        with _BlockCheckpoints(self._dec_blocks):
+            out = vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=(i == 0))
         if vae.config.patch_size is not None:  # Wan2.2 VAE; identity for Wan2.1
             out = unpatchify(out, patch_size=vae.config.patch_size)
         return out
@@ -305,7 +375,8 @@ class ChunkedWanDecoder:
         x = x_i.to(self.dtype)
         if vae.config.patch_size is not None:
             x = patchify(x, patch_size=vae.config.patch_size)
-        h = vae.encoder(x, feat_cache=feat, feat_idx=[0])
+        with _BlockCheckpoints(self._enc_blocks):
+            h = vae.encoder(x, feat_cache=feat, feat_idx=[0])
         return vae.quant_conv(h)  # 1x1x1, per chunk == on the concatenation
 
     def encoder_state(self) -> CacheState:

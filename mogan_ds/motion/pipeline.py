@@ -71,6 +71,8 @@ class MotionPath:
         checkpoint: activation checkpointing in the decoder/encoder chunks (RAFT has its own).
         checkpoint_every: `gan.cache_checkpoint_every`, the decoder/encoder cache checkpoint
             interval (`chunked_decode.run_chunks`).
+        block_checkpoint: `gan.vae_block_checkpoint`, a nested checkpoint per VAE residual
+            block inside each chunk (`chunked_decode.ChunkedWanDecoder`).
         sp: a topology (sp_group, sp_rank, sp_size, rank) whose SP group shares the fake path's
             work (`sp_split`, space="flow" only; `gan.split_over_sp`); None or sp_size 1: every
             rank runs the whole path. The real path stays whole on every rank (no grad).
@@ -86,6 +88,7 @@ class MotionPath:
         flow_scale: float = 20.0,
         checkpoint: bool = True,
         checkpoint_every: int = 1,
+        block_checkpoint: bool = False,
         sp=None,
     ):
         if space not in ("flow", "latent"):
@@ -93,7 +96,9 @@ class MotionPath:
         if space == "flow" and raft is None:
             raise ValueError("space='flow' needs a RaftFlow")
         window.check()
-        self.codec = ChunkedWanDecoder(vae, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+        self.codec = ChunkedWanDecoder(
+            vae, checkpoint=checkpoint, checkpoint_every=checkpoint_every, block_checkpoint=block_checkpoint
+        )
         self.raft = raft
         self.window = window
         self.space = space
@@ -108,7 +113,7 @@ class MotionPath:
         cls, gan_cfg, num_latent: int, vae, raft_model: nn.Module | None = None, checkpoint: bool = True, sp=None
     ) -> MotionPath:
         """Build from `GANConfig` (space, window, window_start, flow_scale, raft_*,
-        cache_checkpoint_every, split_over_sp) for clips of `num_latent` latent chunks, a loaded
+        cache_checkpoint_every, vae_block_checkpoint, split_over_sp) for clips of `num_latent` latent chunks, a loaded
         RAFT and the process topology `sp` (its SP group splits the fake path when
         gan.split_over_sp)."""
         raft = None
@@ -130,6 +135,7 @@ class MotionPath:
             flow_scale=gan_cfg.flow_scale,
             checkpoint=checkpoint,
             checkpoint_every=gan_cfg.cache_checkpoint_every,
+            block_checkpoint=gan_cfg.vae_block_checkpoint,
             sp=sp if gan_cfg.split_over_sp else None,
         )
 
