@@ -96,7 +96,11 @@ def format_plan(plans: list[NetworkPlan]) -> str:
     resident = [p for p in plans if p.name != "text_encoder"]
     # train state already includes the trainable weights (TRAIN_STATE_BYTES)
     total = sum(p.train_state_bytes if p.trainable else p.weight_bytes for p in resident)
-    rows.append(f"training job total (text encoder excluded; ZeRO-3 divides train state by the DP size): {_gib(total)}")
+    rows.append(
+        f"training job total (text encoder excluded; ZeRO-3 divides train state, and the teacher's weights when it "
+        f"is a ZeRO-3 inference engine - parallel.zero_stage.teacher, the default with ZeRO-3 JSONs - by the DP "
+        f"size; `plan` gives per-rank figures): {_gib(total)}"
+    )
     return "\n".join(rows)
 
 
