@@ -717,4 +717,18 @@ def extra_table(rows: list[dict], r: dict, exp: Experiment) -> str:
         "data's look). Aesthetic / imaging quality have no weights in the toy world (n/a).",
         "",
     ]
+    # What every generated row is bounded by and how long each was trained: a reader of the table
+    # needs both to tell "MoGAN did not help" from "nothing could move more through this decoder".
+    vae, dmd, mogan = exp.report("vae"), exp.report("dmd"), exp.report("mogan")
+    rows6 = list(exp.recipes["mogan"]["rows"])  # the report also holds the stage's "seconds"
+    steps = sorted({mogan[name]["steps"] for name in rows6})
+    lines += [
+        f"Ceiling of every decoded row: the stage-3 VAE's reconstructions of held-out clips have a mean RAFT "
+        f"flow of {vae['heldout_mean_flow_magnitude_recon']:.3f} px/frame against "
+        f"{vae['heldout_mean_flow_magnitude_original']:.3f} for the originals (flow EPE recon vs original "
+        f"{vae['heldout_flow_epe_recon_vs_original']:.3f} px, PSNR {vae['heldout_psnr_db']:.2f} dB). "
+        f"DMD row: {dmd['steps']} DMD steps from the teacher; the stage-6 rows ({', '.join(rows6)}): "
+        f"{' / '.join(map(str, steps))} steps each from that DMD generator, the same seed.",
+        "",
+    ]
     return "\n".join(lines)
