@@ -24,9 +24,9 @@ distinct call signature and replays that measurement for every identical call:
   Inside an activation-checkpointed region the checkpoint drops and recomputes these
   saved tensors exactly as it does the block's own, so the recomputation is replayed too.
 * early stop: a recomputation ends at the last tensor its first forward saved, so a real
-  block last in its region never runs the operators after its own last save (a RAFT
-  call's final flow update and upsampling). The probe records those "tail" FLOPs; a replayed recomputation counts them
-  only when it goes on past the block.
+  block last in its region never runs the operators after its own last save (a RAFT call's
+  final flow update and upsampling). The probe records those "tail" FLOPs; a replayed
+  recomputation counts them only when it goes on past the block.
 * probes leave no trace: saved tensors are kept detached (no reference cycle through the
   autograd graph) and attributes a forward sets on the modules (RAFT's correlation pyramid)
   are put back, so nothing of a probe stays alive in the tracked memory.
@@ -51,6 +51,11 @@ _PLAIN = (int, float, bool, str, type(None))
 _TENSOR_ARG = object()  # where an entry's recorded arguments had a tensor (None is a constant argument)
 _saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _current_node = torch._C._current_autograd_node
+
+
+def _recomputing() -> bool:
+    """Inside an activation checkpoint's recomputation: saved-tensor hooks set, during backward."""
+    return _saved_hooks(False) is not None and _current_node() is not None
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -118,17 +123,10 @@ def _restore_attributes(saved) -> None:
 class BlockMemo:
     """Install on every module of `types` in `modules` while tracing with `mode` (and `counter`)."""
 
-    def __init__(
-        self,
-        mode: PlanTrace,
-        counter: CollectiveBytes | None,
-        modules,
-        types: tuple[type, ...],
-    ):
+    def __init__(self, mode: PlanTrace, counter: CollectiveBytes | None, modules, types: tuple[type, ...]):
         self.mode, self.counter = mode, counter
         self.entries: dict[tuple, _Entry | None] = {}
         self.hits = self.misses = 0
-        self.withheld: tuple[int, str | None] | None = None  # a recomputed block's tail FLOPs (_Replay.forward)
         self._patched: list[torch.nn.Module] = []
         seen = set()
         for root in modules:
@@ -179,12 +177,10 @@ class BlockMemo:
         anchor = next((p for p in module.parameters() if p.requires_grad), None)
         with_anchor = torch.is_grad_enabled() and anchor is not None
         recording = torch.is_grad_enabled() and (with_anchor or any(t.requires_grad for t in tensors))
-        self.withheld = None
         flat = _Replay.apply(self, entry, with_anchor, recording, *tensors, *([anchor] if with_anchor else []))
-        if self.withheld is not None:  # see _Replay.forward
-            (tail, label), self.withheld = self.withheld, None
-            if self.mode.counting:
-                self.mode._flops[label] += tail
+        if entry.tail and _recomputing() and self.mode.counting:
+            # The recomputation went on past this block, so it ran the block's tail (_Replay.forward).
+            self.mode._flops[self.mode.labels.current() if self.mode.labels is not None else None] += entry.tail
         it = iter(flat)
         outs = [next(it) if leaf[0] == "t" else leaf[1] for leaf in entry.out_leaves]
         return tree_unflatten(outs, entry.out_spec)
@@ -247,7 +243,7 @@ class BlockMemo:
                 last_save[0] = sum(mode._flops.values()) - flops0
                 return _keep(t)
 
-            with saved_tensors_hooks(pack, lambda t: t):
+            with saved_tensors_hooks(pack, _same):
                 out = forward(*args, **kwargs)
             out_leaves, out_spec = tree_flatten(out)
             out_tensors = [t for t in out_leaves if isinstance(t, torch.Tensor)]
@@ -322,19 +318,17 @@ class BlockMemo:
             _restore_attributes(attrs_before)
             self._restore(snap)
 
-    def _credit(self, m: _Measure, peak: int | None = None, tail: int = 0) -> str | None:
-        """Add a measurement's peak, FLOPs (less `tail`) and collectives; returns the label."""
+    def _credit(self, m: _Measure, peak: int | None = None, tail: int = 0) -> None:
+        """Add a measurement's peak, FLOPs (less `tail`) and collectives."""
         mode = self.mode
         mode.peak = max(mode.peak, mode.live + (m.peak if peak is None else peak))
-        label = mode.labels.current() if mode.labels is not None else None
         if mode.counting and m.flops:
-            mode._flops[label] += m.flops - tail
+            mode._flops[mode.labels.current() if mode.labels is not None else None] += m.flops - tail
         if self.counter is not None and self.counter.enabled:
             for k, v in m.collectives.items():
                 self.counter.bytes[k] += v
             for k, v in m.calls.items():
                 self.counter.calls[k] += v
-        return label
 
 
 class _Replay(torch.autograd.Function):
@@ -343,15 +337,12 @@ class _Replay(torch.autograd.Function):
         # Inside an activation checkpoint's first forward (saved-tensor hooks set, not in
         # backward) the block's saved tensors are dropped as they are made; in its
         # recomputation (in backward) they are kept for the backward that follows.
-        hooks, in_backward = _saved_hooks(False) is not None, _current_node() is not None
-        dropping = hooks and not in_backward
+        dropping = _saved_hooks(False) is not None and _current_node() is None
         # A recomputation stops early, right after the last tensor its first forward saved: in
         # the real block that is before its tail operators (those after its last save), here
-        # at this Function's own save, which raises out of `apply`. So the tail is withheld
+        # at this Function's own save, which raises out of `apply`. So the tail is left out
         # here and counted by `_call` only when `apply` returns (the recomputation goes on).
-        tail = entry.tail if hooks and in_backward else 0
-        label = memo._credit(entry.fwd, entry.nosave_peak if dropping else None, tail)
-        memo.withheld = (tail, label) if tail else None
+        memo._credit(entry.fwd, entry.nosave_peak if dropping else None, entry.tail if _recomputing() else 0)
         outs = [torch.empty_strided(m[1], m[2], dtype=m[3]) for m in entry.out_leaves if m[0] == "t"]
         inputs = tensors[:-1] if with_anchor else tensors
         ctx.memo, ctx.entry = memo, entry
