@@ -192,7 +192,7 @@ class GANConfig:
     )
     vae_block_checkpoint: bool = F(
         False,
-        "Checkpoint each residual block of the VAE decoder and encoder inside its (already checkpointed) latent chunk in the motion path: a chunk's recompute in backward then holds about one block's activations instead of the whole chunk's (~18.6 GiB -> a few GiB per decoder chunk at 480x832), for one more forward of the residual blocks. Outputs and gradients do not change.",
+        "Checkpoint each residual block of the VAE decoder and encoder inside its (already checkpointed) latent chunk in the motion path: a chunk's recompute in backward then holds about one block's activations instead of the whole chunk's (~18.6 GiB -> a few GiB per decoder chunk at 480x832), for one more forward of the residual blocks; within each block, every norm -> nonlinearity pair is a checkpoint per frame (their fp32 backward temporaries are one frame's). Outputs do not change; gradients only at float-rounding level.",
     )
     split_over_sp: bool = F(
         True,

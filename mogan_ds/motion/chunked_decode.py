@@ -26,7 +26,11 @@ decoder and encoder runs as its own nested checkpoint inside the chunk, in the s
 functional form over the cache slots it reads and writes (`_checkpointed_block`), so the
 chunk's recomputation keeps only the blocks' inputs and each block is recomputed once more
 when backward reaches it: one extra forward of the residual blocks for a chunk peak of
-about one block's activations. Outputs and gradients do not change.
+about one block's activations. Inside a block, each norm -> nonlinearity pair runs as one
+checkpoint per frame (`_per_frame_checkpoint`): the norm's fp32 backward temporaries, the
+largest part of a block's backward at full resolution, are then one frame's. Outputs do not
+change; gradients are equal to float rounding (a per-frame norm's backward may reduce over
+channels in another vector blocking).
 
 `ChunkedWanDecoder.decode_window(z, start, window)` decodes latent chunks
 [start, start + window): chunks before the window run under `no_grad` only to build the
@@ -225,15 +229,42 @@ def _run_checkpointed_segment(step, seg, state: CacheState, i0: int) -> tuple[li
     return list(result[:n]), CacheState(end_kinds[0], tuple(result[n:]))
 
 
-def _checkpointed_block(forward):
+def _per_frame_checkpoint(fn):
+    """``fn`` (a per-position map of [B, C, T, H, W]) as one checkpoint per frame, nested in
+    the block's: used for each of a residual block's norm -> nonlinearity pairs.
+
+    `WanRMS_norm` normalises each position over its channels in fp32 on bf16 activations: its
+    backward at full resolution holds about six fp32 temporaries the size of the chunk (3.4 of
+    the ~6 GiB a block's backward needs at 480x832, which no SP split shrinks), and the norm's
+    output is kept for the nonlinearity's backward. Per-position arithmetic makes it exact to
+    apply both to each frame and concatenate; under a checkpoint per frame only the input is
+    kept, and backward's temporaries are one frame's.
+    """
+
+    def wrapped(x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return fn(x)
+        # split (one autograd node: backward concatenates the frames' gradients once) rather
+        # than slicing, whose backward makes a zero-padded full-size gradient per frame
+        slices = [_checkpoint(fn, s, use_reentrant=False) for s in x.split(1, dim=2)]
+        return slices[0] if len(slices) == 1 else torch.cat(slices, dim=2)
+
+    return wrapped
+
+
+def _checkpointed_block(block: torch.nn.Module):
     """Wrap a Wan VAE residual block's ``forward(x, feat_cache, feat_idx)`` as a nested checkpoint.
 
     The block reads and overwrites the cache list in place, from slot ``feat_idx[0]`` on. Under
     checkpoint it runs as ``(x, *cache tensors of slots >= i0) -> (out, *tensors it wrote)`` on
     a private list (slots before i0 are never read by it), so its recomputation sees the cache
     its forward saw; which slots it wrote, and their kinds, are a pure function of the kinds
-    it was given, recorded on the forward and identical on recomputation.
+    it was given, recorded on the forward and identical on recomputation. Its two norm ->
+    nonlinearity pairs are per-frame checkpoints nested in it (`_per_frame_checkpoint`),
+    installed by every (re)computation of the block: its recomputation runs in backward,
+    after the chunk that installed the block's own wrapper has returned.
     """
+    forward = block.forward
 
     def wrapped(x, feat_cache=None, feat_idx=None):
         if feat_cache is None or feat_idx is None:
@@ -247,7 +278,18 @@ def _checkpointed_block(forward):
         def fn(x_, *cache):
             local = [None] * i0 + _unpack(kinds, cache)
             idx = [i0]
-            out = forward(x_, feat_cache=local, feat_idx=idx)
+            # The block applies `nonlinearity` right after each norm: for this (re)computation
+            # each norm computes both, per frame, and the block's own nonlinearity is identity.
+            act, norms = block.nonlinearity, (block.norm1, block.norm2)
+            for norm in norms:
+                norm.forward = _per_frame_checkpoint(lambda t, f=norm.forward: act(f(t)))
+            block.nonlinearity = torch.nn.Identity()
+            try:
+                out = forward(x_, feat_cache=local, feat_idx=idx)
+            finally:
+                block.nonlinearity = act
+                for norm in norms:
+                    del norm.forward
             new_kinds, new = _pack(local[i0 : idx[0]])
             written[:] = [(new_kinds, idx[0])]
             return (out, *new)
@@ -270,7 +312,7 @@ class _BlockCheckpoints:
 
     def __enter__(self):
         for b in self.blocks:
-            b.forward = _checkpointed_block(b.forward)
+            b.forward = _checkpointed_block(b)
         return self
 
     def __exit__(self, *exc):
