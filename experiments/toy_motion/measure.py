@@ -74,6 +74,13 @@ def clip_flow(raft, video: np.ndarray, iters: int = 20) -> torch.Tensor:
     return raft_pair_flow(raft, x[:-1], x[1:], iters)
 
 
+def flow_per_pair(raft, videos: list[np.ndarray], iters: int = 20) -> list[float]:
+    """Mean RAFT flow magnitude of each consecutive frame pair (px/frame), averaged over clips of
+    equal length: where in the 4-frame latent chunks a VAE's reconstructions keep their motion."""
+    per = np.stack([clip_flow(raft, v, iters).norm(dim=1).mean(dim=(1, 2)).numpy() for v in videos])
+    return [round(float(m), 3) for m in per.mean(axis=0)]
+
+
 def flow_interpolator(raft, iters: int = 20):
     """A frame interpolator for VBench's motion-smoothness rule made from the toy RAFT.
 

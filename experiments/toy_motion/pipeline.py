@@ -34,6 +34,7 @@ from .measure import (
     ToyMetrics,
     clip_flow,
     flow_pairs,
+    flow_per_pair,
     frame_bank,
     heldout_epe,
     load_toy_raft,
@@ -412,6 +413,9 @@ class Experiment:
             "heldout_flow_epe_recon_vs_original": round(float(np.mean(epe_rec)), 4),
             "heldout_mean_flow_magnitude_original": round(float(np.mean(mag)), 4),
             "heldout_mean_flow_magnitude_recon": round(float(np.mean(mag_rec)), 4),
+            # pair t = frames (t, t+1); latent chunk 0 is frame 0, chunk i frames 4i-3 .. 4i
+            "heldout_flow_per_pair_original": flow_per_pair(raft, [c[:f] for c in clips]),
+            "heldout_flow_per_pair_recon": flow_per_pair(raft, list(recs)),
             "latents_std_mean": round(float(std.mean()), 4),
         }
 
