@@ -55,6 +55,12 @@ def test_every_stage_writes_its_artefacts(smoke):
         lo, hi = r["mean_flow_magnitude_ci95"]  # rounded to 4 decimals; one video: both ends are its value
         assert lo - 1e-4 <= r["mean_flow_magnitude"] <= hi + 1e-4
     assert "| mogan | 1 |" in (exp.results / "results.md").read_text()
+    # paired with the DMD row over the same (single) video: the difference of the two rows' values
+    paired = json.loads((exp.results / "paired.json").read_text())["dmd"]
+    by = {r["model"]: r for r in rows}
+    d = paired["mogan"]["mean_flow_magnitude"]
+    assert d["videos"] == 1 and "dmd" not in paired
+    assert abs(d["mean"] - (by["mogan"]["mean_flow_magnitude"] - by["dmd"]["mean_flow_magnitude"])) < 1e-3
     for png in ("results.png", "training_curves.png", "pretraining_curves.png", "samples_prompt0.png"):
         assert (exp.results / png).stat().st_size > 1000, png
 

@@ -191,3 +191,15 @@ def results_row(name: str, records: list[dict], weights: dict, n_boot: int) -> d
             row[col] = float(np.mean(present)) if present else None
         row[f"{col}_ci95"] = bootstrap_ci(present, np.mean, n_boot)
     return row
+
+
+def paired_difference(records: list[dict], base: list[dict], col: str, n_boot: int) -> dict:
+    """`col` of one model minus a baseline's over the same videos (video i of both has the same
+    caption and noise): mean, 95% bootstrap interval of the mean, and how many videos are higher."""
+    d = [r[col] - b[col] for r, b in zip(records, base, strict=True)]
+    return {
+        "mean": round(float(np.mean(d)), 4),
+        "ci95": bootstrap_ci(d, np.mean, n_boot),
+        "higher": int(sum(x > 0 for x in d)),
+        "videos": len(d),
+    }

@@ -38,6 +38,7 @@ from .measure import (
     frame_bank,
     heldout_epe,
     load_toy_raft,
+    paired_difference,
     results_row,
     to_unit,
     true_flow,
@@ -646,7 +647,7 @@ class Experiment:
         bank = frame_bank([c[:f] for c, _ in train], r["nearest_size"])
         metrics = ToyMetrics(raft, fps, bank, r["nearest_size"])
         cfg = self.trainer_config("dmd")
-        rows, grids = [], {}
+        rows, grids, per_video = [], {}, {}
         # The data's own row: the real held-out clips through the same metrics (the target motion).
         real = [held[i % len(held)][0][:f] for i in range(r["prompts"])]
         data_recs = [metrics.video(v) for v in real]
@@ -662,12 +663,17 @@ class Experiment:
                 recs = [metrics.video(v) for v in videos]
                 cache.write_text(json.dumps(recs))
             rows.append(results_row(name, recs, metrics.weights, r["bootstrap"]))
+            per_video[name] = recs
             grids[name] = videos[: r["grid_prompts"]]
         from mogan_ds.eval.report import results_markdown
 
         title = "Toy-world MoGAN experiment (experiments/toy_motion)"
+        paired = paired_table(per_video, r["bootstrap"])
         (res / "results.json").write_text(json.dumps(rows, indent=1))
-        (res / "results.md").write_text(results_markdown(rows, title) + "\n" + extra_table(rows, r, self))
+        (res / "paired.json").write_text(json.dumps(paired, indent=1))
+        (res / "results.md").write_text(
+            results_markdown(rows, title) + "\n" + extra_table(rows, r, self) + paired_markdown(paired)
+        )
         bar_chart(rows, res / "results.png")
         curves_png(
             {"dmd": self.work / "dmd" / "run", **{n: self.work / "mogan" / n for n in self.recipes["mogan"]["rows"]}},
@@ -683,6 +689,51 @@ class Experiment:
             row["model"]: {k: row[k] for k in ("dynamics_degree", "motion_smoothness", "mean_flow_magnitude")}
             for row in rows
         }
+
+
+#: Baselines of the paired comparisons: the DMD generator trained on with DMD alone for the
+#: stage-6 steps (when the recipe has that row) and the stage-5 DMD generator.
+PAIRED_BASES = ("dmd_control", "dmd")
+PAIRED_COLS = ("mean_flow_magnitude", "motion_smoothness", "psnr_nearest_real")
+
+
+def paired_table(per_video: dict[str, list[dict]], n_boot: int) -> dict:
+    """Every generated model against each baseline on the same videos (same caption and noise):
+    {base: {model: {col: paired_difference}}}. Pairing removes the between-prompt spread that
+    dominates the per-model intervals."""
+    out = {}
+    for base in PAIRED_BASES:
+        if base not in per_video:
+            continue
+        out[base] = {
+            name: {c: paired_difference(recs, per_video[base], c, n_boot) for c in PAIRED_COLS}
+            for name, recs in per_video.items()
+            if name != base
+        }
+    return out
+
+
+def paired_markdown(paired: dict) -> str:
+    lines = [
+        "## Paired differences (same caption and noise; 95% bootstrap interval of the mean; videos higher)",
+        "",
+    ]
+    for base, models in paired.items():
+        lines += [
+            f"Against `{base}`:",
+            "",
+            "| Model | Mean flow (px/frame) | Smoothness (pp) | PSNR to nearest real (dB) |",
+            "|---|---|---|---|",
+        ]
+        for name, cols in models.items():
+            cells = []
+            for c, scale in (("mean_flow_magnitude", 1), ("motion_smoothness", 100), ("psnr_nearest_real", 1)):
+                d = cols[c]
+                lo, hi = (x * scale for x in d["ci95"])
+                cells.append(f"{d['mean'] * scale:+.3f} [{lo:+.3f}, {hi:+.3f}] ({d['higher']}/{d['videos']})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def extra_table(rows: list[dict], r: dict, exp: Experiment) -> str:
