@@ -39,6 +39,8 @@ def test_every_stage_writes_its_artefacts(smoke):
     assert (w / "raft" / "raft_small.pth").is_file() and (exp.results / "raft_small.pth").is_file()
     assert raft["heldout_pairs"] == 4 and raft["zero_flow_epe"] > 0
     assert all(math.isfinite(raft[f"heldout_epe_iters{i}"]) for i in (4, 20))
+    assert set(raft["static_uniform_flow"]) == {"uniform_0", "uniform_20", "uniform_128"}
+    assert all(math.isfinite(v) and v >= 0 for v in raft["static_uniform_flow"].values())
     assert (w / "vae" / "vae" / "config.json").is_file() and math.isfinite(reports["vae"]["heldout_psnr_db"])
     assert (w / "models" / "wan" / "model_index.json").is_file()
     assert (w / "models" / "generator" / "config.json").is_file()

@@ -74,6 +74,18 @@ def clip_flow(raft, video: np.ndarray, iters: int = 20) -> torch.Tensor:
     return raft_pair_flow(raft, x[:-1], x[1:], iters)
 
 
+def static_uniform_flow(raft, size: int, levels=(0, 20, 128), iters: int = 20) -> dict:
+    """Mean RAFT flow (px/frame) on static clips of one uniform grey level each, whose true flow
+    is zero: a flow instrument that reports motion here inflates the flow of dark or flat
+    generated frames (keys "uniform_<level>")."""
+    return {
+        f"uniform_{v}": round(
+            float(clip_flow(raft, np.full((3, size, size, 3), v, np.uint8), iters).norm(dim=1).mean()), 4
+        )
+        for v in levels
+    }
+
+
 def flow_per_pair(raft, videos: list[np.ndarray], iters: int = 20) -> list[float]:
     """Mean RAFT flow magnitude of each consecutive frame pair (px/frame), averaged over clips of
     equal length: where in the 4-frame latent chunks a VAE's reconstructions keep their motion."""

@@ -40,6 +40,7 @@ from .measure import (
     load_toy_raft,
     paired_difference,
     results_row,
+    static_uniform_flow,
     to_unit,
     true_flow,
 )
@@ -342,7 +343,8 @@ class Experiment:
         shutil.copyfile(d / "raft_small.pth", self.results / "raft_small.pth")
         (d / "curve.json").write_text(json.dumps(curve))
         a, b, gt = flow_pairs(held, r["eval_pairs"])
-        return heldout_epe(raft, a, b, gt, r["eval_iters"])
+        rep = heldout_epe(raft, a, b, gt, r["eval_iters"])
+        return {**rep, "static_uniform_flow": static_uniform_flow(raft, held[0][0].shape[1])}
 
     # ------------------------------------------------------------------ 3: VAE
 
