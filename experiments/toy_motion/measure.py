@@ -86,11 +86,11 @@ def static_uniform_flow(raft, size: int, levels=(0, 20, 128), iters: int = 20) -
     }
 
 
-def flow_per_pair(raft, videos: list[np.ndarray], iters: int = 20) -> list[float]:
-    """Mean RAFT flow magnitude of each consecutive frame pair (px/frame), averaged over clips of
-    equal length: where in the 4-frame latent chunks a VAE's reconstructions keep their motion."""
-    per = np.stack([clip_flow(raft, v, iters).norm(dim=1).mean(dim=(1, 2)).numpy() for v in videos])
-    return [round(float(m), 3) for m in per.mean(axis=0)]
+def flow_per_pair(flows: list[torch.Tensor]) -> list[float]:
+    """Mean flow magnitude of each consecutive frame pair (px/frame) from `clip_flow` results of
+    clips of equal length: where in the 4-frame latent chunks a VAE's reconstructions keep motion."""
+    per = torch.stack([f.norm(dim=1).mean(dim=(1, 2)) for f in flows]).mean(dim=0)
+    return [round(float(m), 3) for m in per]
 
 
 def flow_interpolator(raft, iters: int = 20):

@@ -399,7 +399,7 @@ class Experiment:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
             vae.save_pretrained(d / "vae")
             raft = load_toy_raft(self.work / "raft" / "raft_small.pth")
-            psnrs, epe_rec, mag, mag_rec = [], [], [], []
+            psnrs, epe_rec, mag, mag_rec, flows, flows_rec = [], [], [], [], [], []
             clips = [clip for clip, _ in held[: r["eval_clips"]]]
             z = normalize_latents(vae, encode_mode(vae, [window(c, 0) for c in clips]))
             recs = torch.cat([decode_to_uint8(vae, z[i : i + 4]) for i in range(0, len(z), 4)]).numpy()
@@ -411,14 +411,16 @@ class Experiment:
                 epe_rec.append(float(torch.linalg.vector_norm(fo - fr, dim=1).mean()))
                 mag.append(float(fo.norm(dim=1).mean()))
                 mag_rec.append(float(fr.norm(dim=1).mean()))
+                flows.append(fo)
+                flows_rec.append(fr)
         return {
             "heldout_psnr_db": round(float(np.mean(psnrs)), 3),
             "heldout_flow_epe_recon_vs_original": round(float(np.mean(epe_rec)), 4),
             "heldout_mean_flow_magnitude_original": round(float(np.mean(mag)), 4),
             "heldout_mean_flow_magnitude_recon": round(float(np.mean(mag_rec)), 4),
             # pair t = frames (t, t+1); latent chunk 0 is frame 0, chunk i frames 4i-3 .. 4i
-            "heldout_flow_per_pair_original": flow_per_pair(raft, [c[:f] for c in clips]),
-            "heldout_flow_per_pair_recon": flow_per_pair(raft, list(recs)),
+            "heldout_flow_per_pair_original": flow_per_pair(flows),
+            "heldout_flow_per_pair_recon": flow_per_pair(flows_rec),
             "latents_std_mean": round(float(std.mean()), 4),
         }
 
@@ -696,7 +698,12 @@ class Experiment:
 #: Baselines of the paired comparisons: the DMD generator trained on with DMD alone for the
 #: stage-6 steps (when the recipe has that row) and the stage-5 DMD generator.
 PAIRED_BASES = ("dmd_control", "dmd")
-PAIRED_COLS = ("mean_flow_magnitude", "motion_smoothness", "psnr_nearest_real")
+#: column -> (markdown header, display scale)
+PAIRED_COLS = {
+    "mean_flow_magnitude": ("Mean flow (px/frame)", 1),
+    "motion_smoothness": ("Smoothness (pp)", 100),
+    "psnr_nearest_real": ("PSNR to nearest real (dB)", 1),
+}
 
 
 def paired_table(per_video: dict[str, list[dict]], n_boot: int) -> dict:
@@ -724,12 +731,12 @@ def paired_markdown(paired: dict) -> str:
         lines += [
             f"Against `{base}`:",
             "",
-            "| Model | Mean flow (px/frame) | Smoothness (pp) | PSNR to nearest real (dB) |",
-            "|---|---|---|---|",
+            "| Model | " + " | ".join(h for h, _ in PAIRED_COLS.values()) + " |",
+            "|---" * (len(PAIRED_COLS) + 1) + "|",
         ]
         for name, cols in models.items():
             cells = []
-            for c, scale in (("mean_flow_magnitude", 1), ("motion_smoothness", 100), ("psnr_nearest_real", 1)):
+            for c, (_, scale) in PAIRED_COLS.items():
                 d = cols[c]
                 lo, hi = (x * scale for x in d["ci95"])
                 cells.append(f"{d['mean'] * scale:+.3f} [{lo:+.3f}, {hi:+.3f}] ({d['higher']}/{d['videos']})")
