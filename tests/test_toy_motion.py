@@ -3,8 +3,10 @@
 - End to end at its smoke size (smoke.yaml): every stage for real (data, RAFT, VAE, teacher, DMD
   and MoGAN through launch/train.py, evaluation) on the smallest counts, each writing its
   artefacts, and a second run finds every stage cached. Nothing is trained enough to measure.
+- Re-measuring with another RAFT (`Experiment.remeasure`) reproduces stage 7 with stage 2's own RAFT.
 - The committed flow instrument (results/raft_small.pth, the full run's stage 2): it beats the
-  zero-flow baseline on the held-out split stage 1's recipe renders.
+  zero-flow baseline on the held-out split stage 1's recipe renders and reads no motion on static
+  uniform clips.
 """
 
 import json
@@ -39,7 +41,7 @@ def test_every_stage_writes_its_artefacts(smoke):
     assert (w / "raft" / "raft_small.pth").is_file() and (exp.results / "raft_small.pth").is_file()
     assert raft["heldout_pairs"] == 4 and raft["zero_flow_epe"] > 0
     assert all(math.isfinite(raft[f"heldout_epe_iters{i}"]) for i in (4, 20))
-    assert set(raft["static_uniform_flow"]) == {"uniform_0", "uniform_20", "uniform_128"}
+    assert set(raft["static_uniform_flow"]) == {"uniform_0", "uniform_20", "uniform_128", "uniform_128_dimming"}
     assert all(math.isfinite(v) and v >= 0 for v in raft["static_uniform_flow"].values())
     assert (w / "vae" / "vae" / "config.json").is_file() and math.isfinite(reports["vae"]["heldout_psnr_db"])
     assert (w / "models" / "wan" / "model_index.json").is_file()
@@ -57,6 +59,8 @@ def test_every_stage_writes_its_artefacts(smoke):
         lo, hi = r["mean_flow_magnitude_ci95"]  # rounded to 4 decimals; one video: both ends are its value
         assert lo - 1e-4 <= r["mean_flow_magnitude"] <= hi + 1e-4
     assert "| mogan | 1 |" in (exp.results / "results.md").read_text()
+    # the real row carries its exact flow (from the renderer's geometry) beside the measured one
+    assert rows[0]["mean_flow_magnitude_exact"] > 0 and "exact mean flow" in (exp.results / "results.md").read_text()
     # paired with the DMD row over the same (single) video: the difference of the two rows' values
     paired = json.loads((exp.results / "paired.json").read_text())["dmd"]
     by = {r["model"]: r for r in rows}
@@ -76,6 +80,68 @@ def test_a_second_run_finds_every_stage_cached(smoke):
     again = Experiment(exp.work, "smoke", exp.results, echo=lines.append).run()
     assert again == reports
     assert lines == [f"[toy] {s}: done (cached in {exp.work / s})" for s in STAGES]
+
+
+@pytest.mark.slow
+def test_remeasure_with_the_stage2_raft_reproduces_stage7(smoke, tmp_path):
+    # Re-measuring the finished models with the RAFT they trained with gives stage 7's table back
+    # (same captions, seeds, metrics), even when a recipe key no longer matches (the keys the
+    # stages recorded are the ones used), and records which instrument measured.
+    import hashlib
+
+    from experiments.toy_motion.pipeline import Experiment
+
+    exp, _ = smoke
+    again = Experiment(exp.work, "smoke", tmp_path / "res", echo=lambda *_: None)
+    again.keys = {s: "changed since" for s in again.keys}
+    raft = exp.work / "raft" / "raft_small.pth"
+    again.remeasure(raft)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "weights"} for r in rows]  # noqa: E731
+    want = json.loads((exp.results / "results.json").read_text())
+    got = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert strip(got) == strip(want)
+    inst = json.loads((tmp_path / "res" / "stages.json").read_text())["flow_instrument"]
+    sha = hashlib.sha256(raft.read_bytes()).hexdigest()
+    assert inst["sha256"] == sha and (exp.work / f"eval_with_{sha[:12]}").is_dir()
+    assert "Re-measured" in (tmp_path / "res" / "results.md").read_text()
+    with pytest.raises(RuntimeError, match="nothing to re-measure"):
+        Experiment(tmp_path / "empty", "smoke", tmp_path / "r2").remeasure(raft)
+
+
+def test_static_pairs_are_flat_or_smooth_at_zero_flow():
+    import torch
+
+    from experiments.toy_motion.measure import static_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.rand(5, 3, 128, 128) * 2 - 1
+    a, b, gt = static_pairs(64, 128, frames, gen, gain=0.15)
+    assert a.shape == b.shape == (64, 3, 128, 128) and gt.shape == (64, 2, 128, 128)
+    assert not gt.any() and a.abs().max() <= 1 and b.abs().max() <= 1
+    # flat: one colour per frame; smooth: low-frequency (neighbouring pixels nearly equal)
+    flat = a.flatten(2).std(2).amax(1) < 1e-6
+    assert 16 < int(flat.sum()) < 48
+    assert float((a[~flat, :, :, 1:] - a[~flat, :, :, :-1]).abs().max()) < 0.1
+    # frame t+1 is frame t under one brightness gain in [0.85, 1.15] (on intensity in [0, 2])
+    ratio = (b + 1) / (a + 1).clamp_min(1e-3)
+    ok = (a + 1 > 0.05) & (b < 0.999)  # away from black (ratio ill-defined) and from clipping
+    checked = 0
+    for i in range(64):
+        r = ratio[i][ok[i]]
+        if r.numel():
+            checked += 1
+            assert 0.85 - 1e-3 <= float(r.min()) and float(r.max()) <= 1.15 + 1e-3
+            assert float(r.max() - r.min()) < 1e-2
+    assert checked > 48
+
+
+def test_committed_toy_raft_reads_no_motion_on_static_uniform_clips():
+    # The instrument's artefact the second toy run found (~3 px/frame on flat clips): gone.
+    from experiments.toy_motion.measure import load_toy_raft, static_uniform_flow
+    from experiments.toy_motion.pipeline import HERE
+
+    flows = static_uniform_flow(load_toy_raft(HERE / "results" / "raft_small.pth"), 128)
+    assert max(flows.values()) < 0.25, flows
 
 
 def test_committed_toy_raft_beats_zero_flow_on_heldout(tmp_path):

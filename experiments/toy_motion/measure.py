@@ -78,12 +78,39 @@ def static_uniform_flow(raft, size: int, levels=(0, 20, 128), iters: int = 20) -
     """Mean RAFT flow (px/frame) on static clips of one uniform grey level each, whose true flow
     is zero: a flow instrument that reports motion here inflates the flow of dark or flat
     generated frames (keys "uniform_<level>")."""
-    return {
+    out = {
         f"uniform_{v}": round(
             float(clip_flow(raft, np.full((3, size, size, 3), v, np.uint8), iters).norm(dim=1).mean()), 4
         )
         for v in levels
     }
+    # A uniform clip that dims (128 -> 104 over three frames), as generated clips often do.
+    dimming = np.stack([np.full((size, size, 3), v, np.uint8) for v in (128, 116, 104)])
+    out["uniform_128_dimming"] = round(float(clip_flow(raft, dimming, iters).norm(dim=1).mean()), 4)
+    return out
+
+
+def static_pairs(n: int, size: int, frames: torch.Tensor, gen: torch.Generator, gain: float = 0.15):
+    """`n` static frame pairs of flat or smooth scenes, whose true flow is zero, for the flow
+    model's training: frames t, t+1 in [-1, 1] [n, 3, size, size] each and zero flow [n, 2, size, size].
+
+    The textured world has no flat frame, so a RAFT trained on it alone reads ~3 px/frame of
+    motion on uniform clips (`static_uniform_flow`), and generated frames are often flat or
+    dark. Half of the pairs are one uniform colour (a third of those near black), half a real
+    frame from `frames` ([M, 3, H, W] in [-1, 1]) blurred to its lowest frequencies (4x4 cells);
+    frame t+1 is frame t under a global brightness gain in [1 - gain, 1 + gain]: illumination
+    changes, not motion.
+    """
+    u = lambda *shape: torch.rand(shape, generator=gen)  # noqa: E731
+    colour = u(n, 3, 1, 1) * 2 - 1
+    dark = u(n, 1, 1, 1) < 1 / 3
+    colour = torch.where(dark, -1 + 0.25 * (colour + 1) / 2, colour).expand(n, 3, size, size)
+    pick = torch.randint(len(frames), (n,), generator=gen)
+    smooth = F.interpolate(F.adaptive_avg_pool2d(frames[pick], 4), size=(size, size), mode="bilinear")
+    a = torch.where(u(n, 1, 1, 1) < 0.5, colour, smooth)
+    g = 1 + gain * (2 * u(n, 1, 1, 1) - 1)
+    b = ((a + 1) * g - 1).clamp(-1, 1)  # the gain acts on intensity in [0, 2], not on [-1, 1]
+    return a, b, torch.zeros(n, 2, size, size)
 
 
 def flow_per_pair(flows: list[torch.Tensor]) -> list[float]:

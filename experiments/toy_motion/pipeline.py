@@ -40,6 +40,7 @@ from .measure import (
     load_toy_raft,
     paired_difference,
     results_row,
+    static_pairs,
     static_uniform_flow,
     to_unit,
     true_flow,
@@ -324,6 +325,12 @@ class Experiment:
             a = torch.stack([to_unit(train[c][0][t]) for c, t in zip(ci, ti)])
             b = torch.stack([to_unit(train[c][0][t + 1]) for c, t in zip(ci, ti)])
             gt = torch.stack([true_flow(train[c][1], t) for c, t in zip(ci, ti)])
+            # Some pairs are flat or smooth static scenes at zero flow (measure.static_pairs).
+            flat = torch.rand(r["batch_size"], generator=gen) < r["static_fraction"]
+            if flat.any():
+                sa, sb, sg = static_pairs(int(flat.sum()), a.shape[-1], a, gen, r["static_gain"])
+                a, b, gt = a.clone(), b.clone(), gt.clone()
+                a[flat], b[flat], gt[flat] = sa, sb, sg
             # Random horizontal flips double the directions seen (flow's x flips with the image).
             if torch.rand((), generator=gen) < 0.5:
                 a, b, gt = a.flip(-1), b.flip(-1), gt.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
@@ -635,11 +642,39 @@ class Experiment:
         return models
 
     def stage_eval(self, r: dict) -> dict:
+        return self.evaluate(r, self.work / "raft" / "raft_small.pth", self.dir("eval"))
+
+    def remeasure(self, raft_path: str | Path) -> dict:
+        """Stage 7 on this work folder's trained models with another flow instrument (a toy RAFT
+        state dict, e.g. a later run's stage 2): the GAN trained with this folder's RAFT, the
+        measurements use `raft_path`. Per-video caches go to `<work>/eval_with_<sha>/`; the results
+        folder gets the tables, plus the instrument's path, hash and readings on static uniform
+        clips (stages.json, "flow_instrument")."""
+        # The models are measured as they were trained: the folder's finished stages are taken
+        # under the keys they recorded, even if a recipe has changed since (e.g. stage 2's, which is
+        # the point of measuring them with another RAFT).
+        for s in STAGES[:-1]:
+            done = self.work / s / "done.json"
+            if not done.is_file():
+                raise RuntimeError(f"stage {s} has not finished in {self.work}: nothing to re-measure")
+            self.keys[s] = json.loads(done.read_text())["key"]
+        raft_path = Path(raft_path).resolve()
+        sha = hashlib.sha256(raft_path.read_bytes()).hexdigest()
+        size = self.recipes["data"]["size"]
+        instrument = {
+            "path": str(raft_path.relative_to(REPO)) if raft_path.is_relative_to(REPO) else str(raft_path),
+            "sha256": sha,
+            "static_uniform_flow": static_uniform_flow(load_toy_raft(raft_path), size),
+        }
+        return self.evaluate(self.recipes["eval"], raft_path, self.dir(f"eval_with_{sha[:12]}"), instrument)
+
+    def evaluate(self, r: dict, raft_path: Path, d: Path, instrument: dict | None = None) -> dict:
+        """Stage 7's work: every model rendered on the same captions and seeds, measured with the
+        RAFT at `raft_path`, per-video records cached in `d`; tables, plots and grids to the results."""
         from mogan_ds.eval.report import bar_chart
 
         from .plots import curves_png, pretraining_png, sample_grid_png
 
-        d = self.dir("eval")
         res = self.results
         res.mkdir(parents=True, exist_ok=True)
         fps = self.recipes["data"]["fps"]
@@ -647,7 +682,7 @@ class Experiment:
         held = load_clips(self.work / "data" / "heldout")
         train = load_clips(self.work / "data" / "train")
         texts = [held[i % len(held)][1]["caption"] for i in range(r["prompts"])]
-        raft = load_toy_raft(self.work / "raft" / "raft_small.pth")
+        raft = load_toy_raft(raft_path)
         bank = frame_bank([c[:f] for c, _ in train], r["nearest_size"])
         metrics = ToyMetrics(raft, fps, bank, r["nearest_size"])
         cfg = self.trainer_config("dmd")
@@ -656,6 +691,11 @@ class Experiment:
         real = [held[i % len(held)][0][:f] for i in range(r["prompts"])]
         data_recs = [metrics.video(v) for v in real]
         rows.append(results_row("data (held-out real)", data_recs, metrics.weights, r["bootstrap"]))
+        # The instrument's calibration on the real row: what the renderer says the clips move.
+        exact = [held[i % len(held)][1] for i in range(r["prompts"])]
+        rows[-1]["mean_flow_magnitude_exact"] = float(
+            np.mean([float(true_flow(m, t).norm(dim=0).mean()) for m in exact for t in range(f - 1)])
+        )
         grids["data"] = real[: r["grid_prompts"]]
         for name, path, teacher in self.model_list():
             cache = d / f"{name}.json"
@@ -675,9 +715,15 @@ class Experiment:
         paired = paired_table(per_video, r["bootstrap"])
         (res / "results.json").write_text(json.dumps(rows, indent=1))
         (res / "paired.json").write_text(json.dumps(paired, indent=1))
-        (res / "results.md").write_text(
-            results_markdown(rows, title) + "\n" + extra_table(rows, r, self) + paired_markdown(paired)
-        )
+        md = results_markdown(rows, title) + "\n" + extra_table(rows, r, self) + paired_markdown(paired)
+        if instrument is not None:
+            md += (
+                "\nRe-measured: every row above was measured with the toy RAFT at "
+                f"`{instrument['path']}` (sha256 {instrument['sha256'][:12]}), not the one the GAN trained "
+                f"with; on static uniform clips it reads {instrument['static_uniform_flow']} px/frame. The "
+                "VAE ceiling above is the training run's own stage-3 figure (its RAFT).\n"
+            )
+        (res / "results.md").write_text(md)
         bar_chart(rows, res / "results.png")
         curves_png(
             {"dmd": self.work / "dmd" / "run", **{n: self.work / "mogan" / n for n in self.recipes["mogan"]["rows"]}},
@@ -688,6 +734,8 @@ class Experiment:
             rows_v = {k: v[p] for k, v in grids.items()}
             sample_grid_png(rows_v, raft, texts[p], res / f"samples_prompt{p}.png")
         reports = {s: self.report(s) for s in STAGES[:-1]}
+        if instrument is not None:
+            reports["flow_instrument"] = instrument
         (res / "stages.json").write_text(json.dumps(reports, indent=1))
         return {
             row["model"]: {k: row[k] for k in ("dynamics_degree", "motion_smoothness", "mean_flow_magnitude")}
@@ -755,6 +803,7 @@ def extra_table(rows: list[dict], r: dict, exp: Experiment) -> str:
         s = f"{v * scale:.{dec}f}"
         return s + (f" [{ci[0] * scale:.{dec}f}, {ci[1] * scale:.{dec}f}]" if ci else "")
 
+    real = next(row for row in rows if "mean_flow_magnitude_exact" in row)
     lines = [
         "## With 95% bootstrap intervals (videos resampled)",
         "",
@@ -776,7 +825,9 @@ def extra_table(rows: list[dict], r: dict, exp: Experiment) -> str:
         "Dynamics: VBench's rule (evaluator's DynamicDegree) on the frozen toy RAFT at 20 iterations. "
         "Smoothness: VBench's frame-interpolation rule (evaluator's MotionSmoothness) with a flow-based "
         "interpolator on the toy RAFT, since AMT-S has no weights here. Mean flow: mean RAFT flow magnitude "
-        "over all pixels and frame pairs. Appearance: per-frame PSNR at "
+        "over all pixels and frame pairs; the real clips' exact mean flow (`synthetic.exact_flow`) is "
+        f"{real['mean_flow_magnitude_exact']:.3f} px/frame, which the instrument reads as "
+        f"{real['mean_flow_magnitude']:.3f}. Appearance: per-frame PSNR at "
         f"{r['nearest_size']}x{r['nearest_size']} to the nearest real training frame (higher = closer to the "
         "data's look). Aesthetic / imaging quality have no weights in the toy world (n/a).",
         "",

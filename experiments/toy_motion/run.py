@@ -1,6 +1,7 @@
 """The toy-world MoGAN experiment, one command (`make experiment`; stages cached and resumable).
 
     python -m experiments.toy_motion.run [--scale full|smoke] [--work DIR] [--results DIR] [--stages data raft ...]
+    python -m experiments.toy_motion.run --work DIR --remeasure-with OTHER/raft/raft_small.pth
 
 Stages: data, raft, vae, teacher, dmd, mogan, eval (README, "The toy-world experiment").
 The work is done by `experiments/toy_motion/pipeline.py`.
@@ -29,6 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="work folder (default .cache/toy_motion/<scale>)")
     ap.add_argument("--results", default=None, help="results folder (default: experiments/toy_motion/results at full)")
     ap.add_argument("--stages", nargs="*", choices=STAGES, help="only these stages (default: all not yet done)")
+    ap.add_argument(
+        "--remeasure-with",
+        metavar="RAFT_PTH",
+        help="instead of running stages: stage 7 on the work folder's finished models, measured with this "
+        "toy RAFT state dict (e.g. another run's raft/raft_small.pth)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -36,7 +43,11 @@ def main(argv=None) -> int:
     work = Path(args.work or REPO / ".cache" / "toy_motion" / args.scale)
     results = args.results or (HERE / "results" if args.scale == "full" else work / "results")
     t0 = time.time()
-    reports = Experiment(work, args.scale, results).run(args.stages)
+    exp = Experiment(work, args.scale, results)
+    if args.remeasure_with:
+        reports = {"eval": exp.remeasure(args.remeasure_with)}
+    else:
+        reports = exp.run(args.stages)
     print(json.dumps({"wall_seconds": round(time.time() - t0, 1), **reports}, indent=1))
     return 0
 
