@@ -196,6 +196,15 @@ def sp_mean(t: torch.Tensor, topo) -> torch.Tensor:
     return t / topo.sp_size
 
 
+def compare_grads(res: Results, name: str, model: nn.Module, ref: nn.Module, topo) -> None:
+    """Every parameter's gradient of the SP model (mean over its SP group) against the reference's."""
+    res.compare_many(
+        name,
+        {n: sp_mean(p.grad, topo) for n, p in model.named_parameters()},
+        {n: p.grad for n, p in ref.named_parameters()},
+    )
+
+
 def record_tokens(module: nn.Module, store: dict, key: str):
     # Registered after parallelize_*: runs after the (prepended) shard hook, sees what the block gets.
     def hook(mod, args, kwargs):
@@ -231,11 +240,7 @@ def check_sp_autograd(topo, res: Results) -> None:
     res.compare("sp_output", out, out_ref)
     res.compare("sp_loss", loss, loss_ref)
     res.compare("sp_input_grad", sp_mean(xs.grad, topo), xr.grad)
-    res.compare_many(
-        "sp_param_grads",
-        {n: sp_mean(p.grad, topo) for n, p in model.named_parameters()},
-        {n: p.grad for n, p in ref.named_parameters()},
-    )
+    compare_grads(res, "sp_param_grads", model, ref, topo)
 
 
 def check_chain(topo, res: Results) -> None:
@@ -270,16 +275,8 @@ def check_chain(topo, res: Results) -> None:
 
     res.compare("chain_loss", loss, loss_ref)
     res.compare("chain_input_grad", sp_mean(xs.grad, topo), xr.grad)
-    res.compare_many(
-        "chain_generator_grads",
-        {n: sp_mean(p.grad, topo) for n, p in G.named_parameters()},
-        {n: p.grad for n, p in G_ref.named_parameters()},
-    )
-    res.compare_many(
-        "chain_disc_grads",
-        {n: sp_mean(p.grad, topo) for n, p in D.named_parameters()},
-        {n: p.grad for n, p in D_ref.named_parameters()},
-    )
+    compare_grads(res, "chain_generator_grads", G, G_ref, topo)
+    compare_grads(res, "chain_disc_grads", D, D_ref, topo)
 
 
 def check_motion_chain(topo, res: Results) -> None:
@@ -330,11 +327,7 @@ def check_motion_chain(topo, res: Results) -> None:
     res.compare("motion_d_input", fake.d_input, fake_ref.d_input)
     res.compare("motion_loss", loss, loss_ref)
     res.compare("motion_input_grad", sp_mean(xs.grad, topo), xr.grad)
-    res.compare_many(
-        "motion_generator_grads",
-        {n: sp_mean(p.grad, topo) for n, p in G.named_parameters()},
-        {n: p.grad for n, p in G_ref.named_parameters()},
-    )
+    compare_grads(res, "motion_generator_grads", G, G_ref, topo)
 
 
 def _engine(model, topo, config):
