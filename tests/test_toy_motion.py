@@ -44,6 +44,10 @@ def test_every_stage_writes_its_artefacts(smoke):
     assert set(raft["static_uniform_flow"]) == {"uniform_0", "uniform_20", "uniform_128", "uniform_128_dimming"}
     assert all(math.isfinite(v) and v >= 0 for v in raft["static_uniform_flow"].values())
     assert (w / "vae" / "vae" / "config.json").is_file() and math.isfinite(reports["vae"]["heldout_psnr_db"])
+    per_frame = reports["vae"]["heldout_psnr_per_frame_db"]
+    assert len(per_frame) == exp.clip_frames() and all(math.isfinite(p) for p in per_frame)
+    with pytest.raises(ValueError, match="vae.train_frames=5"):  # a window short of the clip is refused
+        exp.stage_vae({**exp.recipes["vae"], "train_frames": 5})
     assert (w / "models" / "wan" / "model_index.json").is_file()
     assert (w / "models" / "generator" / "config.json").is_file()
     assert math.isfinite(reports["teacher"]["final_loss_last50"])
