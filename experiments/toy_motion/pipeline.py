@@ -410,6 +410,10 @@ class Experiment:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
             vae.save_pretrained(d / "vae")
             raft = load_toy_raft(self.work / "raft" / "raft_small.pth")
+
+            def psnr(mse) -> float:  # uint8 frames: peak 255
+                return 10 * math.log10(255.0**2 / max(float(mse), 1e-10))
+
             psnrs, per_frame, epe_rec, mag, mag_rec, flows, flows_rec = [], [], [], [], [], [], []
             clips = [clip for clip, _ in held[: r["eval_clips"]]]
             z = normalize_latents(vae, encode_mode(vae, [window(c, 0) for c in clips]))
@@ -417,7 +421,7 @@ class Experiment:
             for clip, rec in zip(clips, recs):
                 orig = clip[:f]
                 err = (rec.astype(np.float64) - orig.astype(np.float64)) ** 2
-                psnrs.append(10 * math.log10(255.0**2 / max(err.mean(), 1e-10)))
+                psnrs.append(psnr(err.mean()))
                 per_frame.append(err.reshape(len(err), -1).mean(axis=1))
                 fo, fr = clip_flow(raft, orig), clip_flow(raft, rec)
                 epe_rec.append(float(torch.linalg.vector_norm(fo - fr, dim=1).mean()))
@@ -428,9 +432,7 @@ class Experiment:
         return {
             "heldout_psnr_db": round(float(np.mean(psnrs)), 3),
             # per frame over the clips' pooled error: a latent chunk the VAE decodes badly shows here
-            "heldout_psnr_per_frame_db": [
-                round(10 * math.log10(255.0**2 / max(float(m), 1e-10)), 2) for m in np.mean(per_frame, axis=0)
-            ],
+            "heldout_psnr_per_frame_db": [round(psnr(m), 2) for m in np.mean(per_frame, axis=0)],
             "heldout_flow_epe_recon_vs_original": round(float(np.mean(epe_rec)), 4),
             "heldout_mean_flow_magnitude_original": round(float(np.mean(mag)), 4),
             "heldout_mean_flow_magnitude_recon": round(float(np.mean(mag_rec)), 4),
