@@ -112,6 +112,24 @@ def test_remeasure_with_the_stage2_raft_reproduces_stage7(smoke, tmp_path):
         Experiment(tmp_path / "empty", "smoke", tmp_path / "r2").remeasure(raft)
 
 
+def test_psnr_db_matches_hand_values_for_floats_and_tensors():
+    import numpy as np
+    import torch
+
+    from experiments.toy_motion.measure import frame_bank, nearest_psnr, psnr_db
+
+    # uint8 frames off by 1 everywhere: 20 log10(255) = 48.13 dB; [-1, 1] signal off by 0.02: 40 dB
+    assert psnr_db(1.0, peak=255.0) == pytest.approx(48.1308, abs=1e-4)
+    assert float(psnr_db(torch.tensor(4e-4), peak=2.0)) == pytest.approx(40.0, abs=1e-4)
+    assert psnr_db(0.0, peak=1.0) == pytest.approx(100.0)  # floored, finite
+    # nearest real frame: a bank holding the frames themselves plus a far frame reads the floor
+    frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    bank = frame_bank([frames, np.zeros_like(frames)], 16)
+    assert nearest_psnr(frames, bank, 16) > 60
+    shifted = frame_bank([np.clip(frames.astype(int) + 51, 0, 255).astype(np.uint8)], 16)
+    assert nearest_psnr(frames, shifted, 16) < 20
+
+
 def test_static_pairs_are_flat_or_smooth_at_zero_flow():
     import torch
 

@@ -7,6 +7,7 @@ importing the experiment driver.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,13 +195,24 @@ def frame_bank(clips: list[np.ndarray], size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area").flatten(1)
 
 
+def psnr_db(mse, peak: float):
+    """PSNR in dB of a mean squared error on a signal whose peak-to-peak range is `peak`.
+
+    `mse` is a float or a tensor (elementwise); it is floored at 1e-10 so identical signals give a
+    large finite figure rather than inf. Peaks in this experiment: 255 (uint8 frames), 2 (VAE
+    input in [-1, 1]), 1 (frames in [0, 1]).
+    """
+    if isinstance(mse, torch.Tensor):
+        return 10 * torch.log10(peak**2 / mse.clamp_min(1e-10))
+    return 10 * math.log10(peak**2 / max(float(mse), 1e-10))
+
+
 def nearest_psnr(frames: np.ndarray, bank: torch.Tensor, size: int) -> float:
     """Mean over the video's frames of the PSNR (at size x size) to the nearest real frame: appearance."""
     g = F.interpolate(to_unit(frames) * 0.5 + 0.5, size=(size, size), mode="area").flatten(1)
     # ||g - r||^2 / D for every pair, without materialising the differences.
     mse = (g.pow(2).sum(1, keepdim=True) - 2 * g @ bank.T + bank.pow(2).sum(1)[None]) / g.shape[1]
-    best = mse.clamp_min(1e-10).min(dim=1).values
-    return float((10 * torch.log10(1.0 / best)).mean())
+    return float(psnr_db(mse.min(dim=1).values, peak=1.0).mean())
 
 
 def bootstrap_ci(values, stat: Callable[[np.ndarray], float], n: int, seed: int = 0) -> list[float] | None:

@@ -39,6 +39,7 @@ from .measure import (
     heldout_epe,
     load_toy_raft,
     paired_difference,
+    psnr_db,
     results_row,
     static_pairs,
     static_uniform_flow,
@@ -395,7 +396,7 @@ class Experiment:
             mse = F.mse_loss(rec, x)
             kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
             loss = mse + F.l1_loss(rec, x) + r["kl_weight"] * kl
-            psnr = float(10 * torch.log10(4.0 / mse.detach()))  # signal range [-1, 1]: peak-to-peak 2
+            psnr = float(psnr_db(mse.detach(), peak=2.0))  # signal range [-1, 1]
             return loss, {"loss": float(loss.detach()), "kl": float(kl.detach()), "psnr": psnr}
 
         curve = fit(d / "ckpt.pt", r, vae, opt, _warmup_cosine(opt, r), gen, step_fn, "vae", self.echo)
@@ -411,9 +412,6 @@ class Experiment:
             vae.save_pretrained(d / "vae")
             raft = load_toy_raft(self.work / "raft" / "raft_small.pth")
 
-            def psnr(mse) -> float:  # uint8 frames: peak 255
-                return 10 * math.log10(255.0**2 / max(float(mse), 1e-10))
-
             psnrs, per_frame, epe_rec, mag, mag_rec, flows, flows_rec = [], [], [], [], [], [], []
             clips = [clip for clip, _ in held[: r["eval_clips"]]]
             z = normalize_latents(vae, encode_mode(vae, [window(c, 0) for c in clips]))
@@ -421,7 +419,7 @@ class Experiment:
             for clip, rec in zip(clips, recs):
                 orig = clip[:f]
                 err = (rec.astype(np.float64) - orig.astype(np.float64)) ** 2
-                psnrs.append(psnr(err.mean()))
+                psnrs.append(psnr_db(err.mean(), peak=255.0))  # uint8 frames
                 per_frame.append(err.reshape(len(err), -1).mean(axis=1))
                 fo, fr = clip_flow(raft, orig), clip_flow(raft, rec)
                 epe_rec.append(float(torch.linalg.vector_norm(fo - fr, dim=1).mean()))
@@ -432,7 +430,7 @@ class Experiment:
         return {
             "heldout_psnr_db": round(float(np.mean(psnrs)), 3),
             # per frame over the clips' pooled error: a latent chunk the VAE decodes badly shows here
-            "heldout_psnr_per_frame_db": [round(psnr(m), 2) for m in np.mean(per_frame, axis=0)],
+            "heldout_psnr_per_frame_db": [round(psnr_db(m, peak=255.0), 2) for m in np.mean(per_frame, axis=0)],
             "heldout_flow_epe_recon_vs_original": round(float(np.mean(epe_rec)), 4),
             "heldout_mean_flow_magnitude_original": round(float(np.mean(mag)), 4),
             "heldout_mean_flow_magnitude_recon": round(float(np.mean(mag_rec)), 4),
