@@ -112,6 +112,39 @@ def test_remeasure_with_the_stage2_raft_reproduces_stage7(smoke, tmp_path):
         Experiment(tmp_path / "empty", "smoke", tmp_path / "r2").remeasure(raft)
 
 
+@pytest.mark.slow
+def test_probe_d_reads_the_stage6_discriminator_on_every_category(smoke, tmp_path):
+    # The D probe (experiments/toy_motion/probe_d.py) on the smoke run's step-1 checkpoint: every
+    # held-out kind is scored with the clips the metadata says it has, the dimmed clips' intensity
+    # is the factor times the originals', and the generator's videos are stage 7's captions x seeds.
+    from experiments.toy_motion.pipeline import load_clips
+    from experiments.toy_motion.probe_d import main
+
+    exp, _ = smoke
+    w = exp.work
+    out = tmp_path / "probe"
+    argv = ["--work", str(w), "--run", str(w / "mogan" / "mogan"), "--scale", "smoke", "--dim", "0.5"]
+    assert main([*argv, "--model", f"dmd={w / 'dmd' / 'run' / 'export' / 'transformer'}", "--out", str(out)]) == 0
+    res = json.loads((out / "probe_d.json").read_text())
+    cats = res["categories"]
+    assert res["checkpoint"] == "step_00000001" and res["windows"] == [0, 1]
+    kinds = [m["kind"] for _, m in load_clips(w / "data" / "heldout")]
+    for kind in set(kinds):
+        assert cats[f"real: {kind}"]["clips"] == kinds.count(kind)
+    moving = [c for c in cats if c.startswith("real: ") and c != "real: static"]
+    n_moving = sum(cats[c]["clips"] for c in moving)
+    mean_intensity = sum(cats[c]["intensity"] * cats[c]["clips"] for c in moving) / n_moving
+    assert cats["real, moving, dimmed x0.5"]["clips"] == n_moving
+    assert cats["real, moving, dimmed x0.5"]["intensity"] == pytest.approx(0.5 * mean_intensity, abs=2e-4)
+    r = exp.recipes["eval"]
+    assert cats["generated: dmd"]["clips"] == r["prompts"] * len(r["seeds"])
+    for s in cats.values():
+        assert all(math.isfinite(v) for v in s.values()) and 0 < s["p_real"] < 1 and s["flow"] >= 0
+    assert "| generated: dmd |" in (out / "probe_d.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*argv, "--model", "no_equals_sign"])
+
+
 def test_psnr_db_matches_hand_values_for_floats_and_tensors():
     import numpy as np
     import torch
