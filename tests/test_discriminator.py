@@ -156,6 +156,10 @@ def test_window_spec_parses_checks_and_draws():
     assert set(starts) == {0, 1}
     assert spec.draw(torch.Generator().manual_seed(0)).start == starts[0]  # seeded: every rank draws alike
     assert WindowSpec.from_config(GANConfig(window=4, window_start="3"), 13).draw() == Window(3, 4)
+    # the starts every draw, the config check and the toy's D probe use
+    assert spec.starts() == range(0, 2)
+    assert WindowSpec.from_config(GANConfig(window=4, window_start="3"), 13).starts() == range(3, 4)
+    assert WindowSpec.from_config(GANConfig(window=1), 13).starts() == range(1, 13)  # flow: never chunk 0 alone
     assert Window(1, 12).frames == (1, 49) and Window(0, 13).frames == (0, 49) and Window(2, 2).context_frames == 13
     with pytest.raises(ValueError, match="does not fit"):
         WindowSpec.from_config(GANConfig(window=4, window_start="10"), 13)

@@ -87,6 +87,42 @@ def test_a_second_run_finds_every_stage_cached(smoke):
 
 
 @pytest.mark.slow
+def test_a_saved_stage_is_reused_by_a_new_work_folder_only_under_its_recipes(smoke, tmp_path):
+    # A long stage's models kept outside the work folder (--save-stage, without the training
+    # checkpoint) are taken as a fresh folder's finished stage when its recipes match, and the
+    # stages after it build on them; a folder made by other recipes is refused, naming the stages.
+    from experiments.toy_motion.pipeline import Experiment
+    from experiments.toy_motion.run import main
+
+    exp, reports = smoke
+    saved = exp.save_stage("vae", tmp_path / "saved_vae")
+    assert (saved / "vae" / "config.json").is_file() and (saved / "curve.json").is_file()
+    assert not (saved / "ckpt.pt").exists() and (exp.work / "vae" / "ckpt.pt").is_file()
+    with pytest.raises(FileExistsError):
+        exp.save_stage("vae", saved)
+    with pytest.raises(RuntimeError, match="stage teacher has not finished"):
+        Experiment(tmp_path / "empty", "smoke").save_stage("teacher", tmp_path / "t")
+
+    fresh = Experiment(tmp_path / "fresh", "smoke", echo=lambda *_: None)
+    fresh.reuse_stage("vae", saved)
+    assert fresh.done("vae")["report"] == reports["vae"] and fresh.done("data") is None
+    other = Experiment(tmp_path / "other", "smoke", echo=lambda *_: None)
+    other.keys = {**other.keys, "vae": "another recipe"}
+    with pytest.raises(ValueError, match="stages data, raft, vae"):
+        other.reuse_stage("vae", saved)
+    with pytest.raises(FileNotFoundError, match="no finished stage"):
+        fresh.reuse_stage("teacher", tmp_path / "empty")
+    # through the command: the reused stage is cached, the stages before it run
+    argv = ["--scale", "smoke", "--work", str(tmp_path / "cli"), "--stages", "data", "vae"]
+    assert main([*argv, "--reuse-stage", f"vae={saved}", "--save-stage", f"data={tmp_path / 'saved_data'}"]) == 0
+    again = Experiment(tmp_path / "cli", "smoke")
+    assert again.done("vae")["report"] == reports["vae"] and again.done("data")["report"]["train_clips"] > 0
+    assert (tmp_path / "saved_data" / "done.json").is_file()
+    with pytest.raises(SystemExit):
+        main([*argv, "--reuse-stage", f"vea={saved}"])
+
+
+@pytest.mark.slow
 def test_remeasure_with_the_stage2_raft_reproduces_stage7(smoke, tmp_path):
     # Re-measuring the finished models with the RAFT they trained with gives stage 7's table back
     # (same captions, seeds, metrics), even when a recipe key no longer matches (the keys the
@@ -155,7 +191,7 @@ def test_psnr_db_matches_hand_values_for_floats_and_tensors():
     assert psnr_db(1.0, peak=255.0) == pytest.approx(48.1308, abs=1e-4)
     assert float(psnr_db(torch.tensor(4e-4), peak=2.0)) == pytest.approx(40.0, abs=1e-4)
     assert psnr_db(0.0, peak=1.0) == pytest.approx(100.0)  # floored, finite
-    # nearest real frame: a bank holding the frames themselves plus a far frame reads the floor
+    # nearest real frame: a bank holding the frames themselves plus a far frame reads > 60 dB
     frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     bank = frame_bank([frames, np.zeros_like(frames)], 16)
     assert nearest_psnr(frames, bank, 16) > 60

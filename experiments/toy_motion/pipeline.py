@@ -253,6 +253,42 @@ class Experiment:
             self.echo(f"[toy] {s}: {json.dumps(report)}")
         return {s: (self.done(s) or {}).get("report") for s in STAGES}
 
+    # Training state a finished stage keeps for resuming, not needed downstream.
+    TRAINING_STATE = ("ckpt.pt", "key")
+
+    def save_stage(self, stage: str, dest: str | Path) -> Path:
+        """Copy a finished stage's folder to `dest` without its training state (`ckpt.pt`), e.g. to
+        keep a long stage's models (stage 3's VAE: 90 minutes here) for a later work folder."""
+        if self.done(stage) is None:
+            raise RuntimeError(f"stage {stage} has not finished in {self.work} under the current recipes")
+        dest = Path(dest)
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists; saving a stage does not overwrite")
+        shutil.copytree(self.work / stage, dest, ignore=shutil.ignore_patterns(*self.TRAINING_STATE))
+        return dest
+
+    def reuse_stage(self, stage: str, src: str | Path) -> None:
+        """Take a stage saved by `save_stage` (or another work folder's) as this folder's finished
+        stage. Its key must be this experiment's: the same recipes for it and every stage before it.
+        Training a stage again on the same recipes does not give bit-identical models (threaded CPU
+        kernels), so reusing is how a later run changes only the stages it means to."""
+        src = Path(src)
+        done = src / "done.json"
+        if not done.is_file():
+            raise FileNotFoundError(f"{src} holds no finished stage (no done.json)")
+        key = json.loads(done.read_text()).get("key")
+        if key != self.keys[stage]:
+            raise ValueError(
+                f"{src} was made by other recipes than this experiment's for stages "
+                f"{', '.join(STAGES[: STAGES.index(stage) + 1])} (key {key}, expected {self.keys[stage]})"
+            )
+        if self.done(stage):
+            return
+        if (self.work / stage).exists():
+            shutil.rmtree(self.work / stage)
+        shutil.copytree(src, self.work / stage)
+        (self.work / stage / "key").write_text(self.keys[stage])
+
     # ------------------------------------------------------------------ 1: data
 
     def stage_data(self, r: dict) -> dict:

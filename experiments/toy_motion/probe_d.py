@@ -75,9 +75,7 @@ class Probe:
         raft = load_raft(self.cfg.models.raft, self.cfg.models.raft_arch)
         self.path = MotionPath.from_config(self.cfg.gan, self.cfg.latent_frames, vae, raft, checkpoint=False)
         spec = self.path.window
-        first = spec.start if isinstance(spec.start, int) else spec.min_start
-        last = spec.start if isinstance(spec.start, int) else spec.num_latent - spec.length
-        self.windows = [Window(s, spec.length) for s in range(first, last + 1)]
+        self.windows = [Window(s, spec.length) for s in spec.starts()]
 
     @torch.no_grad()
     def score(self, videos: list[torch.Tensor], batch: int = 4) -> list[dict]:
@@ -92,7 +90,7 @@ class Probe:
                 logits.append(self.disc(s.d_input))
                 flows.append(s.flow.norm(dim=1).flatten(1).mean(1))
             logit, flow = torch.stack(logits).mean(0), torch.stack(flows).mean(0)
-            prob = torch.stack([torch.sigmoid(x) for x in logits]).mean(0)
+            prob = torch.sigmoid(torch.stack(logits)).mean(0)
             unit = ((clip + 1) / 2).mean(1)  # [B, F, H, W] intensity
             light, contrast = unit.flatten(1).mean(1), unit.flatten(2).std(2).mean(1)
             for j in range(len(clip)):

@@ -2,6 +2,7 @@
 
     python -m experiments.toy_motion.run [--scale full|smoke] [--work DIR] [--results DIR] [--stages data raft ...]
     python -m experiments.toy_motion.run --work DIR --remeasure-with OTHER/raft/raft_small.pth
+    python -m experiments.toy_motion.run --work DIR --reuse-stage vae=SAVED/vae [--save-stage STAGE=DIR]
 
 Stages: data, raft, vae, teacher, dmd, mogan, eval (README, "The toy-world experiment").
 The work is done by `experiments/toy_motion/pipeline.py`.
@@ -36,7 +37,30 @@ def main(argv=None) -> int:
         help="instead of running stages: stage 7 on the work folder's finished models, measured with this "
         "toy RAFT state dict (e.g. another run's raft/raft_small.pth)",
     )
+    ap.add_argument(
+        "--reuse-stage",
+        action="append",
+        default=[],
+        metavar="STAGE=DIR",
+        help="take DIR (saved by --save-stage, or another work folder's stage) as this work folder's finished "
+        "STAGE; refused unless made by the same recipes",
+    )
+    ap.add_argument(
+        "--save-stage",
+        action="append",
+        default=[],
+        metavar="STAGE=DIR",
+        help="after the run, copy the finished STAGE's folder to DIR without its training checkpoint",
+    )
     args = ap.parse_args(argv)
+    pairs = {}
+    for opt in ("reuse_stage", "save_stage"):
+        pairs[opt] = []
+        for item in getattr(args, opt):
+            stage, sep, folder = item.partition("=")
+            if not sep or stage not in STAGES or not folder:
+                ap.error(f"--{opt.replace('_', '-')} takes STAGE=DIR with STAGE one of {', '.join(STAGES)}: {item!r}")
+            pairs[opt].append((stage, folder))
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -44,10 +68,14 @@ def main(argv=None) -> int:
     results = args.results or (HERE / "results" if args.scale == "full" else work / "results")
     t0 = time.time()
     exp = Experiment(work, args.scale, results)
+    for stage, folder in pairs["reuse_stage"]:
+        exp.reuse_stage(stage, folder)
     if args.remeasure_with:
         reports = {"eval": exp.remeasure(args.remeasure_with)}
     else:
         reports = exp.run(args.stages)
+    for stage, folder in pairs["save_stage"]:
+        exp.save_stage(stage, folder)
     print(json.dumps({"wall_seconds": round(time.time() - t0, 1), **reports}, indent=1))
     return 0
 

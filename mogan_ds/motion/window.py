@@ -75,28 +75,33 @@ class WindowSpec:
         spec.check()
         return spec
 
+    def starts(self) -> range:
+        """The first chunks a window may take: the fixed start alone, or every start from
+        `min_start` to `num_latent - length` (empty if the window does not fit)."""
+        if self.start == RANDOM:
+            return range(self.min_start, self.num_latent - self.length + 1)
+        return range(int(self.start), int(self.start) + 1)
+
     def check(self) -> None:
         n, w = self.num_latent, self.length
         if w < 1:
             raise ValueError(f"a window needs at least one latent chunk, got {w}")
-        if self.min_start + w > n:
+        fits = range(self.min_start, n - w + 1)
+        if not fits:
             raise ValueError(
                 f"a window of {w} latent chunks does not fit the clip's {n}"
                 + (f" from chunk {self.min_start} on" if self.min_start else "")
             )
-        if self.start != RANDOM and not self.min_start <= self.start <= n - w:
+        if self.start != RANDOM and self.start not in fits:
             raise ValueError(
                 f"window [{self.start}, {self.start + w}) does not fit {n} latent chunks "
-                f"(allowed starts {self.min_start}..{n - w})"
+                f"(allowed starts {fits.start}..{fits.stop - 1})"
             )
 
     def draw(self, generator: torch.Generator | None = None) -> Window:
         """This step's window: the fixed start, or a uniform draw from `generator` (seeded
         identically on every rank: the window sets how many network calls the step makes)."""
-        if self.start == RANDOM:
-            start = int(
-                torch.randint(self.min_start, self.num_latent - self.length + 1, (1,), generator=generator).item()
-            )
-        else:
-            start = int(self.start)
-        return Window(start, self.length)
+        starts = self.starts()
+        if self.start == RANDOM:  # draws even when one start fits: the generator advances alike
+            return Window(int(torch.randint(starts.start, starts.stop, (1,), generator=generator).item()), self.length)
+        return Window(starts.start, self.length)
