@@ -226,6 +226,30 @@ def test_static_pairs_are_flat_or_smooth_at_zero_flow():
     assert checked > 48
 
 
+def test_kept_stages_are_reusable_under_the_recipes_on_main(tmp_path):
+    # experiments/toy_motion/kept/ holds stages 2 and 3 (README, "Kept stages"): a full-size work
+    # folder takes them only while their keys are main's recipes' keys, so a change to the recipes
+    # of stages 1-3 fails here until the stages are saved again. The kept RAFT is the committed one.
+    import hashlib
+
+    from diffusers import AutoencoderKLWan
+
+    from experiments.toy_motion.pipeline import HERE, Experiment
+
+    kept = HERE / "kept"
+    exp = Experiment(tmp_path / "work", "full", echo=lambda *_: None)
+    for stage in ("raft", "vae"):
+        exp.reuse_stage(stage, kept / stage)
+        assert exp.done(stage) is not None, stage
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert sha(exp.work / "raft" / "raft_small.pth") == sha(HERE / "results" / "raft_small.pth")
+    vae = AutoencoderKLWan.from_pretrained(exp.work / "vae" / "vae")
+    arch = exp.recipes["vae"]["arch"]
+    assert vae.config.base_dim == arch["base_dim"] and vae.config.z_dim == arch["z_dim"]
+    assert len(vae.config.latents_mean) == arch["z_dim"]  # stage 3 measured the latent statistics
+    assert not any(p.name == "ckpt.pt" for p in kept.rglob("*"))  # models only, no training state
+
+
 def test_committed_toy_raft_reads_no_motion_on_static_uniform_clips():
     # The instrument's artefact the second toy run found (~3 px/frame on flat clips): gone.
     from experiments.toy_motion.measure import load_toy_raft, static_uniform_flow
