@@ -11,6 +11,7 @@
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -112,6 +113,17 @@ def test_a_saved_stage_is_reused_by_a_new_work_folder_only_under_its_recipes(smo
         other.reuse_stage("vae", saved)
     with pytest.raises(FileNotFoundError, match="no finished stage"):
         fresh.reuse_stage("teacher", tmp_path / "empty")
+    # the teacher's stage carries the WanPipeline release it writes beside its folder
+    teacher = exp.save_stage("teacher", tmp_path / "saved_teacher")
+    assert (teacher / "beside" / "models" / "wan" / "model_index.json").is_file()
+    assert not (teacher / "latents.pt").exists() and (exp.work / "teacher" / "latents.pt").is_file()
+    fresh.reuse_stage("teacher", teacher)
+    assert fresh.done("teacher")["report"] == reports["teacher"] and not (fresh.work / "teacher" / "beside").exists()
+    for f in ("wan/transformer/config.json", "generator/config.json"):
+        assert (fresh.work / "models" / f).read_bytes() == (exp.work / "models" / f).read_bytes(), f
+    shutil.rmtree(teacher / "beside")
+    with pytest.raises(FileNotFoundError, match="lacks what stage teacher writes beside"):
+        Experiment(tmp_path / "third", "smoke").reuse_stage("teacher", teacher)
     # through the command: the reused stage is cached, the stages before it run
     argv = ["--scale", "smoke", "--work", str(tmp_path / "cli"), "--stages", "data", "vae"]
     assert main([*argv, "--reuse-stage", f"vae={saved}", "--save-stage", f"data={tmp_path / 'saved_data'}"]) == 0

@@ -253,18 +253,25 @@ class Experiment:
             self.echo(f"[toy] {s}: {json.dumps(report)}")
         return {s: (self.done(s) or {}).get("report") for s in STAGES}
 
-    # Training state a finished stage keeps for resuming, not needed downstream.
-    TRAINING_STATE = ("ckpt.pt", "key")
+    # What a finished stage keeps only to resume, not needed downstream: the training checkpoint
+    # (model, optimiser, RNG) and the teacher's encoded training windows (24 MB at full size).
+    TRAINING_STATE = ("ckpt.pt", "latents.pt", "key")
+    # Folders a stage writes beside its own: the teacher writes the WanPipeline release (models/)
+    # every later stage loads. A saved stage holds them under `beside/`.
+    BESIDE = {"teacher": ("models",)}
 
     def save_stage(self, stage: str, dest: str | Path) -> Path:
-        """Copy a finished stage's folder to `dest` without its training state (`ckpt.pt`), e.g. to
-        keep a long stage's models (stage 3's VAE: 90 minutes here) for a later work folder."""
+        """Copy a finished stage's folder (and the folders it writes beside it) to `dest` without its
+        training state, e.g. to keep a long stage's models (stage 3's VAE: 60-90 minutes here) for
+        a later work folder."""
         if self.done(stage) is None:
             raise RuntimeError(f"stage {stage} has not finished in {self.work} under the current recipes")
         dest = Path(dest)
         if dest.exists():
             raise FileExistsError(f"{dest} exists; saving a stage does not overwrite")
         shutil.copytree(self.work / stage, dest, ignore=shutil.ignore_patterns(*self.TRAINING_STATE))
+        for name in self.BESIDE.get(stage, ()):
+            shutil.copytree(self.work / name, dest / "beside" / name)
         return dest
 
     def reuse_stage(self, stage: str, src: str | Path) -> None:
@@ -284,9 +291,16 @@ class Experiment:
             )
         if self.done(stage):
             return
-        if (self.work / stage).exists():
-            shutil.rmtree(self.work / stage)
-        shutil.copytree(src, self.work / stage)
+        beside = [src / "beside" / name for name in self.BESIDE.get(stage, ())]
+        missing = [str(b) for b in beside if not b.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{src} lacks what stage {stage} writes beside its folder: {', '.join(missing)}")
+        for d in [stage, *(b.name for b in beside)]:
+            if (self.work / d).exists():
+                shutil.rmtree(self.work / d)
+        shutil.copytree(src, self.work / stage, ignore=shutil.ignore_patterns("beside"))
+        for b in beside:
+            shutil.copytree(b, self.work / b.name)
         (self.work / stage / "key").write_text(self.keys[stage])
 
     # ------------------------------------------------------------------ 1: data
