@@ -75,18 +75,20 @@ class WindowSpec:
         spec.check()
         return spec
 
+    def fitting(self) -> range:
+        """Every first chunk at which the window fits the clip: `min_start` to
+        `num_latent - length` (empty if it fits nowhere)."""
+        return range(self.min_start, self.num_latent - self.length + 1)
+
     def starts(self) -> range:
-        """The first chunks a window may take: the fixed start alone, or every start from
-        `min_start` to `num_latent - length` (empty if the window does not fit)."""
-        if self.start == RANDOM:
-            return range(self.min_start, self.num_latent - self.length + 1)
-        return range(int(self.start), int(self.start) + 1)
+        """The first chunks this spec takes: the fixed start alone, or every fitting one."""
+        return self.fitting() if self.start == RANDOM else range(int(self.start), int(self.start) + 1)
 
     def check(self) -> None:
         n, w = self.num_latent, self.length
         if w < 1:
             raise ValueError(f"a window needs at least one latent chunk, got {w}")
-        fits = range(self.min_start, n - w + 1)
+        fits = self.fitting()
         if not fits:
             raise ValueError(
                 f"a window of {w} latent chunks does not fit the clip's {n}"
