@@ -254,7 +254,8 @@ class Experiment:
         return {s: (self.done(s) or {}).get("report") for s in STAGES}
 
     # What a finished stage keeps only to resume, not needed downstream: the training checkpoint
-    # (model, optimiser, RNG) and the teacher's encoded training windows (24 MB at full size).
+    # (model, optimiser, RNG) and the teacher's encoded training windows (24 MB at full size); the
+    # key file, which reusing writes anew.
     TRAINING_STATE = ("ckpt.pt", "latents.pt", "key")
     # Folders a stage writes beside its own: the teacher writes the WanPipeline release (models/)
     # every later stage loads. A saved stage holds them under `beside/`.

@@ -25,6 +25,14 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 from experiments.toy_motion.pipeline import HERE, REPO, STAGES, Experiment  # noqa: E402
 
 
+def stage_dir(item: str) -> tuple[str, str]:
+    """argparse type of --reuse-stage / --save-stage: STAGE=DIR -> (STAGE, DIR)."""
+    stage, sep, folder = item.partition("=")
+    if not sep or stage not in STAGES or not folder:
+        raise argparse.ArgumentTypeError(f"expected STAGE=DIR with STAGE one of {', '.join(STAGES)}, got {item!r}")
+    return stage, folder
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=("full", "smoke"), default="full")
@@ -41,6 +49,7 @@ def main(argv=None) -> int:
         "--reuse-stage",
         action="append",
         default=[],
+        type=stage_dir,
         metavar="STAGE=DIR",
         help="take DIR (saved by --save-stage, or another work folder's stage) as this work folder's finished "
         "STAGE; refused unless made by the same recipes",
@@ -49,18 +58,11 @@ def main(argv=None) -> int:
         "--save-stage",
         action="append",
         default=[],
+        type=stage_dir,
         metavar="STAGE=DIR",
         help="after the run, copy the finished STAGE's folder to DIR without its training checkpoint",
     )
     args = ap.parse_args(argv)
-    pairs = {}
-    for opt in ("reuse_stage", "save_stage"):
-        pairs[opt] = []
-        for item in getattr(args, opt):
-            stage, sep, folder = item.partition("=")
-            if not sep or stage not in STAGES or not folder:
-                ap.error(f"--{opt.replace('_', '-')} takes STAGE=DIR with STAGE one of {', '.join(STAGES)}: {item!r}")
-            pairs[opt].append((stage, folder))
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -68,13 +70,13 @@ def main(argv=None) -> int:
     results = args.results or (HERE / "results" if args.scale == "full" else work / "results")
     t0 = time.time()
     exp = Experiment(work, args.scale, results)
-    for stage, folder in pairs["reuse_stage"]:
+    for stage, folder in args.reuse_stage:
         exp.reuse_stage(stage, folder)
     if args.remeasure_with:
         reports = {"eval": exp.remeasure(args.remeasure_with)}
     else:
         reports = exp.run(args.stages)
-    for stage, folder in pairs["save_stage"]:
+    for stage, folder in args.save_stage:
         exp.save_stage(stage, folder)
     print(json.dumps({"wall_seconds": round(time.time() - t0, 1), **reports}, indent=1))
     return 0
