@@ -34,11 +34,11 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
 
     from mogan_ds.config import load_config
-    from mogan_ds.trainer import PHASES, MoGANTrainer
+    from mogan_ds.train.trainer import PHASES, MoGANTrainer
 
     overrides = list(args.overrides)
     if args.config == "tiny":
-        from mogan_ds.demo import prepare_tiny_workdir, tiny_overrides
+        from mogan_ds.cli.demo import prepare_tiny_workdir, tiny_overrides
 
         overrides = tiny_overrides(prepare_tiny_workdir(args.workdir)) + overrides
     run_dir = tempfile.mkdtemp(prefix="mogan_bench_")

@@ -128,9 +128,9 @@ def worker(args) -> None:
     on_cpu = get_accelerator().device_name() == "cpu"
     if args.role == "teacher":
         from mogan_ds.config import load_config
-        from mogan_ds.engines import build_teacher_engine, teacher_ds_config
         from mogan_ds.models.builders import freeze
         from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
+        from mogan_ds.train.engines import build_teacher_engine, teacher_ds_config
 
         # The tiny recipe's batch arithmetic (batch 2) at bf16: only precision and ZeRO keys matter here.
         cfg = load_config("tiny", ["models.frozen_dtype=bf16"])
@@ -168,7 +168,7 @@ def worker(args) -> None:
 
 
 def launch(mode: str, world: int, model: Path, out: Path, role: str = "generator") -> list[dict]:
-    from mogan_ds.launcher import deepspeed_command, launch_env
+    from mogan_ds.cli.launcher import deepspeed_command, launch_env
 
     cmd = deepspeed_command(
         world, __file__, ["--worker", "--mode", mode, "--role", role, "--model", str(model), "--out", str(out)]

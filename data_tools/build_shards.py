@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 from mogan_ds.data.shard_build import read_inputs, run_build
 
 

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 from mogan_ds.data.prompts import encode_prompt_folder, read_prompts
 from mogan_ds.data.shard_build import ManifestError
 from mogan_ds.data.wan_prompts import WAN_NEGATIVE_PROMPT

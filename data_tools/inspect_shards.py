@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 from mogan_ds.data.shard_inspect import inspect_shards, report_lines
 from mogan_ds.data.streaming import expand_shards
 

@@ -35,7 +35,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ Weights (all local diffusers-format folders, nothing is downloaded):
   --checkpoint DIR    a training run's exported generator in that format, the first of
                       DIR, DIR/transformer, DIR/generator, DIR/export/transformer,
                       DIR/export/generator that holds one. The trainer's export
-                      (mogan_ds/export.py) is `<run_dir>/export/`, a WanPipeline folder
+                      (mogan_ds/checkpoint/export.py) is `<run_dir>/export/`, a WanPipeline folder
                       whose transformer/ is the generator, so `--checkpoint <run_dir>` works.
                       DeepSpeed engine checkpoints (`<run_dir>/checkpoints/step_N/`) hold
                       ZeRO partitions, not a diffusers folder: export them first.
@@ -38,7 +38,7 @@ the same seed on the same machine gives identical frames.
 Errors: a missing or malformed prompts/embeddings file, a --checkpoint or --generator
 folder that does not exist, missing weights or a bad setting end in one line on stderr
 naming the path or key, exit code 2 (--debug shows the traceback). The library part is
-`mogan_ds.generate`.
+`mogan_ds.sampling.generate`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 
 
 def _default_device() -> str:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
     with user_errors(args.debug, "sample.py") as outcome:
-        from mogan_ds.generate import generate_samples
+        from mogan_ds.sampling.generate import generate_samples
 
         kwargs = {k: v for k, v in vars(args).items() if k != "debug"}
         kwargs["device"] = kwargs["device"] or _default_device()

@@ -24,7 +24,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_debug_flag, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     # training are not input mistakes and keep their traceback.
     with user_errors(args.debug, "train.py") as outcome:
         from mogan_ds.config import load_config
-        from mogan_ds.engines import load_ds_config
+        from mogan_ds.train.engines import load_ds_config
 
         cfg = load_config(args.config, args.overrides)
         load_ds_config(args.ds_config)  # checked before the process group starts
-        from mogan_ds.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
+        from mogan_ds.train.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
 
         trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume)
     if outcome.exit_code:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_debug_flag, user_errors
+from .cli.errors import add_debug_flag, user_errors
+from .cli.export import add_arguments as add_export_arguments
 from .config import load_config
-from .export_cli import add_arguments as add_export_arguments
 from .plan.command import add_arguments as add_plan_arguments
 from .plan.command import run as run_plan
 
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # the heavy modules (DeepSpeed, diffusers) load.
     with user_errors(args.debug, f"python -m mogan_ds {args.cmd}") as outcome:
         if args.cmd == "info":
-            from .info import format_help_keys, run_info
+            from .cli.info import format_help_keys, run_info
 
             if args.help_keys:
                 print(format_help_keys())
                 return 0
-            from .engines import load_ds_config
+            from .train.engines import load_ds_config
 
             cfg = load_config(args.config, args.overrides)
             # The trainer's own reader: a missing, malformed or clashing JSON fails here too.
@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             print(run_plan(args))
             return 0
         if args.cmd == "export":
-            from .export_cli import run as run_export
+            from .cli.export import run as run_export
 
             run_export(args)
             return 0
         if args.cmd == "demo":
-            from .demo import run_demo
-            from .engines import load_ds_config
+            from .cli.demo import run_demo
+            from .train.engines import load_ds_config
 
             # Bad overrides or a bad JSON fail here, before tiny models and shards are built
             # and before every launched rank would print the same error.

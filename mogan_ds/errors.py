@@ -1,6 +1,6 @@
 """Error types for mistakes in what a user gave: a setting, a path, a file's content.
 
-Command-line entry points (`mogan_ds.cli.user_errors`) print these as one line and exit
+Command-line entry points (`mogan_ds.cli.errors.user_errors`) print these as one line and exit
 with code 2 instead of a traceback, so the types say "the input is wrong, the code is
 not". This module imports nothing, so any part of the package can raise them.
 """

@@ -1,7 +1,7 @@
 """Names of the scalars a training step logs: one place, so producers and readers agree.
 
 The loss modules (`mogan_ds/losses/*.py`) put these keys into their ``(loss, logs)``
-dicts, the trainer adds its own, and `metrics.MetricsLogger` (progress bar) and the tests
+dicts, the trainer adds its own, and `train.metrics.MetricsLogger` (progress bar) and the tests
 read them. A name written as a string literal in two places drifted before: the progress
 bar asked for ``gan_g_loss`` / ``gan_d_loss`` while the losses logged ``g_gan_loss`` /
 ``d_loss``, so the bar never showed the GAN. `tests/test_metric_names.py` checks that

@@ -30,7 +30,7 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
     """Tiny models + a small synthetic shard set + prompt embeddings; returns the recipe overrides."""
-    from mogan_ds.demo import prepare_tiny_workdir, tiny_overrides
+    from mogan_ds.cli.demo import prepare_tiny_workdir, tiny_overrides
 
     paths = prepare_tiny_workdir(tmp_path_factory.mktemp("tiny_workdir"), clips=12, frames=16)
     return tiny_overrides(paths)

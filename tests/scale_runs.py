@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 
-from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
 STEPS = 2

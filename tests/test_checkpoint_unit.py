@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mogan_ds.checkpoint import CheckpointManager
+from mogan_ds.checkpoint.manager import CheckpointManager
 
 
 class FakeEngine:

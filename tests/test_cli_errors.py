@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from mogan_ds.__main__ import main as mogan_main
-from mogan_ds.cli import user_errors
+from mogan_ds.cli.errors import user_errors
 from mogan_ds.config import ConfigError
 from mogan_ds.errors import BadFileError
-from mogan_ds.generate import load_prompt_embeds, read_prompt_file, resolve_generator_folder
 from mogan_ds.models.builders import MissingWeightsError
+from mogan_ds.sampling.generate import load_prompt_embeds, read_prompt_file, resolve_generator_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

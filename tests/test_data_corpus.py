@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import mogan_ds.networks as networks_mod
-import mogan_ds.trainer as trainer_mod
+import mogan_ds.train.networks as networks_mod
+import mogan_ds.train.trainer as trainer_mod
+from mogan_ds.cli.launcher import REPO
 from mogan_ds.config import DataConfig, VideoConfig, load_config
 from mogan_ds.data.corpus import MotionClipStream
 from mogan_ds.data.prompts import NegativePromptMismatchError
 from mogan_ds.data.shard_build import read_inputs, run_build, write_tar_atomic
 from mogan_ds.data.streaming import check_shard_source, expand_shards, iter_shard
 from mogan_ds.data.video import encode_mp4, write_mp4
-from mogan_ds.launcher import REPO
 
 SRC_FPS, SRC_FRAMES = 16, 24
 

@@ -8,7 +8,7 @@ or an export read from the bf16 copy would miss the whole of training.
 import pytest
 import torch
 
-from mogan_ds.ema import ShardedEMA
+from mogan_ds.train.ema import ShardedEMA
 
 STEPS, LR, DECAY = 4, 1e-5, 0.5
 
@@ -57,7 +57,7 @@ def _bf16_engine(stage: int):
 def _full_masters(module):
     from deepspeed.utils import safe_get_full_fp32_param
 
-    # DeepSpeed's own accessor, independent of mogan_ds.master_weights.
+    # DeepSpeed's own accessor, independent of mogan_ds.checkpoint.master_weights.
     return [safe_get_full_fp32_param(p).detach().clone() for p in module.parameters()]
 
 
@@ -70,7 +70,7 @@ def _compute_copy(module):
 
 @pytest.mark.parametrize("stage", [3, 2])
 def test_ema_follows_fp32_masters_of_a_bf16_engine(stage, tmp_path):
-    from mogan_ds.export import full_fp32_state_dict
+    from mogan_ds.checkpoint.export import full_fp32_state_dict
 
     engine = _bf16_engine(stage)
     module = engine.module

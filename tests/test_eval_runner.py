@@ -186,7 +186,7 @@ def test_two_ranks_split_the_videos_and_rank0_writes_the_table(tiny_models, tmp_
     """Under the deepspeed launcher the videos are split across ranks and rank 0 gathers them."""
     import subprocess
 
-    from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+    from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 
     (tmp_path / "prompts.txt").write_text(PROMPTS + "a dog runs\n")
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from scale_runs import reference_run
 
-from mogan_ds.launcher import REPO, launch_env
+from mogan_ds.cli.launcher import REPO, launch_env
 
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -44,7 +44,7 @@ def test_cli_ema_export_equals_the_trainers_export(run, tmp_path):
         assert sorted(p.name for p in (out / sub).iterdir()) == sorted(p.name for p in (run / "export" / sub).iterdir())
 
     # The critics as plain state dicts: every parameter of the discriminator and fake score.
-    from mogan_ds.consolidate import engine_fp32_state_dict
+    from mogan_ds.checkpoint.consolidate import engine_fp32_state_dict
 
     ckpt = run / "checkpoints" / "step_00000002"
     for role in ("fake_score", "discriminator"):

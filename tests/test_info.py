@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 from mogan_ds.__main__ import main
+from mogan_ds.cli.info import plan_networks
 from mogan_ds.config import Config, field_help, load_config, to_dict
-from mogan_ds.info import plan_networks
 
 WAN_1_3B_PARAMS = 1_418_996_800
 

@@ -6,7 +6,7 @@ from mogan_ds import metric_names as M
 from mogan_ds.losses.dmd import dmd_loss
 from mogan_ds.losses.flow_matching import flow_matching_loss
 from mogan_ds.losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
-from mogan_ds.metrics import MetricsLogger
+from mogan_ds.train.metrics import MetricsLogger
 
 
 def _one_step_of_loss_logs() -> dict:

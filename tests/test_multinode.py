@@ -14,9 +14,9 @@ import pytest
 import torch
 from scale_runs import COMPARED, STEPS, check, reference_run, train_args
 
-from mogan_ds.launcher import REPO, deepspeed_command, launch_env
-from mogan_ds.metrics import read_metrics
+from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 from mogan_ds.parallel.ranks import free_port
+from mogan_ds.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_two_nodes_equal_one_node(tiny_workdir, tmp_path_factory, tmp_path):
     for a, b in zip(ours, ref):
         for k in COMPARED:
             assert a[k] == b[k], (a["step"], k, a[k], b[k])
-    from mogan_ds.consolidate import engine_fp32_state_dict
+    from mogan_ds.checkpoint.consolidate import engine_fp32_state_dict
 
     last = f"checkpoints/step_{STEPS:08d}"
     for role in ("generator", "discriminator"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from mogan_ds.launcher import launch_env
+from mogan_ds.cli.launcher import launch_env
 from mogan_ds.models.tiny import TINY_TRANSFORMER
 from mogan_ds.parallel import (
     Gather,

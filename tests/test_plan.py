@@ -278,7 +278,7 @@ def test_raft_replay_matches_running_every_call(early_stop):
 
 
 def test_14b_preset_and_recipe():
-    from mogan_ds.info import plan_networks
+    from mogan_ds.cli.info import plan_networks
 
     plans, source = plan_networks(load_config("wan2.1-t2v-14b"))
     by = {p.name: p for p in plans}
@@ -313,9 +313,9 @@ def test_stage2_model_states_equal_deepspeeds_estimator():
 def test_plan_models_zero2_roles_and_the_offload_preset():
     """One traced iteration, three DeepSpeed layouts: ZeRO-3 everywhere, ZeRO-2 for G and the
     fake score, the optimizer-offload JSON; model states and ZeRO traffic follow each role's stage."""
-    from mogan_ds.engines import load_ds_config
-    from mogan_ds.launcher import REPO
+    from mogan_ds.cli.launcher import REPO
     from mogan_ds.plan.report import make_plan
+    from mogan_ds.train.engines import load_ds_config
 
     ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
     offload = load_ds_config(REPO / "ds_configs" / "zero3_bf16_offload.json")
@@ -366,10 +366,10 @@ def test_split_motion_path_is_planned_per_share(planned):
 def test_partitioned_teacher_states_and_all_gathers():
     """parallel.zero_stage.teacher: the ZeRO-3 teacher holds params*2/world (bf16) plus one gathered layer and
     all-gathers its parameters once per DMD micro step (CFG batched, no_grad); the replica holds all of it."""
-    from mogan_ds.engines import load_ds_config
-    from mogan_ds.launcher import REPO
+    from mogan_ds.cli.launcher import REPO
     from mogan_ds.plan.memory import largest_layer_params
     from mogan_ds.plan.report import make_plan, summary
+    from mogan_ds.train.engines import load_ds_config
 
     ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
     bf16 = [*SMALL, "models.frozen_dtype=bf16", "train.batch_size=4"]  # world 2: gas 2

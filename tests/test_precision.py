@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from mogan_ds.cli.launcher import REPO
 from mogan_ds.config import load_config
-from mogan_ds.launcher import REPO
 from mogan_ds.metric_names import PROGRESS_BAR
 from mogan_ds.models.builders import build_raft
 from mogan_ds.motion.chunked_decode import ChunkedWanDecoder
@@ -82,7 +82,7 @@ def test_bf16_discriminator_returns_unrounded_fp32_logits(tiny_models):
 
 @pytest.fixture(scope="module")
 def bf16_trainer(tiny_workdir, tmp_path_factory):
-    from mogan_ds.trainer import MoGANTrainer
+    from mogan_ds.train.trainer import MoGANTrainer
 
     run = tmp_path_factory.mktemp("bf16_run")
     cfg = load_config("tiny", [*tiny_workdir, f"output.run_dir={run}", *FAST, "models.frozen_dtype=bf16"])

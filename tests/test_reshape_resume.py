@@ -19,7 +19,7 @@ TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 def resumed(tiny_workdir, tmp_path_factory):
     """The reference run as it stood after step 1 (dp 2), resumed on a world of one."""
     from mogan_ds.config import load_config
-    from mogan_ds.trainer import MoGANTrainer
+    from mogan_ds.train.trainer import MoGANTrainer
 
     src = reference_run(tiny_workdir, tmp_path_factory)
     run = tmp_path_factory.mktemp("reshaped") / "run"
@@ -30,7 +30,7 @@ def resumed(tiny_workdir, tmp_path_factory):
 
 
 def test_layouts_differ(resumed):
-    from mogan_ds.reshard import saved_layout
+    from mogan_ds.checkpoint.reshard import saved_layout
 
     trainer, ckpt = resumed
     assert saved_layout(ckpt) == {"dp": 2, "sp": 1}
@@ -40,8 +40,8 @@ def test_layouts_differ(resumed):
 def test_weights_masters_and_moments_equal_the_saved_ones(resumed):
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from mogan_ds.consolidate import engine_fp32_state_dict
-    from mogan_ds.export import full_fp32_state_dict
+    from mogan_ds.checkpoint.consolidate import engine_fp32_state_dict
+    from mogan_ds.checkpoint.export import full_fp32_state_dict
 
     trainer, ckpt = resumed
     for role, engine in trainer.engines.items():
@@ -61,7 +61,7 @@ def test_weights_masters_and_moments_equal_the_saved_ones(resumed):
 
 
 def test_ema_is_repartitioned_exactly(resumed):
-    from mogan_ds.consolidate import full_ema, generator_config, trainable_order, trainer_states
+    from mogan_ds.checkpoint.consolidate import full_ema, generator_config, trainable_order, trainer_states
 
     trainer, ckpt = resumed
     full = full_ema(trainer_states(ckpt), trainable_order(generator_config(trainer.cfg)))
@@ -73,7 +73,7 @@ def test_ema_is_repartitioned_exactly(resumed):
 
 def test_trainer_exports_at_a_middle_step_equal_the_offline_cli(resumed, tmp_path):
     from mogan_ds.__main__ import main
-    from mogan_ds.export import export_generator
+    from mogan_ds.checkpoint.export import export_generator
 
     trainer, ckpt = resumed
     ours = trainer.export()  # the EMA (this run keeps one), at step 1
@@ -103,8 +103,14 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_sequence_parallelism(resu
 
     from scale_runs import check, train_args
 
-    from mogan_ds.consolidate import engine_fp32_state_dict, full_ema, generator_config, trainable_order, trainer_states
-    from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+    from mogan_ds.checkpoint.consolidate import (
+        engine_fp32_state_dict,
+        full_ema,
+        generator_config,
+        trainable_order,
+        trainer_states,
+    )
+    from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 
     trainer, ckpt = resumed
     if trainer.step < 2:  # this test alone: make the one-rank checkpoint first

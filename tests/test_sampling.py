@@ -1,4 +1,4 @@
-"""Samplers, decode/encode glue, mp4 IO and the sampler behind launch/sample.py (mogan_ds.generate) on the tiny models."""
+"""Samplers, decode/encode glue, mp4 IO and the sampler behind launch/sample.py (mogan_ds.sampling.generate) on the tiny models."""
 
 import json
 import shutil
@@ -12,17 +12,17 @@ from diffusers.video_processor import VideoProcessor
 
 from mogan_ds.config import VideoConfig, load_config
 from mogan_ds.data.video import read_mp4, write_mp4
-from mogan_ds.generate import generate_samples
 from mogan_ds.models.builders import load_text_encoder, load_tokenizer, load_transformer, load_vae
 from mogan_ds.motion.latents import latent_shape
-from mogan_ds.sampling import (
+from mogan_ds.sampling.generate import generate_samples
+from mogan_ds.sampling.samplers import (
     decode_to_uint8,
     encode_prompts,
     sample_few_step,
     sample_teacher_cfg,
     transformer_velocity_fn,
 )
-from mogan_ds.schedule import FlowMatchSchedule
+from mogan_ds.sampling.schedule import FlowMatchSchedule
 
 SHAPE = (1, 16, 2, 8, 8)  # tiny latents: 5 frames of 64x64
 
@@ -172,7 +172,7 @@ def test_sampler_deterministic_for_a_seed(tiny_models, tmp_path):
         return _frames(tmp_path / name)
 
     meta, a = run("s0", seed=0)  # weights: models.generator of the config
-    # a run directory whose export (mogan_ds/export.py layout) holds the same weights, same seed
+    # a run directory whose export (mogan_ds/checkpoint/export.py layout) holds the same weights, same seed
     shutil.copytree(tiny_models / "generator", tmp_path / "run" / "export" / "transformer")
     _, b = run("s0_again", seed=0, checkpoint=tmp_path / "run")
     _, c = run("s1", seed=1)

@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mogan_ds.config import load_config
-from mogan_ds.schedule import FlowMatchSchedule
+from mogan_ds.sampling.schedule import FlowMatchSchedule
 
 N = 1000
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mogan_ds.launcher import deepspeed_command, launch_env
+from mogan_ds.cli.launcher import deepspeed_command, launch_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from test_trainer import make_trainer, snapshot
 
-import mogan_ds.trainer as trainer_mod
+import mogan_ds.train.trainer as trainer_mod
 from mogan_ds import metric_names as M
 from mogan_ds.plan.runner import _phase_plan
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from mogan_ds.launcher import REPO
+from mogan_ds.cli.launcher import REPO
 
 sys.path.insert(0, str(REPO))
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mogan_ds.launcher import REPO, deepspeed_command, launch_env
-from mogan_ds.metrics import read_metrics
+from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 from mogan_ds.parallel.ranks import free_port
+from mogan_ds.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tiny_workdir, tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
         proc.wait()
-    from mogan_ds.checkpoint import CheckpointManager
+    from mogan_ds.checkpoint.manager import CheckpointManager
 
     assert CheckpointManager(run).latest().name == "step_00000002"
     check(launch(train_args(tiny_workdir, run, "--resume")))

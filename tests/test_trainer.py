@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-import mogan_ds.trainer as trainer_mod
+import mogan_ds.train.trainer as trainer_mod
+from mogan_ds.cli.launcher import REPO
 from mogan_ds.config import load_config
-from mogan_ds.launcher import REPO
-from mogan_ds.trainer import MoGANTrainer, NonFiniteLossError
+from mogan_ds.train.trainer import MoGANTrainer, NonFiniteLossError
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
 FAST = [
@@ -141,7 +141,7 @@ def test_paper_rows_as_switches(tiny_workdir, tmp_path, switches, engines):
 
 
 def test_fresh_start_refuses_to_overwrite_checkpoints(tiny_workdir, tmp_path):
-    from mogan_ds.checkpoint import CheckpointManager
+    from mogan_ds.checkpoint.manager import CheckpointManager
 
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000004" / "COMPLETE").write_text("4\n")
@@ -192,7 +192,7 @@ def test_discriminator_batch_larger_than_the_generators(tiny_workdir, tmp_path, 
 def test_motion_metrics_during_training_follow_the_ema(tiny_workdir, tmp_path):
     """eval.every: the generator's EMA samples the fixed set, rank 0 scores it, and the step's
     metrics row carries eval_* next to the losses (dynamics degree on the training RAFT)."""
-    from mogan_ds.metrics import read_metrics
+    from mogan_ds.train.metrics import read_metrics
 
     t = make_trainer(
         tiny_workdir, tmp_path, "eval.every=1", "eval.num_prompts=1", "eval.seeds=[0, 1]", "train.ema_decay=0.5"

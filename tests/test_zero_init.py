@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mogan_ds.launcher import REPO, deepspeed_command, launch_env
+from mogan_ds.cli.launcher import REPO, deepspeed_command, launch_env
 
 WORKER = REPO / "tests" / "dist" / "zero_init_parity.py"
 
@@ -102,7 +102,7 @@ def test_bf16_partitioned_generator_equals_the_full_build(tiny_models, topo):
 def test_bf16_partitioned_discriminator_equals_the_full_build(tiny_models, topo):
     from mogan_ds.config import load_config
     from mogan_ds.motion.discriminator import build_discriminator
-    from mogan_ds.networks import build_partitioned_discriminator
+    from mogan_ds.train.networks import build_partitioned_discriminator
 
     gan = load_config("tiny", []).gan
     teacher = tiny_models / "wan" / "transformer"
@@ -125,16 +125,16 @@ def test_bf16_partitioned_discriminator_equals_the_full_build(tiny_models, topo)
 def test_partitioned_teacher_engine_equals_the_replica(tiny_models, topo, frozen_dtype):
     """The ZeRO-3 inference teacher: the replica's values and dtypes (fp32-kept modules too), its output exactly."""
     from mogan_ds.config import load_config
-    from mogan_ds.engines import build_teacher_engine
     from mogan_ds.models.builders import DTYPES, freeze, load_transformer
     from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
-    from mogan_ds.sampling import transformer_velocity_fn
+    from mogan_ds.sampling.samplers import transformer_velocity_fn
+    from mogan_ds.train.engines import build_teacher_engine
 
     path = tiny_models / "wan" / "transformer"
     cfg = load_config("tiny", [f"models.frozen_dtype={frozen_dtype}"])
     base = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000}}  # no precision: fp32 JSON
     replica = freeze(load_transformer(path, DTYPES[frozen_dtype]), torch.device("cpu"))
-    from mogan_ds.engines import teacher_ds_config
+    from mogan_ds.train.engines import teacher_ds_config
 
     module = load_partitioned_frozen_transformer(path, teacher_ds_config(cfg, base, topo), topo)
     assert all(hasattr(p, "ds_id") and p.data.numel() == 0 and not p.requires_grad for p in module.parameters())
@@ -219,8 +219,8 @@ def test_mismatched_checkpoint_is_refused(tiny_models, topo, tmp_path):
 
 def test_roles_follow_their_own_zero_stage(tiny_workdir, topo):
     from mogan_ds.config import load_config
-    from mogan_ds.engines import load_ds_config
-    from mogan_ds.networks import partitioned_roles
+    from mogan_ds.train.engines import load_ds_config
+    from mogan_ds.train.networks import partitioned_roles
 
     base = load_ds_config(REPO / "ds_configs" / "zero3_cpu.json")
     cfg = load_config("tiny", [*tiny_workdir])

@@ -410,7 +410,7 @@ class Experiment:
     def stage_vae(self, r: dict) -> dict:
         from diffusers import AutoencoderKLWan
 
-        from mogan_ds.sampling import decode_to_uint8, normalize_latents
+        from mogan_ds.sampling.samplers import decode_to_uint8, normalize_latents
 
         d = self.dir("vae")
         gen = _seed_all(r["seed"])
@@ -502,7 +502,7 @@ class Experiment:
     def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption embeddings and the negative prompt's, as the trainer's prompt folder holds them."""
         from mogan_ds.config import TextConfig
-        from mogan_ds.sampling import encode_prompts
+        from mogan_ds.sampling.samplers import encode_prompts
 
         tok, enc = self._text()
         length = self.recipes["data"]["max_length"]
@@ -514,8 +514,8 @@ class Experiment:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
         from mogan_ds.losses.flow_matching import flow_matching_loss
-        from mogan_ds.sampling import normalize_latents, transformer_velocity_fn
-        from mogan_ds.schedule import FlowMatchSchedule
+        from mogan_ds.sampling.samplers import normalize_latents, transformer_velocity_fn
+        from mogan_ds.sampling.schedule import FlowMatchSchedule
 
         d = self.dir("teacher")
         gen = _seed_all(r["seed"])
@@ -605,12 +605,12 @@ class Experiment:
     def render(self, transformer_dir: Path, teacher: bool, texts: list[str], seeds: list[int], cfg) -> list[np.ndarray]:
         """Videos [len(seeds) x len(texts)] (seed-major) exactly as the evaluator renders them:
         noise from generate.sample_seed(seed, prompt index), few-step or CFG sampler, the VAE's decode."""
-        from mogan_ds.generate import sample_seed
         from mogan_ds.models.builders import load_transformer, load_vae
         from mogan_ds.motion.latents import latent_shape
-        from mogan_ds.sampling import decode_to_uint8, sample_few_step, sample_teacher_cfg
-        from mogan_ds.sampling import transformer_velocity_fn as vfn
-        from mogan_ds.schedule import FlowMatchSchedule, randn
+        from mogan_ds.sampling.generate import sample_seed
+        from mogan_ds.sampling.samplers import decode_to_uint8, sample_few_step, sample_teacher_cfg
+        from mogan_ds.sampling.samplers import transformer_velocity_fn as vfn
+        from mogan_ds.sampling.schedule import FlowMatchSchedule, randn
 
         schedule = FlowMatchSchedule.from_config(cfg)
         model = load_transformer(str(transformer_dir), torch.float32).eval().requires_grad_(False)
@@ -633,7 +633,7 @@ class Experiment:
 
     def _train(self, stage: str, run: Path, extra: list[str]) -> Path:
         """One trainer run through launch/train.py (world of one), resumed when it has checkpoints."""
-        from mogan_ds.launcher import launch_env
+        from mogan_ds.cli.launcher import launch_env
 
         r = self.recipes[stage]
         args = [
@@ -668,7 +668,7 @@ class Experiment:
         return export
 
     def _run_summary(self, run: Path) -> dict:
-        from mogan_ds.metrics import read_metrics
+        from mogan_ds.train.metrics import read_metrics
 
         rows = read_metrics(run)
         last = rows[-1]

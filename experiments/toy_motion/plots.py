@@ -79,7 +79,7 @@ def _smooth(points: list[tuple[float, float]], k: int) -> list[tuple[float, floa
 
 def curves_png(runs: dict[str, Path], out: Path) -> None:
     """The trainer runs' curves: DMD and GAN losses, D accuracy, D(real) - D(fake), dynamics over steps."""
-    from mogan_ds.metrics import read_metrics
+    from mogan_ds.train.metrics import read_metrics
 
     data = {name: read_metrics(run) if (run / "metrics.jsonl").is_file() else [] for name, run in runs.items()}
 

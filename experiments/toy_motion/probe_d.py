@@ -45,7 +45,7 @@ def dimmed(video: torch.Tensor, factor: float) -> torch.Tensor:
 
 def load_discriminator(run: Path, step: int | None = None):
     """(the run's config, its MotionDiscriminator with the checkpoint's fp32 weights, the checkpoint path)."""
-    from mogan_ds.consolidate import engine_fp32_state_dict, find_checkpoint, run_config
+    from mogan_ds.checkpoint.consolidate import engine_fp32_state_dict, find_checkpoint, run_config
     from mogan_ds.models.builders import wan_paths
     from mogan_ds.motion.discriminator import build_discriminator
 

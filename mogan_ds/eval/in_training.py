@@ -20,9 +20,9 @@ import torch
 
 from ..config import EvalConfig, VideoConfig
 from ..motion.latents import latent_shape
-from ..sampling import decode_to_uint8, sample_few_step
-from ..schedule import FlowMatchSchedule, ModelFn, randn
-from ..training_samples import fixed_prompts
+from ..sampling.samplers import decode_to_uint8, sample_few_step
+from ..sampling.schedule import FlowMatchSchedule, ModelFn, randn
+from ..sampling.training_samples import fixed_prompts
 from .dynamic_degree import DynamicDegree, raft_flow_fn
 from .metrics import COLUMNS, EvalWeights, VideoMetrics, summarize
 

@@ -28,19 +28,26 @@ from tqdm import tqdm
 from ..config import ConfigError, load_config
 from ..data.video import read_mp4, write_mp4
 from ..errors import UserError
-from ..generate import find_run_config, read_prompt_file, resolve_generator_folder, sample_seed, sampling_dtype, slug
 from ..models.builders import DTYPES, load_text_encoder, load_tokenizer, load_transformer, load_vae, wan_paths
 from ..motion.latents import latent_shape
 from ..parallel.attention import configure_attention
 from ..parallel.ranks import barrier, dist_ready, process_rank, world_size
-from ..sampling import (
+from ..sampling.generate import (
+    find_run_config,
+    read_prompt_file,
+    resolve_generator_folder,
+    sample_seed,
+    sampling_dtype,
+    slug,
+)
+from ..sampling.samplers import (
     decode_to_uint8,
     encode_prompts,
     sample_few_step,
     sample_teacher_cfg,
     transformer_velocity_fn,
 )
-from ..schedule import FlowMatchSchedule, randn
+from ..sampling.schedule import FlowMatchSchedule, randn
 from .metrics import EvalWeights, VideoMetrics, summarize
 from .report import bar_chart, results_markdown, summary_line
 

@@ -71,7 +71,7 @@ class PartitionedBuild(deepspeed.zero.Init):
         move_buffers(model)
         load_into_partitions(model, folder)
 
-    ``ds_config`` is the role's final DeepSpeed dict (`engines.ds_config_for`): it sets the
+    ``ds_config`` is the role's final DeepSpeed dict (`train.engines.ds_config_for`): it sets the
     parameters' dtype (bf16/fp16/fp32), the offload device and the persistence threshold,
     exactly as for the engine that will train the model.
     """
@@ -273,7 +273,7 @@ def load_partitioned_transformer(path: str | os.PathLike, ds_config: dict, topo,
 def load_partitioned_frozen_transformer(path: str | os.PathLike, ds_config: dict, topo):
     """`freeze(load_transformer(path, frozen_dtype))` with the parameters ZeRO-3 partitioned from the start.
 
-    For the frozen teacher's inference engine (`engines.teacher_ds_config`: its precision is
+    For the frozen teacher's inference engine (`train.engines.teacher_ds_config`: its precision is
     ``models.frozen_dtype``). The same values, dtypes and buffers as the replica: in half
     precision the parameters of the model's ``_keep_in_fp32_modules`` (Wan: time embedder,
     modulation tables, the affine cross-attention norm) stay fp32, as diffusers'

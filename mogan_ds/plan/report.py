@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ConfigError, validate
-from ..engines import ROLES, ds_config_for, teacher_ds_config, teacher_zero3
 from ..models.presets import transformer_limits
+from ..train.engines import ROLES, ds_config_for, teacher_ds_config, teacher_zero3
 from .comm import EngineCalls, PlanTopology, offload_traffic, zero2_traffic, zero3_traffic
 from .flops import Flops
 from .hardware import DEFAULT_MFU, GIB, GPUS, comm_seconds, estimate_seconds, offload_seconds

@@ -3,7 +3,7 @@
 Networks are built on the meta device from the recipe's architecture (`models.root`'s
 config.json files, else the `models.arch` preset; `mogan_ds.models.presets.architecture`),
 cast there (diffusers' `.to(dtype)` fails after `to_empty` on fake tensors), prepared as
-`mogan_ds.networks.build_networks` prepares them (frozen networks, gradient
+`mogan_ds.train.networks.build_networks` prepares them (frozen networks, gradient
 checkpointing, Ulysses hooks), then materialised as fake CPU tensors with `to_empty`. The
 teacher runs whole here whatever its ZeRO stage (a partitioned teacher computes the same
 activations); a `PlanEngine` counts its forwards for its ZeRO-3 all-gathers.
@@ -45,9 +45,9 @@ from diffusers.utils import logging as diffusers_logging
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import Config
-from ..engines import Engines, gradient_accumulation_steps
 from ..models.builders import DTYPES, build_raft
 from ..models.presets import architecture
+from ..train.engines import Engines, gradient_accumulation_steps
 from .comm import CollectiveBytes, EngineCalls, LocalCollectives, PlanTopology
 from .flops import Flops
 from .memo import BlockMemo, memo_types
@@ -184,8 +184,8 @@ def _cast(nets: dict[str, torch.nn.Module], trainable_dtype: torch.dtype, frozen
 
 def _parallelize(nets: dict[str, torch.nn.Module], topo: PlanTopology) -> None:
     """The trainer's Ulysses hooks (networks.build_networks), with `topo`'s stand-in SP group."""
-    from ..networks import parallelize_discriminator
     from ..parallel import parallelize_wan
+    from ..train.networks import parallelize_discriminator
 
     for name in ("generator", "fake_score", "teacher"):
         if name in nets:
@@ -198,9 +198,9 @@ def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopol
     """A `MoGANTrainer` without `__init__`, holding what its four phases read."""
     from ..motion.pipeline import MotionPath
     from ..motion.window import RANDOM, Window
-    from ..sampling import transformer_velocity_fn
-    from ..schedule import FlowMatchSchedule
-    from ..trainer import MoGANTrainer
+    from ..sampling.samplers import transformer_velocity_fn
+    from ..sampling.schedule import FlowMatchSchedule
+    from ..train.trainer import MoGANTrainer
 
     tr = MoGANTrainer.__new__(MoGANTrainer)
     tr.cfg, tr.topo, tr.device = cfg, topo, torch.device("cpu")

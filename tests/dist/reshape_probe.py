@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mogan_ds.config import load_config  # noqa: E402
-from mogan_ds.export import full_fp32_state_dict  # noqa: E402
-from mogan_ds.trainer import MoGANTrainer  # noqa: E402
+from mogan_ds.checkpoint.export import full_fp32_state_dict  # noqa: E402
+from mogan_ds.train.trainer import MoGANTrainer  # noqa: E402
 
 
 def main() -> int:

@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from deepspeed import comm as dist  # noqa: E402
 
 from mogan_ds.config import load_config  # noqa: E402
-from mogan_ds.engines import ds_config_for, load_ds_config  # noqa: E402
-from mogan_ds.launcher import REPO  # noqa: E402
-from mogan_ds.master_weights import full_master  # noqa: E402
+from mogan_ds.train.engines import ds_config_for, load_ds_config  # noqa: E402
+from mogan_ds.cli.launcher import REPO  # noqa: E402
+from mogan_ds.checkpoint.master_weights import full_master  # noqa: E402
 from mogan_ds.models.partitioned import PartitionedBuild, load_into_partitions, move_buffers  # noqa: E402
 
 DS_CPU = REPO / "ds_configs" / "zero3_cpu.json"
@@ -96,7 +96,7 @@ class Checks:
 
 def partition_facts(cfg, topo, base_ds, prompt_shape, tiny_generator: Path, checks: Checks) -> dict:
     """Networks built with zero_init before any engine: partitioned, and both loading paths agree."""
-    from mogan_ds.networks import build_networks
+    from mogan_ds.train.networks import build_networks
 
     torch.manual_seed(cfg.train.seed)
     nets = build_networks(cfg, topo, torch.device("cpu"), torch.zeros(prompt_shape), base_ds)
@@ -135,10 +135,10 @@ def bf16_teacher_matches_replica(cfg, topo, base_ds, checks: Checks) -> dict:
     gathers them per dtype) give the bf16 replica's parameters and CFG-batched output exactly."""
     import copy
 
-    from mogan_ds.engines import build_teacher_engine, teacher_ds_config
+    from mogan_ds.train.engines import build_teacher_engine, teacher_ds_config
     from mogan_ds.models.builders import freeze, load_transformer
     from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
-    from mogan_ds.sampling import transformer_velocity_fn
+    from mogan_ds.sampling.samplers import transformer_velocity_fn
 
     cfg = copy.deepcopy(cfg)
     cfg.models.frozen_dtype = "bf16"
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from mogan_ds.trainer import MoGANTrainer
+    from mogan_ds.train.trainer import MoGANTrainer
 
     workdir_args = json.loads(Path(args.workdir_args).read_text())
     root = Path(args.run_root)

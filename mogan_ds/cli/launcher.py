@@ -11,9 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .parallel.ranks import free_port
+from ..parallel.ranks import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def deepspeed_command(num_ranks: int, script: str | Path, args: list[str], master_port: int | None = None) -> list[str]:

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from .master_weights import local_master, set_local_master
+from ..checkpoint.master_weights import local_master, set_local_master
 
 
 class ShardedEMA:

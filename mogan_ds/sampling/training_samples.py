@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .config import VideoConfig
-from .data.prompts import PromptEmbeddings
-from .data.video import to_unit, write_mp4
-from .motion.flow import flow_to_rgb
-from .motion.latents import latent_shape
-from .sampling import decode_to_uint8, sample_few_step
+from ..config import VideoConfig
+from ..data.prompts import PromptEmbeddings
+from ..data.video import to_unit, write_mp4
+from ..motion.flow import flow_to_rgb
+from ..motion.latents import latent_shape
+from .samplers import decode_to_uint8, sample_few_step
 from .schedule import FlowMatchSchedule, ModelFn, randn
 
 SAMPLE_SEED = 1234

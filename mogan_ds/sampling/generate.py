@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, load_config
-from .data.video import write_mp4
-from .errors import BadFileError, UserError
-from .models.builders import (
+from ..config import ConfigError, load_config
+from ..data.video import write_mp4
+from ..errors import BadFileError, UserError
+from ..models.builders import (
     DTYPES,
     MissingWeightsError,
     load_text_encoder,
@@ -29,9 +29,9 @@ from .models.builders import (
     load_vae,
     wan_paths,
 )
-from .motion.latents import latent_shape
-from .parallel.attention import configure_attention
-from .sampling import (
+from ..motion.latents import latent_shape
+from ..parallel.attention import configure_attention
+from .samplers import (
     decode_to_uint8,
     encode_prompts,
     sample_few_step,

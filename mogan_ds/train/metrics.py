@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .metric_names import PROGRESS_BAR
+from ..metric_names import PROGRESS_BAR
 
 log = logging.getLogger("mogan_ds")
 

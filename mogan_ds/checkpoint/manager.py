@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .parallel.ranks import barrier, process_rank
+from ..parallel.ranks import barrier, process_rank
 
 ENGINE_TAG = "state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")

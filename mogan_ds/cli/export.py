@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # torch, DeepSpeed and diffusers are imported where they are used: `python -m mogan_ds`
 # builds this parser for every subcommand, and a bad flag should fail in milliseconds.
@@ -53,7 +53,7 @@ def export_checkpoint(
 ) -> Path:
     import torch
 
-    from .consolidate import (
+    from ..checkpoint.consolidate import (
         engine_fp32_state_dict,
         find_checkpoint,
         full_ema,
@@ -62,7 +62,7 @@ def export_checkpoint(
         trainable_order,
         trainer_states,
     )
-    from .export import write_pipeline_folder
+    from ..checkpoint.export import write_pipeline_folder
 
     ckpt = find_checkpoint(run_dir, step)
     cfg = run_config(run_dir)

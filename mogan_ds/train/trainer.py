@@ -31,32 +31,32 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from . import metric_names as M
-from .checkpoint import CheckpointManager
-from .config import Config, dump_yaml, to_dict, validate
-from .data.corpus import MotionClipStream
-from .data.prompts import PromptEmbeddings, load_special_embeddings
-from .data.streaming import check_shard_source
+from .. import metric_names as M
+from ..checkpoint.export import export_generator
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.reshard import load_reshaped, needs_reshape, universal_ds_config
+from ..config import Config, dump_yaml, to_dict, validate
+from ..data.corpus import MotionClipStream
+from ..data.prompts import PromptEmbeddings, load_special_embeddings
+from ..data.streaming import check_shard_source
+from ..eval.in_training import TrainingEval
+from ..losses.dmd import dmd_loss
+from ..losses.flow_matching import flow_matching_loss
+from ..losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
+from ..models.builders import weights_dtype
+from ..models.presets import transformer_limits
+from ..motion.latents import latent_shape
+from ..motion.pipeline import MotionPath
+from ..motion.window import Window
+from ..parallel import Topology, init_distributed, resolve_attention_backend
+from ..sampling.samplers import transformer_velocity_fn
+from ..sampling.schedule import FlowMatchSchedule, randn
+from ..sampling.training_samples import render_samples
 from .ema import ShardedEMA
 from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
-from .eval.in_training import TrainingEval
-from .export import export_generator
-from .losses.dmd import dmd_loss
-from .losses.flow_matching import flow_matching_loss
-from .losses.gan import approx_r1r2, d_logistic_loss, g_logistic_loss
 from .metrics import MetricsLogger, peak_memory_gib
-from .models.builders import weights_dtype
-from .models.presets import transformer_limits
-from .motion.latents import latent_shape
-from .motion.pipeline import MotionPath
-from .motion.window import Window
 from .networks import build_networks, configure_trainable_attention
-from .parallel import Topology, init_distributed, resolve_attention_backend
-from .reshard import load_reshaped, needs_reshape, universal_ds_config
 from .run_logging import setup_run_logging
-from .sampling import transformer_velocity_fn
-from .schedule import FlowMatchSchedule, randn
-from .training_samples import render_samples
 
 log = logging.getLogger("mogan_ds")
 PHASES = ("generator_dmd", "fake_score", "generator_gan", "discriminator")

@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from .config import Config, dump_yaml, field_help, validate
-from .models.builders import DTYPES, build_raft
-from .models.presets import architecture, transformer_limits
-from .motion.discriminator import MotionDiscriminator
+from ..config import Config, dump_yaml, field_help, validate
+from ..models.builders import DTYPES, build_raft
+from ..models.presets import architecture, transformer_limits
+from ..motion.discriminator import MotionDiscriminator
 
 # Mixed-precision AdamW under DeepSpeed: bf16 weight + bf16 grad + fp32 master + 2 fp32
 # moments = 2 + 2 + 4 + 4 + 4 bytes per trainable parameter (ZeRO-3 splits it over DP).

@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import load_config
+from ..config import load_config
+from ..models.tiny import write_tiny_models
 from .launcher import REPO, deepspeed_command, launch_env
-from .models.tiny import write_tiny_models
 
 
 def _run(cmd: list[str]) -> None:

@@ -1,34 +1,25 @@
-"""The one typed config tree of mogan_ds.
+"""The one typed config tree of mogan_ds: nested dataclasses, a help string and a valid range per field.
 
-A recipe is a YAML file whose nesting mirrors these dataclasses; `key.sub=value`
-arguments override it. Every field carries its documentation in
-``field(metadata={"help": ...})`` so that `python -m mogan_ds info` and error messages
-can show it. Loading rejects unknown keys, wrong types and impossible combinations with
-a message that names the offending key.
+A recipe is a YAML file whose nesting mirrors these dataclasses (`config.load`); every
+field carries its documentation in ``field(metadata={"help": ...})`` so that
+`python -m mogan_ds info --help-keys` and error messages can show it, and its bounds
+(`F(..., ge=1)`) so the range is written once (`config.validate.check_ranges`).
 
 DeepSpeed's own settings (ZeRO stage, precision, bucket sizes) live in
-``ds_configs/*.json`` and are never duplicated here; `mogan_ds.engines.ds_config_for`
-merges the per-role values below (optimiser, batch sizes, clipping) into that JSON.
+``ds_configs/*.json`` and are never duplicated here; `mogan_ds.train.roles` merges the
+per-role values below (optimiser, batch sizes, clipping) into that JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
-import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from .data.wan_prompts import WAN_NEGATIVE_PROMPT
-from .errors import ConfigError
-from .models.presets import PRESETS
-from .motion.latents import num_latent_frames
-from .motion.window import WindowSpec
+from ..data.wan_prompts import WAN_NEGATIVE_PROMPT
+from ..motion.latents import num_latent_frames
 
 
 def F(  # noqa: N802 - a field constructor, named like one
@@ -379,159 +370,7 @@ class Config:
         return num_latent_frames(self.video.num_frames)
 
 
-# --------------------------------------------------------------------------- loading
-
-RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-def recipe_path(name_or_path: str) -> Path:
-    """A recipe file: an existing path, or the name of a shipped recipe (`tiny`)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for cand in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
-        if cand.is_file():
-            return cand
-    shipped = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(shipped)})")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert one leaf value to the annotated type, naming `key` on failure."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is list:
-        (elem,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}")
-        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        # nan would pass no range check and inf none that means anything: neither is a setting.
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{k}'; known keys under {prefix.rstrip('.') or '<root>'}: {sorted(names)}"
-            )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, key = hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], key + ".")
-        else:
-            kwargs[f.name] = _coerce(data[f.name], tp, key)
-    return cls(**kwargs)
-
-
-def _parse_override(arg: str) -> tuple[list[str], Any]:
-    if "=" not in arg:
-        raise ConfigError(f"override {arg!r} is not of the form key.sub=value")
-    key, raw = arg.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {arg!r}: the key {key.strip()!r} has an empty part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def _set_nested(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a leaf, not a section")
-        node = nxt
-    node[path[-1]] = value
-
-
-def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Recipe YAML + `key.sub=value` overrides -> validated Config.
-
-    Relative model/data paths in a recipe resolve against the current directory, so a
-    recipe is reusable across checkouts; the resolved config is what a run records.
-    """
-    tree: dict = {}
-    if recipe is not None:
-        path = recipe_path(str(recipe))
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"recipe {path}: not a UTF-8 text file") from None
-        except yaml.YAMLError as e:
-            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = (
-                f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-                if mark and problem
-                else " ".join(str(e).split())
-            )
-            raise ConfigError(f"recipe {path}: not valid YAML ({where})") from None
-        if tree is None:  # an empty file is a mistake, not "all defaults": those name no weights
-            raise ConfigError(
-                f"recipe {path}: empty; expected a mapping of config sections ({', '.join(f.name for f in dataclasses.fields(Config))})"
-            )
-        if not isinstance(tree, dict):
-            raise ConfigError(
-                f"recipe {path}: top level must be a mapping of config sections, got {type(tree).__name__}"
-            )
-    for arg in overrides:
-        keys, value = _parse_override(arg)
-        _set_nested(tree, keys, value)
-    cfg = _build(Config, tree, "")
-    validate(cfg)
-    return cfg
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+_BOUND_OPS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def range_text(bounds: dict[str, float]) -> str:
@@ -562,140 +401,3 @@ def field_help(cfg_cls: type = Config, prefix: str = "") -> dict[str, str]:
         if dataclasses.is_dataclass(tp):
             out.update(field_help(tp, key + "."))
     return out
-
-
-# --------------------------------------------------------------------------- validation
-
-
-_BOUND_OPS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
-
-
-def check_ranges(section: Any, prefix: str = "") -> None:
-    """Every number of the tree against the range its field declares (`F(..., ge=...)`)."""
-    for f in dataclasses.fields(section):
-        value, key = getattr(section, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_ranges(value, key + ".")
-            continue
-        bounds = f.metadata.get("range")
-        if not bounds:
-            continue
-        entries = [(f"{key}[{i}]", x) for i, x in enumerate(value)] if isinstance(value, list) else [(key, value)]
-        for name, x in entries:
-            if not all(_BOUND_OPS[op][0](x, b) for op, b in bounds.items()):
-                raise ConfigError(f"{name}: {x!r} is out of range; must be {range_text(bounds)}")
-
-
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def validate(
-    cfg: Config, num_heads: int | None = None, world_size: int | None = None, num_layers: int | None = None
-) -> None:
-    """Every field's range (`check_ranges`), then the checks that involve more than one value.
-
-    `num_heads`/`num_layers` (the DiT's, from `models.presets.architecture`) and
-    `world_size` are checked when known: `info` knows the architecture, the trainer both.
-    """
-    check_ranges(cfg)
-    v, s, g = cfg.video, cfg.schedule, cfg.gan
-    _require(
-        cfg.models.arch == "auto" or cfg.models.arch in PRESETS,
-        "models.arch",
-        f"unknown architecture preset {cfg.models.arch!r}; known: auto, {', '.join(PRESETS)}",
-    )
-    _require((v.num_frames - 1) % 4 == 0, "video.num_frames", f"must be 4k+1 for the Wan VAE, got {v.num_frames}")
-    _require(v.height % 16 == 0, "video.height", f"must be a multiple of 16, got {v.height}")
-    _require(v.width % 16 == 0, "video.width", f"must be a multiple of 16, got {v.width}")
-    _require(len(s.denoising_timesteps) >= 1, "schedule.denoising_timesteps", "needs at least one entry")
-    _require(
-        all(t <= s.num_train_timesteps for t in s.denoising_timesteps),
-        "schedule.denoising_timesteps",
-        f"entries must lie in (0, {s.num_train_timesteps}]",
-    )
-    _require(
-        list(s.denoising_timesteps) == sorted(s.denoising_timesteps, reverse=True),
-        "schedule.denoising_timesteps",
-        "must be in decreasing order",
-    )
-    _require(
-        s.min_timestep < s.max_timestep <= s.num_train_timesteps,
-        "schedule.min_timestep",
-        f"need 0 <= min_timestep < max_timestep <= {s.num_train_timesteps}",
-    )
-    _require(
-        g.disc_timestep <= s.num_train_timesteps,
-        "gan.disc_timestep",
-        f"{g.disc_timestep} is past the timestep grid's end schedule.num_train_timesteps={s.num_train_timesteps}",
-    )
-    _require(
-        cfg.dmd.enabled or g.enabled,
-        "dmd.enabled",
-        "DMD and the GAN are both disabled: nothing would train the generator",
-    )
-    try:
-        # The motion path's own window check (one place), so a recipe fails here, not at step 0.
-        WindowSpec.from_config(g, cfg.latent_frames)
-    except ValueError as e:
-        key = "gan.window" if g.window_start == "random" else "gan.window_start"
-        raise ConfigError(f"{key}: {e}") from None
-    _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
-    _require(
-        all(b < g.disc_blocks for b in g.head_blocks),
-        "gan.head_blocks",
-        f"indices must lie in [0, gan.disc_blocks={g.disc_blocks})",
-    )
-    _require(len(set(g.head_blocks)) == len(g.head_blocks), "gan.head_blocks", "indices must be distinct")
-    _require(list(g.head_blocks) == sorted(g.head_blocks), "gan.head_blocks", "indices must be increasing")
-    _require(
-        max(g.head_blocks) == g.disc_blocks - 1,
-        "gan.head_blocks",
-        f"the last head must follow the last block (gan.disc_blocks={g.disc_blocks}): blocks after it would never run",
-    )
-    if g.space == "flow":
-        _require(
-            v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)"
-        )
-    for role in ("generator", "fake_score", "discriminator"):
-        o: OptimConfig = getattr(cfg.optim, role)
-        _require(len(o.betas) == 2, f"optim.{role}.betas", f"two values (beta1, beta2), got {len(o.betas)}")
-    t = cfg.train
-    _require(
-        t.batch_size % t.micro_batch_size == 0,
-        "train.batch_size",
-        f"{t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}",
-    )
-    _require(
-        g.disc_batch_size % t.micro_batch_size == 0,
-        "gan.disc_batch_size",
-        f"{g.disc_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}",
-    )
-    if num_heads is not None:
-        _require(
-            num_heads % cfg.parallel.sp_size == 0,
-            "parallel.sp_size",
-            f"{cfg.parallel.sp_size} does not divide the DiT's {num_heads} attention heads",
-        )
-    if num_layers is not None and g.enabled:
-        _require(
-            g.disc_blocks <= num_layers,
-            "gan.disc_blocks",
-            f"{g.disc_blocks} blocks asked of a DiT that has {num_layers}",
-        )
-    if world_size is not None:
-        sp = cfg.parallel.sp_size
-        _require(world_size % sp == 0, "parallel.sp_size", f"{sp} does not divide the world size {world_size}")
-        dp = world_size // sp
-        _require(
-            t.batch_size % (t.micro_batch_size * dp) == 0,
-            "train.batch_size",
-            f"{t.batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}",
-        )
-        if g.enabled and g.disc_batch_size:
-            _require(
-                g.disc_batch_size % (t.micro_batch_size * dp) == 0,
-                "gan.disc_batch_size",
-                f"{g.disc_batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}",
-            )

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ENGINE_TAG, CheckpointManager
-from .errors import BadFileError, UserError
+from ..errors import BadFileError, UserError
+from .manager import ENGINE_TAG, CheckpointManager
 
 ROLES = ("generator", "fake_score", "discriminator")
 _RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
@@ -61,7 +61,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 def run_config(run_dir: str | Path):
     """The resolved config the run recorded (`<run_dir>/config.yaml`)."""
-    from .config import load_config
+    from ..config import load_config
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -107,7 +107,7 @@ def engine_fp32_state_dict(ckpt: Path, role: str) -> dict[str, torch.Tensor]:
 
 def generator_config(cfg) -> dict:
     """The generator's WanTransformer3DModel config (the folder the trainer loaded it from)."""
-    from .models.builders import read_transformer_config, wan_paths
+    from ..models.builders import read_transformer_config, wan_paths
 
     path = Path(cfg.models.generator) if cfg.models.generator else wan_paths(cfg.models.root)["transformer"]
     return read_transformer_config(path)

@@ -41,9 +41,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from .config import Config
-from .engines import ds_config_for, teacher_ds_config, teacher_zero3
-from .models.builders import (
+from ..config import Config
+from ..models.builders import (
     DTYPES,
     freeze,
     is_block_at_or_after,
@@ -53,7 +52,7 @@ from .models.builders import (
     transformer_config,
     wan_paths,
 )
-from .models.partitioned import (
+from ..models.partitioned import (
     PartitionedBuild,
     dropped,
     load_into_partitions,
@@ -63,8 +62,8 @@ from .models.partitioned import (
     partition_rest,
     zero3,
 )
-from .motion.discriminator import assemble_discriminator, build_discriminator
-from .parallel import (
+from ..motion.discriminator import assemble_discriminator, build_discriminator
+from ..parallel import (
     Gather,
     ModulePlan,
     configure_attention,
@@ -73,6 +72,7 @@ from .parallel import (
     parallelize_wan,
     wan_plan,
 )
+from .engines import ds_config_for, teacher_ds_config, teacher_zero3
 
 log = logging.getLogger(__name__)
 

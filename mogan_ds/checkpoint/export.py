@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from ..parallel.ranks import process_rank
 from .master_weights import full_master
-from .parallel.ranks import process_rank
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ENGINE_TAG, set_rng_state
+from ..parallel.ranks import barrier, process_rank
 from .consolidate import trainer_states
-from .parallel.ranks import barrier, process_rank
+from .manager import ENGINE_TAG, set_rng_state
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 USAGE_EXIT_CODE = 2
 

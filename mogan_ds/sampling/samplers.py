@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .data.video import to_uint8
-from .models.builders import weights_dtype
-from .motion import latents as latents_lib
+from ..data.video import to_uint8
+from ..models.builders import weights_dtype
+from ..motion import latents as latents_lib
 from .schedule import FlowMatchSchedule, Generators, ModelFn, compute_dtype
 
 
@@ -137,7 +137,7 @@ def encode_prompts(
     samples rendered from text match samples rendered from precomputed embeddings.
     Returned in `dtype` (default float32) on `device` (default: the encoder's).
     """
-    from .data.prompts import encode_texts, pad_embedding
+    from ..data.prompts import encode_texts, pad_embedding
 
     enc_device = next(text_encoder.parameters()).device
     rows = encode_texts(list(prompts), tokenizer, text_encoder, max_length, device=enc_device)

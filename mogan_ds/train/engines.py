@@ -28,8 +28,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from .config import Config, ConfigError, OptimConfig
-from .parallel import zero_config_fixups
+from ..config import Config, ConfigError, OptimConfig
+from ..parallel import zero_config_fixups
 
 ROLES = ("generator", "fake_score", "discriminator")
 
