@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from mogan_ds.config import load_config  # noqa: E402 - after the OpenMP setting
 from mogan_ds.plan.hardware import GIB  # noqa: E402
 from mogan_ds.plan.report import format_plan, make_plan, verdict  # noqa: E402
-from mogan_ds.train.engines import load_ds_config  # noqa: E402
+from mogan_ds.train.roles import load_ds_config  # noqa: E402
 
 RECIPE = "wan2.1-t2v-1.3b"
 OFFLOAD = "ds_configs/zero3_bf16_offload.json"

@@ -130,7 +130,8 @@ def worker(args) -> None:
         from mogan_ds.config import load_config
         from mogan_ds.models.builders import freeze
         from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
-        from mogan_ds.train.engines import build_teacher_engine, teacher_ds_config
+        from mogan_ds.train.engines import build_teacher_engine
+        from mogan_ds.train.roles import plan_roles
 
         # The tiny recipe's batch arithmetic (batch 2) at bf16: only precision and ZeRO keys matter here.
         cfg = load_config("tiny", ["models.frozen_dtype=bf16"])
@@ -143,7 +144,7 @@ def worker(args) -> None:
     if args.role == "teacher" and args.mode == "full":
         model = freeze(load_transformer(args.model, torch.bfloat16), torch.device(get_accelerator().device_name()))
     elif args.role == "teacher":
-        model = load_partitioned_frozen_transformer(args.model, teacher_ds_config(cfg, ds, topo), topo)
+        model = load_partitioned_frozen_transformer(args.model, plan_roles(cfg, ds, topo)["teacher"].ds_config, topo)
     elif args.mode == "full":
         model = load_transformer(args.model, torch.float32)
     else:
@@ -153,7 +154,11 @@ def worker(args) -> None:
     rec["anon_build_gib"] = anon.read() / GIB
     if args.role == "teacher":
         # A replica has no engine; the partitioned teacher gets its inference engine.
-        module = model if args.mode == "full" else build_teacher_engine(model, cfg, ds, topo).module
+        module = (
+            model
+            if args.mode == "full"
+            else build_teacher_engine(model, plan_roles(cfg, ds, topo)["teacher"], topo).module
+        )
     else:
         module = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=topo)[0].module
     rec["init_gib"] = _peak_bytes() / GIB

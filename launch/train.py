@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # training are not input mistakes and keep their traceback.
     with user_errors(args.debug, "train.py") as outcome:
         from mogan_ds.config import load_config
-        from mogan_ds.train.engines import load_ds_config
+        from mogan_ds.train.roles import load_ds_config
 
         cfg = load_config(args.config, args.overrides)
         load_ds_config(args.ds_config)  # checked before the process group starts

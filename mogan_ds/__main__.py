@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.help_keys:
                 print(format_help_keys())
                 return 0
-            from .train.engines import load_ds_config
+            from .train.roles import load_ds_config
 
             cfg = load_config(args.config, args.overrides)
             # The trainer's own reader: a missing, malformed or clashing JSON fails here too.
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "demo":
             from .cli.demo import run_demo
-            from .train.engines import load_ds_config
+            from .train.roles import load_ds_config
 
             # Bad overrides or a bad JSON fail here, before tiny models and shards are built
             # and before every launched rank would print the same error.

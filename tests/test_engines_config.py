@@ -9,7 +9,7 @@ import pytest
 
 from mogan_ds.cli.launcher import REPO, launch_env
 from mogan_ds.config import ConfigError, load_config
-from mogan_ds.train.engines import ROLES, ds_config_for, gradient_accumulation_steps, load_ds_config, role_zero_stage
+from mogan_ds.train.roles import ROLES, ds_config_for, gradient_accumulation_steps, load_ds_config, role_zero_stage
 
 
 def topo(dp, sp=1):
@@ -193,7 +193,7 @@ def test_zero2_generator_and_critic_train_like_zero3(tiny_workdir, tmp_path_fact
 
 
 def test_teacher_engine_dict_is_zero3_inference_in_the_frozen_dtype():
-    from mogan_ds.train.engines import teacher_ds_config, teacher_zero3
+    from mogan_ds.train.roles import teacher_ds_config, teacher_zero3
 
     cfg = load_config("wan2.1-t2v-14b", [])
     base = load_ds_config(REPO / "ds_configs" / "zero3_bf16_offload.json")

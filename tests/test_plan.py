@@ -315,7 +315,7 @@ def test_plan_models_zero2_roles_and_the_offload_preset():
     fake score, the optimizer-offload JSON; model states and ZeRO traffic follow each role's stage."""
     from mogan_ds.cli.launcher import REPO
     from mogan_ds.plan.report import make_plan
-    from mogan_ds.train.engines import load_ds_config
+    from mogan_ds.train.roles import load_ds_config
 
     ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
     offload = load_ds_config(REPO / "ds_configs" / "zero3_bf16_offload.json")
@@ -369,7 +369,7 @@ def test_partitioned_teacher_states_and_all_gathers():
     from mogan_ds.cli.launcher import REPO
     from mogan_ds.plan.memory import largest_layer_params
     from mogan_ds.plan.report import make_plan, summary
-    from mogan_ds.train.engines import load_ds_config
+    from mogan_ds.train.roles import load_ds_config
 
     ds = load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
     bf16 = [*SMALL, "models.frozen_dtype=bf16", "train.batch_size=4"]  # world 2: gas 2

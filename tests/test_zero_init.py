@@ -134,11 +134,13 @@ def test_partitioned_teacher_engine_equals_the_replica(tiny_models, topo, frozen
     cfg = load_config("tiny", [f"models.frozen_dtype={frozen_dtype}"])
     base = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000}}  # no precision: fp32 JSON
     replica = freeze(load_transformer(path, DTYPES[frozen_dtype]), torch.device("cpu"))
-    from mogan_ds.train.engines import teacher_ds_config
+    from mogan_ds.train.roles import plan_roles
 
-    module = load_partitioned_frozen_transformer(path, teacher_ds_config(cfg, base, topo), topo)
+    plan = plan_roles(cfg, base, topo)["teacher"]
+    assert plan.partitioned and not plan.trainable and plan.stage == 3
+    module = load_partitioned_frozen_transformer(path, plan.ds_config, topo)
     assert all(hasattr(p, "ds_id") and p.data.numel() == 0 and not p.requires_grad for p in module.parameters())
-    engine = build_teacher_engine(module, cfg, base, topo)
+    engine = build_teacher_engine(module, plan, topo)
     assert engine.optimizer is None or type(engine.optimizer).__name__ == "DeepSpeedZeRoOffload"
     ref, got = dict(replica.named_parameters()), _gathered(engine.module)
     assert ref.keys() == got.keys()
@@ -218,19 +220,34 @@ def test_mismatched_checkpoint_is_refused(tiny_models, topo, tmp_path):
 
 
 def test_roles_follow_their_own_zero_stage(tiny_workdir, topo):
+    """One build decision per role (`plan_roles`): the networks, the engines and the planner read the same plans."""
     from mogan_ds.config import load_config
-    from mogan_ds.train.engines import load_ds_config
-    from mogan_ds.train.networks import partitioned_roles
+    from mogan_ds.train.roles import load_ds_config, plan_roles
+
+    def partitioned(cfg, base):
+        return sorted(r for r, p in plan_roles(cfg, base, topo).items() if p.partitioned)
 
     base = load_ds_config(REPO / "ds_configs" / "zero3_cpu.json")
     cfg = load_config("tiny", [*tiny_workdir])
-    assert sorted(partitioned_roles(cfg, topo, base)) == ["discriminator", "fake_score", "generator"]
-    assert partitioned_roles(load_config("tiny", [*tiny_workdir, "models.zero_init=false"]), topo, base) == {}
-    assert partitioned_roles(cfg, topo, {**base, "zero_optimization": {"stage": 2}}) == {}
-    assert sorted(partitioned_roles(load_config("tiny", [*tiny_workdir, "gan.enabled=false"]), topo, base)) == [
+    plans = plan_roles(cfg, base, topo)
+    assert partitioned(cfg, base) == ["discriminator", "fake_score", "generator", "teacher"]
+    assert all(p.stage == 3 and p.ds_config["zero_optimization"]["stage"] == 3 for p in plans.values())
+    assert [r for r, p in plans.items() if p.trainable] == ["generator", "fake_score", "discriminator"]
+    # models.zero_init concerns the trainable networks; the teacher follows its own stage
+    assert partitioned(load_config("tiny", [*tiny_workdir, "models.zero_init=false"]), base) == ["teacher"]
+    z2 = {**base, "zero_optimization": {"stage": 2}}
+    assert partitioned(cfg, z2) == []
+    assert plan_roles(cfg, z2, topo)["teacher"].ds_config is None
+    assert partitioned(load_config("tiny", [*tiny_workdir, "gan.enabled=false"]), base) == [
         "fake_score",
         "generator",
+        "teacher",
     ]
+    assert sorted(plan_roles(load_config("tiny", [*tiny_workdir, "dmd.enabled=false"]), base, topo)) == [
+        "discriminator",
+        "generator",
+    ]
+    assert all(not p.partitioned and p.ds_config is None for p in plan_roles(cfg, None, topo).values())
 
 
 # ----------------------------------------------------------------------------- 2 ranks

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError, load_config
-from ..train.engines import load_ds_config
+from ..train.roles import load_ds_config
 from .hardware import DEFAULT_MFU, GPUS
 
 OFFLOAD_PRESET = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_bf16_offload.json"

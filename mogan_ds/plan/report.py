@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config, ConfigError, validate
 from ..models.presets import transformer_limits
-from ..train.engines import ROLES, ds_config_for, teacher_ds_config, teacher_zero3
+from ..train.roles import plan_roles
 from .comm import EngineCalls, PlanTopology, offload_traffic, zero2_traffic, zero3_traffic
 from .flops import Flops
 from .hardware import DEFAULT_MFU, GIB, GPUS, comm_seconds, estimate_seconds, offload_seconds
@@ -143,20 +143,19 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
     world = nodes * gpus_per_node
     validate(cfg, **transformer_limits(cfg.models), world_size=world)
     topo = PlanTopology(world, cfg.parallel.sp_size)
-    # Each role's final DeepSpeed dict, as the trainer builds it (JSON + parallel.zero_stage.<role>).
-    role_ds = {}
-    for role in ROLES:
-        try:
-            role_ds[role] = ds_config_for(role, cfg, ds, topo)
-        except ValueError as e:  # zero_config_fixups: stage < 3 with sp > 1, ...
-            raise ConfigError(f"plan: {role}: {e}") from None
-        stage = int(role_ds[role].get("zero_optimization", {}).get("stage", 0))
-        if stage not in (2, 3):
+    # Each role's build decision, as the trainer makes it (`roles.plan_roles`: JSON + parallel.zero_stage.<role>).
+    try:
+        roles = plan_roles(cfg, ds, topo)
+    except ValueError as e:  # zero_config_fixups: stage < 3 with sp > 1, ...
+        raise ConfigError(f"plan: {e}") from None
+    for role, plan in roles.items():
+        if plan.trainable and plan.stage not in (2, 3):
             raise ConfigError(
-                f"plan: {role} would run ZeRO stage {stage}; only stages 2 and 3 are modelled "
+                f"plan: {role} would run ZeRO stage {plan.stage}; only stages 2 and 3 are modelled "
                 "(set zero_optimization.stage in the DeepSpeed JSON or parallel.zero_stage.<role>)"
             )
-    teacher_ds = teacher_ds_config(cfg, ds, topo) if teacher_zero3(cfg, ds) else None
+    teacher_plan = roles.get("teacher")
+    teacher_ds = teacher_plan.ds_config if teacher_plan is not None and teacher_plan.partitioned else None
     run = _traced(cfg, world, trainable_dtype(ds))
     flops, calls = Flops(), {r: EngineCalls() for r in (*run.trainable, "teacher")}
     comm: dict[str, int] = {}
@@ -171,9 +170,9 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
     steps = _optimizer_steps(run)
     states, step_params, host_link = [], 0.0, 0
     for r in run.trainable:
-        rd, module = role_ds[r], run.modules[r]
-        stage = int(rd["zero_optimization"]["stage"])
-        off_opt, off_param = _offload(rd, "offload_optimizer"), _offload(rd, "offload_param")
+        plan, module = roles[r], run.modules[r]
+        stage = plan.stage
+        off_opt, off_param = plan.offloads("optimizer"), plan.offloads("param")
         states.append(zero_model_states(r, module, gpus_per_node, nodes, off_opt, off_param, stage))
         params = sum(p.numel() for p in module.parameters())
         calls[r].steps = steps[r]
@@ -186,7 +185,7 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
     if teacher_ds is not None:
         # The teacher's ZeRO-3 inference engine: its partition, and one all-gather per forward
         # (no_grad: no backward re-gather, no gradients to reduce).
-        teacher, off_param = run.modules["teacher"], _offload(teacher_ds, "offload_param")
+        teacher, off_param = run.modules["teacher"], teacher_plan.offloads("param")
         states.append(partitioned_frozen_states("teacher", teacher, gpus_per_node, nodes, off_param))
         pbytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         params = sum(p.numel() for p in teacher.parameters())

@@ -47,7 +47,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import Config
 from ..models.builders import DTYPES, build_raft
 from ..models.presets import architecture
-from ..train.engines import Engines, gradient_accumulation_steps
+from ..train.engines import Engines
+from ..train.roles import gradient_accumulation_steps
 from .comm import CollectiveBytes, EngineCalls, LocalCollectives, PlanTopology
 from .flops import Flops
 from .memo import BlockMemo, memo_types

@@ -1,17 +1,16 @@
 """DeepSpeed engines, built per role in one place (as DeepSpeed-Chat builds actor/critic/ref).
 
 Trainable roles — generator, fake score, discriminator — each get their own ZeRO engine
-from the same `ds_configs/*.json`, with the role's optimiser, clipping and batch sizes
-merged in by `ds_config_for`, and its ZeRO stage replaced by `parallel.zero_stage.<role>`
-when that is set (e.g. ZeRO-2 for the generator and fake score, ZeRO-3 for D). Every engine receives the same topology object as `mpu`,
-so ZeRO partitions and reduces over the data-parallel group while sequence-parallel
-peers share one replica's work.
+from their `roles.RolePlan`'s final DeepSpeed dict (the JSON, the role's ZeRO stage, the
+recipe's optimiser, clipping and batch sizes: `roles.ds_config_for`). Every engine receives
+the same topology object as `mpu`, so ZeRO partitions and reduces over the data-parallel
+group while sequence-parallel peers share one replica's work.
 
 The frozen teacher is built here too when its stage (`parallel.zero_stage.teacher`, 0 = the
 JSON's) is 3: a ZeRO-3 *inference* engine, as DeepSpeed-Chat builds its reference model
 (``deepspeed.initialize(model=ref, config=eval_ds_config)``, no optimizer): its parameters
 stay partitioned over the same ZeRO group and are gathered layer by layer in its forward.
-Its dict (`teacher_ds_config`) is the JSON's ZeRO section at stage 3 with the precision of
+Its dict (`roles.teacher_ds_config`) is the JSON's ZeRO section at stage 3 with the precision of
 `models.frozen_dtype`, not the JSON's training precision. At stages 0-2 (which partition only
 gradients and optimizer states, none of which a frozen network has) the teacher is a plain
 replicated module, as the VAE and RAFT always are: in `models.frozen_dtype`, without grads.
@@ -19,203 +18,15 @@ replicated module, as the VAE and RAFT always are: in `models.frozen_dtype`, wit
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 
-from ..config import Config, ConfigError, OptimConfig
-from ..parallel import zero_config_fixups
-
-ROLES = ("generator", "fake_score", "discriminator")
-
-# Keys the recipe owns: a ds_config that sets them would silently disagree with it.
-RECIPE_OWNED_KEYS = (
-    "optimizer",
-    "scheduler",
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-)
+from .roles import ROLES, RolePlan
 
 
-def load_ds_config(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--ds_config: no DeepSpeed JSON at {p}")
-    with open(p, encoding="utf-8") as fh:
-        try:
-            ds = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--ds_config {p}: not valid JSON ({e})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"--ds_config {p}: expected a JSON object of DeepSpeed settings, got {type(ds).__name__}")
-    clash = [k for k in RECIPE_OWNED_KEYS if k in ds]
-    if clash:
-        raise ConfigError(
-            f"--ds_config {p} sets {clash}: these come from the recipe (optim.<role>.*, train.batch_size, "
-            "train.micro_batch_size); remove them from the DeepSpeed JSON"
-        )
-    return ds
-
-
-def _role_batch(cfg: Config, role: str) -> tuple[int, str]:
-    """(global clips per update of `role`, the config key that sets it)."""
-    if role == "discriminator" and cfg.gan.disc_batch_size > 0:
-        return cfg.gan.disc_batch_size, "gan.disc_batch_size"
-    return cfg.train.batch_size, "train.batch_size"
-
-
-def role_batch_size(cfg: Config, role: str) -> int:
-    """Global clips per update of `role`: train.batch_size, or gan.disc_batch_size for D (0 = the same)."""
-    return _role_batch(cfg, role)[0]
-
-
-def gradient_accumulation_steps(cfg: Config, dp_size: int, role: str = "generator") -> int:
-    """Micro steps per update of `role` on each data-parallel rank."""
-    batch, key = _role_batch(cfg, role)
-    per_step = cfg.train.micro_batch_size * dp_size
-    if batch % per_step:
-        raise ConfigError(f"{key}: {batch} is not a multiple of micro_batch_size*dp = {per_step}")
-    return batch // per_step
-
-
-def _on_cpu() -> bool:
-    return get_accelerator().device_name() == "cpu"
-
-
-def role_zero_stage(role: str, cfg: Config, base: dict) -> int:
-    """The ZeRO stage `role`'s engine runs: `parallel.zero_stage.<role>`, or the JSON's when that is 0."""
-    stage = int(getattr(cfg.parallel.zero_stage, role))
-    return stage if stage else int(base.get("zero_optimization", {}).get("stage", 0))
-
-
-def _apply_role_stage(role: str, cfg: Config, ds: dict, topo) -> None:
-    """Set `parallel.zero_stage.<role>` in `ds` (in place), refusing what that stage cannot run.
-
-    Why per role: the generator and fake score are small enough at 1.3B that ZeRO-2 (full bf16
-    weights on every rank, partitioned gradients and optimizer states) fits, and it replaces
-    ZeRO-3's all-gather of every layer at every forward - the backward simulation runs the
-    generator up to 3 times per sample - with one all-gather of the updated weights per
-    optimizer step. The discriminator and anything else can stay on the JSON's stage 3.
-    """
-    stage = getattr(cfg.parallel.zero_stage, role)
-    if not stage:
-        return
-    key = f"parallel.zero_stage.{role}"
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = stage
-    if stage < 3:
-        if topo.sp_size > 1:
-            # zero_config_fixups would refuse it too; name the recipe key instead of the JSON's.
-            raise ConfigError(
-                f"{key}={stage} with parallel.sp_size={topo.sp_size}: sequence parallelism needs ZeRO stage 3 "
-                "(stages 0-2 sum the gradients over the SP group instead of averaging them)"
-            )
-        if role == "generator" and cfg.eval.every > 0 and cfg.train.ema_decay > 0:
-            # ema.compute_swapped_in maps the EMA shard onto ZeRO-3 compute partitions; a ZeRO-1/2
-            # rank's shard covers only its optimizer fragment: refused here rather than mid-run.
-            raise ConfigError(
-                f"{key}={stage} with eval.every > 0 and train.ema_decay > 0: in-training evaluation samples "
-                "with the EMA swapped into the generator's ZeRO-3 partitions; keep the generator at stage 3 "
-                "or set eval.every=0"
-            )
-        if str(zero.get("offload_param", {}).get("device", "none")) != "none":
-            raise ConfigError(
-                f"{key}={stage}: the DeepSpeed JSON offloads parameters (zero_optimization.offload_param), "
-                "which only ZeRO stage 3 supports; use a JSON without it or stage 3 for this role"
-            )
-
-
-def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
-    """The final DeepSpeed dict of one role: the JSON + the role's ZeRO stage + the recipe's optimiser/batch values."""
-    o: OptimConfig = getattr(cfg.optim, role)
-    ds = copy.deepcopy(base)
-    _apply_role_stage(role, cfg, ds, topo)
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size, role)
-    ds["train_batch_size"] = role_batch_size(cfg, role)
-    ds["gradient_clipping"] = o.grad_clip
-    params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    if _on_cpu():
-        # FusedAdam is a CUDA kernel; on the CPU accelerator use torch's AdamW (same maths).
-        params["torch_adam"] = True
-    ds["optimizer"] = {"type": "AdamW", "params": params}
-    if o.warmup_steps > 0:
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": o.lr,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_type": "linear",
-            },
-        }
-    return zero_config_fixups(ds, topo)
-
-
-# Training-only sections a frozen engine must not carry (it has no optimizer and no gradients).
-_TRAINING_ONLY_ZERO_KEYS = ("offload_optimizer",)
-# ZeRO options that would change the frozen teacher's values (quantised weights) or that its
-# partitioned build cannot honour (fp32-kept modules in an NVMe-swapped partition).
-_TEACHER_REFUSED = {
-    "zero_quantized_weights": "quantises the gathered weights, so the teacher would not compute with its own values",
-    "zero_quantized_nontrainable_weights": "quantises frozen weights, so the teacher would not compute with its "
-    "own values",
-}
-
-
-def teacher_zero3(cfg: Config, base: dict | None) -> bool:
-    """Whether the frozen teacher runs as a ZeRO-3 inference engine (its stage, or the JSON's when 0, is 3)."""
-    return cfg.dmd.enabled and base is not None and role_zero_stage("teacher", cfg, base) == 3
-
-
-def teacher_ds_config(cfg: Config, base: dict, topo) -> dict:
-    """The final DeepSpeed dict of the frozen teacher's ZeRO-3 inference engine.
-
-    The JSON's ``zero_optimization`` at stage 3 (prefetch, persistence threshold, live
-    parameters and ``offload_param`` as the JSON sets them) without the optimizer's offload;
-    no optimizer, scheduler or clipping; precision from ``models.frozen_dtype`` (bf16 ->
-    ``bf16.enabled``, fp32 -> neither bf16 nor fp16), whatever the JSON trains in; batch
-    sizes those of the generator's DMD update, the phase that runs it (DeepSpeed checks
-    them even without an optimizer). Refused, naming the key: quantised weights (the
-    teacher would not compute with its own values) and parameters offloaded to NVMe (the
-    fp32-kept modules of a half-precision teacher are re-typed in their partitions before
-    loading, which a swapped-out partition does not allow).
-    """
-    stage = role_zero_stage("teacher", cfg, base)
-    if stage != 3:
-        raise ConfigError(
-            f"parallel.zero_stage.teacher: the teacher runs ZeRO stage {stage} (a replica); only stage 3 builds an engine"
-        )
-    ds = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("fp16", "bf16", "amp", "torch_autocast")}
-    zero = {k: v for k, v in ds.get("zero_optimization", {}).items() if k not in _TRAINING_ONLY_ZERO_KEYS}
-    zero["stage"] = 3
-    for key, why in _TEACHER_REFUSED.items():
-        if zero.get(key):
-            raise ConfigError(f"zero_optimization.{key} with the ZeRO-3 teacher (parallel.zero_stage.teacher): {why}")
-    if str(zero.get("offload_param", {}).get("device", "none")) == "nvme":
-        raise ConfigError(
-            "zero_optimization.offload_param.device=nvme with the ZeRO-3 teacher (parallel.zero_stage.teacher): "
-            "its fp32-kept modules cannot be re-typed in swapped-out partitions; offload to cpu, or set "
-            "parallel.zero_stage.teacher=1 for a replica"
-        )
-    ds["zero_optimization"] = zero
-    ds.pop("checkpoint", None)  # nothing to load: the teacher is rebuilt from its weights folder
-    if cfg.models.frozen_dtype == "bf16":
-        ds["bf16"] = {"enabled": True}
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, topo.dp_size)
-    ds["train_batch_size"] = cfg.train.batch_size
-    return zero_config_fixups(ds, topo, trainable=False)
-
-
-def build_teacher_engine(module: torch.nn.Module, cfg: Config, base: dict, topo):
+def build_teacher_engine(module: torch.nn.Module, plan: RolePlan, topo):
     """The teacher's ZeRO-3 inference engine around its partitioned build (`networks.build_networks`).
 
     No optimizer: DeepSpeed wraps the module in its parameter-offload hooks only (gather
@@ -224,7 +35,7 @@ def build_teacher_engine(module: torch.nn.Module, cfg: Config, base: dict, topo)
     """
     if any(p.requires_grad for p in module.parameters()):
         raise ValueError("teacher: expected a frozen module (requires_grad False)")
-    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(cfg, base, topo), mpu=topo)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=plan.ds_config, mpu=topo)
     engine.module.eval()
     return engine
 
@@ -241,27 +52,28 @@ class Engines:
         return [(r, getattr(self, r)) for r in ROLES if getattr(self, r) is not None]
 
 
-def build_engine(role: str, module: torch.nn.Module, cfg: Config, base: dict, topo):
+def build_engine(plan: RolePlan, module: torch.nn.Module, topo):
+    """A trainable role's ZeRO engine from its plan's final DeepSpeed dict."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"{role}: no trainable parameters")
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=trainable, config=ds_config_for(role, cfg, base, topo), mpu=topo
-    )
+        raise ValueError(f"{plan.role}: no trainable parameters")
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=plan.ds_config, mpu=topo)
     return engine
 
 
-def build_engines(
-    cfg: Config, base: dict, topo, modules: dict[str, torch.nn.Module | None], teacher: torch.nn.Module | None = None
-) -> Engines:
-    """One engine per trainable role that is in use (a disabled role gets None), and the teacher's.
+def build_engines(roles: dict[str, RolePlan], topo, nets) -> Engines:
+    """One engine per trainable role in use (a disabled role gets None), and the teacher's when it is partitioned.
 
-    ``teacher``: the frozen teacher when it is partitioned (`teacher_zero3`), else None (a
-    replica, or no DMD): it gets its ZeRO-3 inference engine here, beside the trainable ones.
+    `nets`: the `networks.Networks` built from the same `roles`; a partitioned teacher (its
+    plan's ``partitioned``) gets its ZeRO-3 inference engine here, beside the trainable ones.
     """
-    engines = {role: build_engine(role, m, cfg, base, topo) if m is not None else None for role, m in modules.items()}
-    if teacher is not None:
-        engines["teacher"] = build_teacher_engine(teacher, cfg, base, topo)
+    engines = {}
+    for role in ROLES:
+        module = getattr(nets, role)
+        engines[role] = build_engine(roles[role], module, topo) if module is not None else None
+    teacher = roles.get("teacher")
+    if teacher is not None and teacher.partitioned:
+        engines["teacher"] = build_teacher_engine(nets.teacher, teacher, topo)
     return Engines(**engines)
 
 

@@ -12,7 +12,7 @@ Sequence parallelism is applied here, from outside, to the unmodified diffusers 
 in fp32: the DeepSpeed engine casts them to the ds_config's precision.
 
 Loading: with ``models.zero_init`` (default) each trainable network whose role's final
-DeepSpeed dict (`engines.ds_config_for`) is ZeRO stage 3 is built under `deepspeed.zero.Init`
+DeepSpeed dict is ZeRO stage 3 (its `roles.RolePlan` says ``partitioned``) is built under `deepspeed.zero.Init`
 from its config and its safetensors are copied tensor by tensor into the partitions
 (`mogan_ds.models.partitioned`): a rank holds 1/world of each such network, never the whole
 (benchmarks/zero_init.py measures it). A role at ZeRO stage 0-2, or ``models.zero_init=false``,
@@ -60,7 +60,6 @@ from ..models.partitioned import (
     load_partitioned_transformer,
     move_buffers,
     partition_rest,
-    zero3,
 )
 from ..motion.discriminator import assemble_discriminator, build_discriminator
 from ..parallel import (
@@ -72,7 +71,7 @@ from ..parallel import (
     parallelize_wan,
     wan_plan,
 )
-from .engines import ds_config_for, teacher_ds_config, teacher_zero3
+from .roles import RolePlan
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +88,24 @@ class Networks:
 
 
 def build_networks(
-    cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor, base_ds: dict | None = None
+    cfg: Config, topo, device: torch.device, disc_prompt: torch.Tensor, roles: dict[str, RolePlan] | None = None
 ) -> Networks:
     """Load and prepare every network this recipe uses (disabled phases load nothing extra).
 
-    ``base_ds`` is the DeepSpeed JSON the engines are built from; with it and
-    ``models.zero_init``, the trainable networks of ZeRO-3 roles are built partitioned, and
-    with it the teacher is partitioned when its stage is 3 (`engines.teacher_zero3`).
+    ``roles`` (`roles.plan_roles`, from the DeepSpeed JSON the engines are built from): a
+    role whose plan says ``partitioned`` is built under zero.Init with its plan's dict and
+    loaded into its partitions; without plans every network is built whole.
     Seed the global RNG first (the discriminator's fresh heads draw from it).
     """
     paths = wan_paths(cfg.models.root)
     frozen = DTYPES[cfg.models.frozen_dtype]
     teacher_path = paths["transformer"]
     gen_path = Path(cfg.models.generator) if cfg.models.generator else teacher_path
-    role_ds = partitioned_roles(cfg, topo, base_ds)
+    roles = roles or {}
+    role_ds = {r: p.ds_config for r, p in roles.items() if p.trainable and p.partitioned}
+    teacher_plan = roles.get("teacher")
+    teacher_partitioned = teacher_plan is not None and teacher_plan.partitioned
+    log.info("built under zero.Init (partitioned from the start): %s", ", ".join(role_ds) or "none")
 
     discriminator = None
     if cfg.gan.enabled:
@@ -125,8 +128,8 @@ def build_networks(
         generator = trainable("generator", gen_path)
         fake_score = trainable("fake_score", teacher_path) if cfg.dmd.enabled else None
         teacher = None
-        if teacher_zero3(cfg, base_ds):
-            teacher = load_partitioned_frozen_transformer(teacher_path, teacher_ds_config(cfg, base_ds, topo), topo)
+        if teacher_partitioned:
+            teacher = load_partitioned_frozen_transformer(teacher_path, teacher_plan.ds_config, topo)
         elif cfg.dmd.enabled:
             teacher = freeze(load_transformer(teacher_path, frozen), device)
         vae = freeze(load_vae(paths["vae"], frozen), device)
@@ -154,26 +157,7 @@ def build_networks(
         fake_score.train()
     if discriminator is not None:
         discriminator.train()
-    return Networks(generator, fake_score, discriminator, teacher, vae, raft, teacher_zero3(cfg, base_ds))
-
-
-def partitioned_roles(cfg: Config, topo, base_ds: dict | None) -> dict[str, dict]:
-    """role -> its final DeepSpeed dict, for the trainable roles built under zero.Init.
-
-    A role qualifies when ``models.zero_init`` is on, the role is in use and *its own* final
-    dict runs ZeRO stage 3 (a role at stage 0-2 keeps whole parameters: built the full way).
-    """
-    if not cfg.models.zero_init or base_ds is None:
-        return {}
-    used = {"generator": True, "fake_score": cfg.dmd.enabled, "discriminator": cfg.gan.enabled}
-    out = {}
-    for role, on in used.items():
-        if on:
-            ds = ds_config_for(role, cfg, base_ds, topo)
-            if zero3(ds):
-                out[role] = ds
-    log.info("built under zero.Init (partitioned from the start): %s", ", ".join(out) or "none")
-    return out
+    return Networks(generator, fake_score, discriminator, teacher, vae, raft, teacher_partitioned)
 
 
 def build_partitioned_discriminator(

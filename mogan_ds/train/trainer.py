@@ -53,9 +53,10 @@ from ..sampling.samplers import transformer_velocity_fn
 from ..sampling.schedule import FlowMatchSchedule, randn
 from ..sampling.training_samples import render_samples
 from .ema import ShardedEMA
-from .engines import build_engines, gradient_accumulation_steps, load_ds_config, no_param_grads
+from .engines import build_engines, no_param_grads
 from .metrics import MetricsLogger, peak_memory_gib
 from .networks import build_networks, configure_trainable_attention
+from .roles import gradient_accumulation_steps, load_ds_config, plan_roles
 from .run_logging import setup_run_logging
 
 log = logging.getLogger("mogan_ds")
@@ -120,14 +121,10 @@ class MoGANTrainer:
         self.negative = special["negative"].to(self.device)
         # Fresh weights (the discriminator's heads) must be identical on every rank.
         torch.manual_seed(cfg.train.seed)
-        nets = build_networks(cfg, self.topo, self.device, special["disc"], base_ds)
-        self.engines = build_engines(
-            cfg,
-            base_ds,
-            self.topo,
-            {"generator": nets.generator, "fake_score": nets.fake_score, "discriminator": nets.discriminator},
-            teacher=nets.teacher if nets.teacher_partitioned else None,
-        )
+        # One build decision per role (its DeepSpeed dict, stage, partitioned or not), read by both builders.
+        self.roles = plan_roles(cfg, base_ds, self.topo)
+        nets = build_networks(cfg, self.topo, self.device, special["disc"], self.roles)
+        self.engines = build_engines(self.roles, self.topo, nets)
         configure_trainable_attention(self.engines, cfg.models.attention_backend)
         # A partitioned teacher runs as its engine's module (ZeRO-3 gathers each layer in its
         # forward); it is never stepped or checkpointed (rebuilt from models.root on resume).

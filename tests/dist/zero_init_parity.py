@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from deepspeed import comm as dist  # noqa: E402
 
 from mogan_ds.config import load_config  # noqa: E402
-from mogan_ds.train.engines import ds_config_for, load_ds_config  # noqa: E402
+from mogan_ds.train.roles import ds_config_for, load_ds_config  # noqa: E402
 from mogan_ds.cli.launcher import REPO  # noqa: E402
 from mogan_ds.checkpoint.master_weights import full_master  # noqa: E402
 from mogan_ds.models.partitioned import PartitionedBuild, load_into_partitions, move_buffers  # noqa: E402
@@ -97,9 +97,10 @@ class Checks:
 def partition_facts(cfg, topo, base_ds, prompt_shape, tiny_generator: Path, checks: Checks) -> dict:
     """Networks built with zero_init before any engine: partitioned, and both loading paths agree."""
     from mogan_ds.train.networks import build_networks
+    from mogan_ds.train.roles import plan_roles
 
     torch.manual_seed(cfg.train.seed)
-    nets = build_networks(cfg, topo, torch.device("cpu"), torch.zeros(prompt_shape), base_ds)
+    nets = build_networks(cfg, topo, torch.device("cpu"), torch.zeros(prompt_shape), plan_roles(cfg, base_ds, topo))
     world = dist.get_world_size()
     facts = {}
     facts["teacher_partitioned"] = nets.teacher_partitioned
@@ -135,7 +136,8 @@ def bf16_teacher_matches_replica(cfg, topo, base_ds, checks: Checks) -> dict:
     gathers them per dtype) give the bf16 replica's parameters and CFG-batched output exactly."""
     import copy
 
-    from mogan_ds.train.engines import build_teacher_engine, teacher_ds_config
+    from mogan_ds.train.engines import build_teacher_engine
+    from mogan_ds.train.roles import plan_roles
     from mogan_ds.models.builders import freeze, load_transformer
     from mogan_ds.models.partitioned import load_partitioned_frozen_transformer
     from mogan_ds.sampling.samplers import transformer_velocity_fn
@@ -143,8 +145,9 @@ def bf16_teacher_matches_replica(cfg, topo, base_ds, checks: Checks) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.models.frozen_dtype = "bf16"
     path = Path(cfg.models.root) / "transformer"
-    module = load_partitioned_frozen_transformer(path, teacher_ds_config(cfg, base_ds, topo), topo)
-    engine = build_teacher_engine(module, cfg, base_ds, topo)
+    plan = plan_roles(cfg, base_ds, topo)["teacher"]
+    module = load_partitioned_frozen_transformer(path, plan.ds_config, topo)
+    engine = build_teacher_engine(module, plan, topo)
     replica = freeze(load_transformer(path, torch.bfloat16), torch.device("cpu"))
     partition_dtypes = sorted({str(p.ds_tensor.dtype) for p in engine.module.parameters()})
     for n, p in engine.module.named_parameters():
