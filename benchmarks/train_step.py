@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
 
     from mogan_ds.config import load_config
-    from mogan_ds.train.trainer import PHASES, MoGANTrainer
+    from mogan_ds.train.step import PHASES
+    from mogan_ds.train.trainer import MoGANTrainer
 
     overrides = list(args.overrides)
     if args.config == "tiny":
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     def iteration(step: int, gan: bool) -> tuple[float, dict]:
         trainer.cfg.gan.enabled = gan
         t0 = time.perf_counter()
-        logs = trainer.train_step(step)
+        logs = trainer.iteration.train_step(step)
         return time.perf_counter() - t0, logs
 
     iteration(0, True)  # warm-up: allocator, kernels, data workers

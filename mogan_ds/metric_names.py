@@ -40,6 +40,8 @@ R2_GP_WEIGHT = "r2_gp_weight"
 
 # Added per iteration by the trainer.
 TIME_PREFIX = "time_"  # + phase name: wall time of the phase
+PEAK_MEM_PREFIX = "peak_mem_gib_"  # + phase name: max_memory_allocated over the phase (accelerators only)
+PEAK_RESERVED_PREFIX = "peak_reserved_gib_"  # + phase name: max_memory_reserved over the phase (accelerators only)
 LR_PREFIX = "lr_"  # + role: the engine's current learning rate
 STEP_TIME = "step_time"
 SAMPLES_PER_S = "samples_per_s"
@@ -52,6 +54,14 @@ PROGRESS_BAR = (DMD_LOSS, FAKE_SCORE_LOSS, G_GAN_LOSS, D_LOSS)
 
 def time_key(phase: str) -> str:
     return TIME_PREFIX + phase
+
+
+def peak_mem_key(phase: str) -> str:
+    return PEAK_MEM_PREFIX + phase
+
+
+def peak_reserved_key(phase: str) -> str:
+    return PEAK_RESERVED_PREFIX + phase
 
 
 def lr_key(role: str) -> str:

@@ -93,7 +93,7 @@ def real(tiny_cfg):
     state = {}
     reference = []
     for ph in prep.phases:
-        reference.append(count_flops(lambda name=ph.name: _run_phase(prep.trainer, name, state), prep.labels)[1])
+        reference.append(count_flops(lambda name=ph.name: _run_phase(prep.step, name, state), prep.labels)[1])
     return prep, reference
 
 

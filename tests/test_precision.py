@@ -101,9 +101,9 @@ def test_paper_precision_iteration_runs_on_cpu(bf16_trainer):
         want = torch.float32 if keep.intersection(name.split(".")) else torch.bfloat16
         assert p.dtype == want, name
     assert {p.dtype for p in t.vae.parameters()} == {torch.bfloat16}
-    assert t.motion.raft.dtype == torch.float32
+    assert t.iteration.motion.raft.dtype == torch.float32
 
-    logs = t.train_step(0)
+    logs = t.iteration.train_step(0)
     for phase in ("generator_dmd", "fake_score", "generator_gan", "discriminator"):
         assert logs[f"time_{phase}"] > 0, phase
     assert all(math.isfinite(v) for v in logs.values())

@@ -6,6 +6,7 @@ discriminator must see what they see without the switch; and the switch must cha
 where it does not apply (GAN or DMD off, or only one generator update due at a step).
 """
 
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from test_trainer import make_trainer, snapshot
 
-import mogan_ds.train.trainer as trainer_mod
+import mogan_ds.train.step as step_mod
 from mogan_ds import metric_names as M
 from mogan_ds.plan.runner import _phase_plan
 
@@ -29,8 +30,8 @@ def trainer(tiny_workdir, tmp_path_factory):
     t = make_trainer(tiny_workdir, tmp_path_factory.mktemp("shared_run"), *SWITCH)
     # The same prompt batch at every draw: the separate phases and the fused one consume
     # different numbers of batches from the stream.
-    embeds = t._next_prompts()
-    t._next_prompts = lambda: embeds
+    batch = next(t.iteration.prompts)
+    t.iteration.prompts = itertools.repeat(batch)
     return t
 
 
@@ -84,20 +85,20 @@ def test_fused_gradient_is_the_sum_and_one_clipped_step_applies_it(trainer, monk
     # References at these parameters: phase (1) and phase (3) as they are, gradients kept, no step.
     # Phase (3) draws its sample at phase (1)'s site, so both see the same sample.
     seen = capture_grads(t, monkeypatch, apply_step=False)
-    dmd_logs = t.generator_dmd_update(STEP)
-    rngs = t._rngs
+    dmd_logs = t.iteration.generator_dmd_update(STEP)
+    rngs = t.iteration.rngs
     monkeypatch.setattr(
-        t, "_rngs", lambda step, *site: rngs(step, *(("dmd",) + site[1:] if site[0] == "gan_g" else site))
+        t.iteration, "rngs", lambda step, *site: rngs(step, *(("dmd",) + site[1:] if site[0] == "gan_g" else site))
     )
-    gan_logs, gan_fakes, gan_window = t.generator_gan_update(STEP)
-    monkeypatch.setattr(t, "_rngs", rngs)
+    gan_logs, gan_fakes, gan_window = t.iteration.generator_gan_update(STEP)
+    monkeypatch.setattr(t.iteration, "rngs", rngs)
     g_dmd, g_gan = seen
     assert all(torch.equal(a, b) for a, b in zip(gen_params(t), p0))  # no step was taken
     assert eng.global_steps == steps0
 
     # The fused phase for real: one backward, one step (gradients recorded just before it).
     seen = capture_grads(t, monkeypatch, apply_step=True)
-    logs, fakes, window = t.generator_dmd_gan_update(STEP)
+    logs, fakes, window = t.iteration.generator_dmd_gan_update(STEP)
     (g_fused,) = seen
     assert eng.global_steps == steps0 + 1
 
@@ -132,7 +133,7 @@ def test_fused_gradient_is_the_sum_and_one_clipped_step_applies_it(trainer, monk
     assert logs[M.DMD_LOSS] == pytest.approx(dmd_logs[M.DMD_LOSS], rel=1e-6)
     assert logs[M.G_GAN_LOSS] == pytest.approx(gan_logs[M.G_GAN_LOSS], rel=1e-6)
     assert set(logs) == set(dmd_logs) | set(gan_logs) and window == gan_window
-    assert len(fakes) == t.gas and not fakes[0].requires_grad
+    assert len(fakes) == t.iteration.gas and not fakes[0].requires_grad
     torch.testing.assert_close(fakes[0], gan_fakes[0], rtol=0, atol=0)
 
     # (e) the fake score and D are untouched, and D accumulated no gradient (a path, not a learner)
@@ -148,16 +149,16 @@ def test_train_step_with_the_switch(trainer, monkeypatch):
     t = trainer
     calls, real = [], {}
     for name in ("generator_dmd_gan_update", "fake_score_update", "discriminator_update"):
-        real[name] = getattr(t, name)
+        real[name] = getattr(t.iteration, name)
 
         def wrapper(*args, _name=name):
             out = real[_name](*args)
             calls.append((_name, args, out))
             return out
 
-        monkeypatch.setattr(t, name, wrapper)
+        monkeypatch.setattr(t.iteration, name, wrapper)
     steps = {r: e.global_steps for r, e in t.engines.items()}
-    logs = t.train_step(1)
+    logs = t.iteration.train_step(1)
     names = [c[0] for c in calls]
     k = t.cfg.dmd.critic_updates
     assert names == ["generator_dmd_gan_update"] + ["fake_score_update"] * k + ["discriminator_update"]
@@ -170,10 +171,10 @@ def test_train_step_with_the_switch(trainer, monkeypatch):
     }
     # Logs: the same loss names as without the switch; the fused phase's wall time under its own name.
     assert set(M.PROGRESS_BAR) <= set(logs) and {M.DMD_GRAD_NORM, M.G_FAKE_LOGIT, M.GAN_WINDOW_START} <= set(logs)
-    assert {k for k in logs if k.startswith(M.TIME_PREFIX)} == {M.time_key(p) for p in trainer_mod.SHARED_PHASES}
+    assert {k for k in logs if k.startswith(M.TIME_PREFIX)} == {M.time_key(p) for p in step_mod.SHARED_PHASES}
     assert all(math.isfinite(v) for v in logs.values())
     # The planner runs the same phases in the same order.
-    assert [n for n, _ in _phase_plan(t.cfg, 1, 1)] == list(trainer_mod.SHARED_PHASES)
+    assert [n for n, _ in _phase_plan(t.cfg, 1, 1)] == list(step_mod.SHARED_PHASES)
 
 
 @pytest.mark.parametrize(
@@ -210,8 +211,8 @@ def test_switch_applies_only_when_both_generator_updates_are_due(trainer, monkey
         calls = []
         for fn, phase in phase_of.items():
             ret = ({M.G_GAN_LOSS: 0.0}, ["fakes"], "window") if phase in ("generator_gan", "generator_dmd_gan") else {}
-            monkeypatch.setattr(t, fn, lambda *a, _p=phase, _r=ret, _c=calls: _c.append((_p, a)) or _r)
-        t.train_step(step)
+            monkeypatch.setattr(t.iteration, fn, lambda *a, _p=phase, _r=ret, _c=calls: _c.append((_p, a)) or _r)
+        t.iteration.train_step(step)
         runs[switch] = calls
     dedup = [p for i, (p, _) in enumerate(runs[True]) if i == 0 or runs[True][i - 1][0] != p]
     assert dedup == expected

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-import mogan_ds.train.trainer as trainer_mod
+import mogan_ds.train.step as step_mod
+from mogan_ds import metric_names as M
 from mogan_ds.cli.launcher import REPO
 from mogan_ds.config import load_config
 from mogan_ds.train.trainer import MoGANTrainer, NonFiniteLossError
@@ -47,13 +48,13 @@ def run_phase(trainer, fn, *args):
 
 
 def test_phase1_dmd_moves_only_the_generator(trainer):
-    logs, mv = run_phase(trainer, trainer.generator_dmd_update, 0)
+    logs, mv = run_phase(trainer, trainer.iteration.generator_dmd_update, 0)
     assert math.isfinite(logs["dmd_loss"]) and logs["dmd_grad_norm"] > 0
     assert any(mv["generator"]) and not any(mv["fake_score"]) and not any(mv["discriminator"])
 
 
 def test_phase2_fake_score_moves_only_the_fake_score(trainer):
-    logs, mv = run_phase(trainer, trainer.fake_score_update, 0, 0)
+    logs, mv = run_phase(trainer, trainer.iteration.fake_score_update, 0, 0)
     assert math.isfinite(logs["fake_score_loss"])
     assert any(mv["fake_score"]) and not any(mv["generator"]) and not any(mv["discriminator"])
 
@@ -61,7 +62,7 @@ def test_phase2_fake_score_moves_only_the_fake_score(trainer):
 def test_phase3_gan_moves_generator_not_discriminator(trainer):
     from deepspeed.utils import safe_get_full_grad
 
-    (logs, fakes, start), mv = run_phase(trainer, trainer.generator_gan_update, 0)
+    (logs, fakes, start), mv = run_phase(trainer, trainer.iteration.generator_gan_update, 0)
     assert any(mv["generator"]) and not any(mv["fake_score"])
     # D is a gradient path only: bit-identical, no gradient accumulated, still trainable
     assert not any(mv["discriminator"])
@@ -72,32 +73,69 @@ def test_phase3_gan_moves_generator_not_discriminator(trainer):
         assert p.requires_grad
     assert len(fakes) == 1 and not fakes[0].requires_grad
     # phase 4 right after: D's own backward must work (the ZeRO-3 hook trap) and move only D
-    logs4, mv4 = run_phase(trainer, trainer.discriminator_update, 0, fakes, start)
+    logs4, mv4 = run_phase(trainer, trainer.iteration.discriminator_update, 0, fakes, start)
     assert any(mv4["discriminator"]) and not any(mv4["generator"]) and not any(mv4["fake_score"])
     assert {"d_loss", "d_real_logit", "d_fake_logit", "r1_gap", "r2_gap"} <= set(logs4)
 
 
 def test_train_step_runs_all_four_phases(trainer):
-    logs = trainer.train_step(1)
-    for phase in trainer_mod.PHASES:
+    logs = trainer.iteration.train_step(1)
+    for phase in step_mod.PHASES:
         assert logs[f"time_{phase}"] > 0
     assert all(math.isfinite(v) for v in logs.values())
+    # per-phase accelerator memory: not on the CPU, where the figures would be the host's
+    assert not any(k.startswith((M.PEAK_MEM_PREFIX, M.PEAK_RESERVED_PREFIX)) for k in logs)
+
+
+def test_phase_peaks_are_logged_on_an_accelerator(trainer, monkeypatch):
+    """On a device each phase's peak allocated/reserved memory joins the step's logs (stats reset per phase)."""
+    s = trainer.iteration
+    # Any non-CPU device takes the accelerator branch; DeepSpeed's CPU accelerator then reports host figures.
+    monkeypatch.setattr(s, "device", torch.device("meta"))
+    for fn in ("generator_dmd_update", "fake_score_update", "discriminator_update"):
+        monkeypatch.setattr(s, fn, lambda *a: {})
+    monkeypatch.setattr(s, "generator_gan_update", lambda *a: ({}, [], None))
+    logs = s.train_step(1)
+    for phase in step_mod.PHASES:
+        assert 0 < logs[M.peak_mem_key(phase)] <= logs[M.peak_reserved_key(phase)] + 1e-9
+
+
+def test_planner_and_trainer_build_the_same_step(trainer):
+    """The planner's iteration is the trainer's class, made by the same factory: the same attributes
+    (nothing set from outside on either), the same schedule, window spec and settings, and the class's
+    own phase methods. What differs is only what `build_step` takes as arguments: stand-in engines,
+    fake batches, fixed draws and one micro step per phase."""
+    from mogan_ds.plan.runner import prepare
+
+    run = trainer.iteration
+    plan = prepare(trainer.cfg, world_size=1, trainable_dtype=torch.float32, device="cpu").step
+    assert type(run) is type(plan) is step_mod.MoGANStep
+    assert vars(run).keys() == vars(plan).keys()
+    assert repr(run.schedule) == repr(plan.schedule) and run.cfg == plan.cfg
+    assert run.motion.window == plan.motion.window and run.motion.space == plan.motion.space
+    assert (run.guard.limit, run.topo.dp_size, run.topo.sp_size) == (plan.guard.limit, 1, 1)
+    for name in ("train_step", *(f"{p}_update" for p in (*step_mod.PHASES, "generator_dmd_gan")), "_backward_step"):
+        assert name not in vars(run) and name not in vars(plan), name
+    # the planner's documented choices, passed to the factory
+    assert (plan.gas, plan.disc_gas) == (1, 1)
+    assert plan.draw_entry(torch.Generator()) == (len(trainer.cfg.schedule.denoising_timesteps) - 1) // 2
 
 
 def test_nonfinite_loss_skips_then_stops(trainer, monkeypatch):
     def nan_loss(v_pred, x0, eps):
         return v_pred.float().mean() * float("nan"), {"fake_score_loss": float("nan")}
 
-    monkeypatch.setattr(trainer_mod, "flow_matching_loss", nan_loss)
-    monkeypatch.setattr(trainer.cfg.train, "max_nonfinite", 2)
-    trainer.nonfinite_streak = 0
-    total = trainer.nonfinite_total
-    _, mv = run_phase(trainer, trainer.fake_score_update, 5, 0)
+    monkeypatch.setattr(step_mod, "flow_matching_loss", nan_loss)
+    guard = trainer.iteration.guard
+    monkeypatch.setattr(guard, "limit", 2)
+    guard.streak = 0
+    total = guard.total
+    _, mv = run_phase(trainer, trainer.iteration.fake_score_update, 5, 0)
     assert not any(mv["fake_score"])  # the update was skipped, the weights are untouched
-    assert trainer.nonfinite_total == total + 1
+    assert guard.total == total + 1
     with pytest.raises(NonFiniteLossError, match="max_nonfinite=2"):
-        trainer.fake_score_update(5, 1)
-    trainer.nonfinite_streak = 0
+        trainer.iteration.fake_score_update(5, 1)
+    guard.streak = 0
 
 
 def test_export_loads_in_wanpipeline_and_generates(trainer):
@@ -132,10 +170,10 @@ def test_export_loads_in_wanpipeline_and_generates(trainer):
 def test_paper_rows_as_switches(tiny_workdir, tmp_path, switches, engines):
     t = make_trainer(tiny_workdir, tmp_path, *switches)
     assert {r for r, _ in t.engines.items()} == engines
-    logs = t.train_step(0)
+    logs = t.iteration.train_step(0)
     assert all(math.isfinite(v) for v in logs.values())
     if "gan.enabled=false" in switches:
-        assert "g_gan_loss" not in logs and t.motion is None
+        assert "g_gan_loss" not in logs and t.iteration.motion is None
     else:
         assert "dmd_loss" not in logs and "r1_gap" not in logs
 
@@ -163,12 +201,17 @@ def test_discriminator_batch_larger_than_the_generators(tiny_workdir, tmp_path, 
     each with one real clip and one fake; the second fake is an extra detached generator sample."""
     t = make_trainer(tiny_workdir, tmp_path, "gan.disc_batch_size=2", "dmd.enabled=false")
     d = t.engines.discriminator
-    assert (t.gas, t.disc_gas, d.gradient_accumulation_steps(), d.train_batch_size()) == (1, 2, 2, 2)
+    assert (t.iteration.gas, t.iteration.disc_gas, d.gradient_accumulation_steps(), d.train_batch_size()) == (
+        1,
+        2,
+        2,
+        2,
+    )
     assert t.engines.generator.train_batch_size() == 1
     # the run states it once, with the effective R1/R2 weights lambda * sigma^2 (defaults 100 x 0.1^2)
     assert "D batch 2 (accumulation 2)" in t.describe() and "gradient-penalty weights (1, 1)" in t.describe()
     calls = {"real": 0, "extra": 0}
-    real, extra = t.motion.real, t._extra_fake
+    real, extra = t.iteration.motion.real, t.iteration._extra_fake
 
     def count_real(*a, **k):
         calls["real"] += 1
@@ -180,10 +223,10 @@ def test_discriminator_batch_larger_than_the_generators(tiny_workdir, tmp_path, 
         assert not out.requires_grad
         return out
 
-    monkeypatch.setattr(t.motion, "real", count_real)
-    monkeypatch.setattr(t, "_extra_fake", count_extra)
-    (logs, fakes, window), _ = run_phase(t, t.generator_gan_update, 0)
-    logs4, mv4 = run_phase(t, t.discriminator_update, 0, fakes, window)
+    monkeypatch.setattr(t.iteration.motion, "real", count_real)
+    monkeypatch.setattr(t.iteration, "_extra_fake", count_extra)
+    (logs, fakes, window), _ = run_phase(t, t.iteration.generator_gan_update, 0)
+    logs4, mv4 = run_phase(t, t.iteration.discriminator_update, 0, fakes, window)
     assert calls == {"real": 2, "extra": 1}
     assert any(mv4["discriminator"]) and not any(mv4["generator"])  # one applied update after two micro steps
     assert d.global_steps == 1 and math.isfinite(logs4["d_loss"])

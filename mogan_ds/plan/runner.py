@@ -9,12 +9,13 @@ teacher runs whole here whatever its ZeRO stage (a partitioned teacher computes 
 activations); a `PlanEngine` counts its forwards for its ZeRO-3 all-gathers.
 No weight is read and no memory is allocated.
 
-The trainer is `MoGANTrainer.__new__` (no `__init__`: no process group, no data, no
-DeepSpeed) with the attributes its phases read filled in: `PlanEngine`s in place of the
-DeepSpeed engines (backward = `loss.backward()`, step = no-op), `PlanTopology` for rank 0
-of dp x sp, prompt and clip iterators yielding fake tensors, the real `FlowMatchSchedule`
-and `MotionPath`. Its `generator_dmd_update`, `fake_score_update`, `generator_gan_update`
-and `discriminator_update` then run unchanged. Deliberate differences, all stated in the
+The iteration is the trainer's own `MoGANStep`, made by the same factory
+(`mogan_ds.train.step.build_step`; no process group, no data, no DeepSpeed): `PlanEngine`s
+in place of the DeepSpeed engines (backward = `loss.backward()`, step = no-op),
+`PlanTopology` for rank 0 of dp x sp, prompt and clip iterators yielding fake tensors, the
+real `FlowMatchSchedule` and `MotionPath`, and the draws fixed through the factory's
+arguments. Its `generator_dmd_update`, `fake_score_update`, `generator_gan_update` and
+`discriminator_update` then run unchanged. Deliberate differences, all stated in the
 report:
 
 * one micro step per phase (`gas = disc_gas = 1`) and one critic update: the others
@@ -195,54 +196,47 @@ def _parallelize(nets: dict[str, torch.nn.Module], topo: PlanTopology) -> None:
         parallelize_discriminator(nets["discriminator"], topo)
 
 
-def _make_trainer(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopology, text_dim: int, entry_index: int):
-    """A `MoGANTrainer` without `__init__`, holding what its four phases read."""
-    from ..motion.pipeline import MotionPath
-    from ..motion.window import RANDOM, Window
-    from ..sampling.samplers import transformer_velocity_fn
-    from ..sampling.schedule import FlowMatchSchedule
-    from ..train.trainer import MoGANTrainer
+def _make_step(cfg: Config, nets: dict[str, torch.nn.Module], topo: PlanTopology, text_dim: int, entry_index: int):
+    """The trainer's own `MoGANStep` (`build_step`), on `PlanEngine`s, fake batches and fixed draws."""
+    from ..motion.window import RANDOM, Window, WindowSpec
+    from ..train.step import build_step
 
-    tr = MoGANTrainer.__new__(MoGANTrainer)
-    tr.cfg, tr.topo, tr.device = cfg, topo, torch.device("cpu")
-    tr.rank0 = True
-    tr.engines = Engines(
+    engines = Engines(
         generator=PlanEngine(nets["generator"]),
         fake_score=PlanEngine(nets["fake_score"]) if "fake_score" in nets else None,
         discriminator=PlanEngine(nets["discriminator"]) if "discriminator" in nets else None,
         # Counts the teacher's forwards (its ZeRO-3 all-gathers when partitioned; a replica gathers nothing).
         teacher=PlanEngine(nets["teacher"]) if "teacher" in nets else None,
     )
-    # The trainer calls the teacher's module itself (a partitioned one through its engine's hooks).
-    tr.teacher, tr.vae = nets.get("teacher"), nets["vae"]
-    tr.gen_fn = transformer_velocity_fn(tr.engines.generator)
-    tr.fake_fn = transformer_velocity_fn(tr.engines.fake_score) if cfg.dmd.enabled else None
-    tr.teacher_fn = transformer_velocity_fn(tr.teacher) if cfg.dmd.enabled else None
-    tr.motion = (
-        MotionPath.from_config(cfg.gan, cfg.latent_frames, tr.vae, nets.get("raft"), sp=topo)
-        if cfg.gan.enabled
-        else None
+    draw_window = None
+    if cfg.gan.enabled:
+        spec = WindowSpec.from_config(cfg.gan, cfg.latent_frames)
+        if spec.start == RANDOM:
+            # A random start is fixed at the middle of the allowed starts (chunks before the
+            # window are decoded without grad, so the start changes the cost a little).
+            fixed = Window((spec.min_start + spec.num_latent - spec.length) // 2, spec.length)
+            draw_window = lambda generator: fixed  # noqa: E731
+    L, v, micro = cfg.text.max_length, cfg.video, cfg.train.micro_batch_size
+    clip = (micro, 3, v.num_frames, v.height, v.width)
+    return build_step(
+        cfg,
+        topo,
+        torch.device("cpu"),
+        engines,
+        # The step calls the teacher's module itself (a partitioned one through its engine's hooks).
+        teacher=nets.get("teacher"),
+        vae=nets["vae"],
+        raft=nets.get("raft"),
+        negative=torch.zeros(1, L, text_dim),
+        prompts=_Endless(lambda: {"embeds": torch.zeros(micro, L, text_dim)}),
+        clips=_Endless(lambda: {"video": torch.zeros(clip, dtype=torch.uint8)}),
+        draw_window=draw_window,
+        draw_entry=lambda generator: entry_index,
+        micro_steps=(1, 1),
     )
-    if tr.motion is not None and tr.motion.window.start == RANDOM:
-        # A random start is fixed at the middle of the allowed starts (chunks before the
-        # window are decoded without grad, so the start changes the cost a little).
-        spec = tr.motion.window
-        fixed = Window((spec.min_start + spec.num_latent - spec.length) // 2, spec.length)
-        tr.motion.draw_window = lambda generator=None: fixed
-    tr.schedule = FlowMatchSchedule.from_config(cfg)
-    tr.schedule.draw_index = lambda generator=None: entry_index
-    tr.gas = tr.disc_gas = 1
-    tr.micro = cfg.train.micro_batch_size
-    tr.ema = None
-    tr.step, tr.nonfinite_streak, tr.nonfinite_total = 0, 0, 0
-    L, v = cfg.text.max_length, cfg.video
-    tr.negative = torch.zeros(1, L, text_dim)
-    tr._prompt_iter = _Endless(lambda: {"embeds": torch.zeros(tr.micro, L, text_dim)})
-    tr._clip_iter = _Endless(lambda: {"video": torch.zeros(tr.micro, 3, v.num_frames, v.height, v.width)})
-    return tr
 
 
-def _labels(tr, nets) -> dict[torch.nn.Module, str]:
+def _labels(step, nets) -> dict[torch.nn.Module, str]:
     labels = {nets["generator"]: "generator"}
     for name in ("fake_score", "teacher", "discriminator"):
         if name in nets:
@@ -256,8 +250,8 @@ def _labels(tr, nets) -> dict[torch.nn.Module, str]:
             vae.quant_conv: "vae_encode",
         }
     )
-    if tr.motion is not None and tr.motion.raft is not None:
-        labels[tr.motion.raft] = "raft"
+    if step.motion is not None and step.motion.raft is not None:
+        labels[step.motion.raft] = "raft"
     return labels
 
 
@@ -275,29 +269,29 @@ def _phase_plan(cfg: Config, gas: int, disc_gas: int) -> list[tuple[str, int]]:
     return out
 
 
-def _run_phase(tr, name: str, state: dict) -> None:
+def _run_phase(step, name: str, state: dict) -> None:
     if name == "generator_dmd":
-        tr.generator_dmd_update(0)
+        step.generator_dmd_update(0)
     elif name == "fake_score":
-        tr.fake_score_update(0, 0)
+        step.fake_score_update(0, 0)
     elif name == "generator_gan":
-        _, state["fakes"], state["window"] = tr.generator_gan_update(0)
+        _, state["fakes"], state["window"] = step.generator_gan_update(0)
     elif name == "generator_dmd_gan":
-        _, state["fakes"], state["window"] = tr.generator_dmd_gan_update(0)
+        _, state["fakes"], state["window"] = step.generator_dmd_gan_update(0)
     elif name == "discriminator":
-        tr.discriminator_update(0, state["fakes"], state["window"])
+        step.discriminator_update(0, state["fakes"], state["window"])
     elif name == "discriminator_extra_fake":
         # micro steps beyond the generator's batch: D's fake is a fresh detached sample (_extra_fake)
-        tr.discriminator_update(0, [], state["window"])
+        step.discriminator_update(0, [], state["window"])
     else:
         raise ValueError(name)
 
 
 @dataclass
 class Prepared:
-    """A trainer stand-in for rank 0 with its networks and the phases to run."""
+    """The iteration of rank 0 (`MoGANStep` on stand-in engines) with its networks and the phases to run."""
 
-    trainer: Any
+    step: Any
     nets: dict[str, torch.nn.Module]
     phases: list[PhaseResult]
     labels: dict[torch.nn.Module, str]
@@ -309,7 +303,7 @@ class Prepared:
 def prepare(
     cfg: Config, world_size: int, trainable_dtype: torch.dtype = torch.bfloat16, device: str = "meta"
 ) -> Prepared:
-    """Networks (with the SP hooks for `cfg.parallel.sp_size`) and the trainer stand-in around them.
+    """Networks (with the SP hooks for `cfg.parallel.sp_size`) and the trainer's step object around them.
 
     With sp > 1 the phases must run inside `LocalCollectives`.
     """
@@ -321,9 +315,9 @@ def prepare(
     text_dim = int(architecture(cfg.models)[0]["transformer"]["text_dim"])
     entry_index = (len(cfg.schedule.denoising_timesteps) - 1) // 2
     # Built before to_empty: MotionPath's RaftFlow casts RAFT, which fails on fake parameters.
-    tr = _make_trainer(cfg, nets, topo, text_dim, entry_index)
+    step = _make_step(cfg, nets, topo, text_dim, entry_index)
     phases = [PhaseResult(n, r) for n, r in _phase_plan(cfg, gas, disc_gas)]
-    return Prepared(tr, nets, phases, _labels(tr, nets), gas, disc_gas, entry_index)
+    return Prepared(step, nets, phases, _labels(step, nets), gas, disc_gas, entry_index)
 
 
 def trace_pass(
@@ -337,10 +331,10 @@ def trace_pass(
     update blocks are measured once and replayed (`memo.BlockMemo`); returns the memo.
     `stub_scalars`: `.item()` returns 1 (fake tensors; see `PlanTrace`).
     """
-    engines = dict(prep.trainer.engines.items())
+    engines = dict(prep.step.engines.items())
     hooks = drop_param_grads(e.module for e in engines.values())
-    if prep.trainer.engines.teacher is not None:  # frozen: forwards counted, no grads to drop
-        engines["teacher"] = prep.trainer.engines.teacher
+    if prep.step.engines.teacher is not None:  # frozen: forwards counted, no grads to drop
+        engines["teacher"] = prep.step.engines.teacher
     labels = ModuleLabels(prep.labels)
     state: dict[str, Any] = {}
     blocks = None
@@ -355,7 +349,7 @@ def trace_pass(
                     e.calls, e.counting = EngineCalls(), True
                 mode.reset_peak()
                 mode.take_flops()
-                _run_phase(prep.trainer, ph.name, state)
+                _run_phase(prep.step, ph.name, state)
                 ph.flops = mode.take_flops()
                 ph.act_peak_bytes = mode.peak
                 ph.collectives = dict(counter.bytes) if counter is not None else {}

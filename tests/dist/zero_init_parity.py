@@ -191,7 +191,7 @@ def main() -> None:
             checks.add(f"weights_{role}", weights[True][role][n], v)
     del weights
 
-    logs = {z: [t.train_step(step) for step in range(STEPS)] for z, t in trainers.items()}
+    logs = {z: [t.iteration.train_step(step) for step in range(STEPS)] for z, t in trainers.items()}
     for step in range(STEPS):
         for k in LOSSES:
             checks.add(f"step{step}_{k}", torch.tensor(logs[True][step][k]), torch.tensor(logs[False][step][k]))
