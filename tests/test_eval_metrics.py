@@ -10,6 +10,7 @@ import torch
 from eval_fixtures.standins import average_interpolator, phase_correlation_flow, textured_clip
 from torchvision.models.optical_flow import raft_large
 
+from mogan_ds.errors import BadFileError
 from mogan_ds.eval import dynamic_degree as dd
 from mogan_ds.eval import motion_smoothness as ms
 from mogan_ds.eval.amt import AMTS, load_amt_s
@@ -192,7 +193,7 @@ def test_amt_s_loads_the_public_layout_strictly(tmp_path):
     assert torch.equal(model.state_dict()["decoder1.convblock.2.weight"], sd["decoder1.convblock.2.weight"])
     del sd["comb_block.2.bias"]
     torch.save({"state_dict": sd}, tmp_path / "short.pth")
-    with pytest.raises(RuntimeError, match="comb_block.2.bias"):
+    with pytest.raises(BadFileError, match="short.pth: not an AMT-S checkpoint .*missing keys comb_block.2.bias"):
         load_amt_s(tmp_path / "short.pth")
 
 
