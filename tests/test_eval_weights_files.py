@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.models.optical_flow import raft_large
+from torchvision.models.optical_flow import raft_large, raft_small
 
 from mogan_ds.errors import BadFileError
 from mogan_ds.eval.amt import AMTS, load_amt_s
-from mogan_ds.eval.raft_keys import torchvision_to_original
+from mogan_ds.eval.raft_keys import load_raft_checkpoint, torchvision_to_original
 from mogan_ds.eval.weights import load_weights_file
+from mogan_ds.models.builders import load_raft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +104,53 @@ def test_only_weights_and_numpy_numbers_are_read(tmp_path):
     torch.save({"w": torch.zeros(1), **numbers}, tmp_path / "numbers.pth")
     got = load_weights_file(tmp_path / "numbers.pth", "a thing")
     assert all(type(got[k]) is type(v) and got[k] == v for k, v in numbers.items())
+
+
+def _with_numpy_numbers(sd: dict) -> dict:
+    return {"epoch": np.int64(3), "lr": np.float64(1e-4), "state_dict": sd}
+
+
+def test_every_eval_and_training_loader_reads_the_same_way(tmp_path):
+    """RAFT as princeton-vl and torchvision publish it, in a trainer's layout too; the training RAFT."""
+    tv = raft_large(weights=None).state_dict()
+    torch.save({"module." + k: v for k, v in torchvision_to_original(tv).items()}, tmp_path / "raft-things.pth")
+    torch.save(tv, tmp_path / "raft_large.pth")
+    torch.save(_with_numpy_numbers(tv), tmp_path / "raft_in_trainer_layout.pth")
+    for name in ("raft-things.pth", "raft_large.pth", "raft_in_trainer_layout.pth"):
+        assert not load_raft_checkpoint(tmp_path / name).training
+    torch.save(_with_numpy_numbers(raft_small(weights=None).state_dict()), tmp_path / "raft_small.pth")
+    assert not load_raft(tmp_path / "raft_small.pth", "raft_small").training
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")
+    with pytest.raises(BadFileError, match="text.pth: not a torchvision raft_small state dict"):
+        load_raft(tmp_path / "text.pth", "raft_small")
+
+
+def test_quality_heads_are_read_weights_only(tmp_path):
+    """The LAION head and MUSIQ (pyiqa's own loader would unpickle the file in full)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from mogan_ds.eval.quality import AestheticQuality
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=32)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path / "clip")
+    head = torch.nn.Linear(8, 1)
+    torch.save(_with_numpy_numbers(head.state_dict()), tmp_path / "aes.pth")
+    got = AestheticQuality(tmp_path / "clip", tmp_path / "aes.pth").mlp
+    assert torch.equal(got.weight, head.weight)
+    marker = tmp_path / "ran"
+    torch.save({"weight": torch.zeros(1, 8), "bias": _RunsCode(marker)}, tmp_path / "code.pth")
+    with pytest.raises(BadFileError, match="code.pth: not an aesthetic predictor"):
+        AestheticQuality(tmp_path / "clip", tmp_path / "code.pth")
+    musiq_arch = pytest.importorskip("pyiqa.archs.musiq_arch", reason="pyiqa is in the dev extra")
+    from mogan_ds.eval.quality import ImagingQuality
+
+    with pytest.raises(BadFileError, match="code.pth: not a MUSIQ checkpoint"):
+        ImagingQuality(tmp_path / "code.pth")
+    assert not marker.exists()
+    net = musiq_arch.MUSIQ(pretrained=False)
+    torch.save(_with_numpy_numbers({"module." + k: v for k, v in net.state_dict().items()}), tmp_path / "musiq.pth")
+    assert torch.equal(ImagingQuality(tmp_path / "musiq.pth").model.head.weight, net.head.weight)
 
 
 # --------------------------------------------------------------------------- launch/evaluate.py
