@@ -10,6 +10,7 @@ import torch
 from eval_fixtures.standins import average_interpolator, phase_correlation_flow, textured_clip
 from torchvision.models.optical_flow import raft_large
 
+from mogan_ds.errors import BadFileError
 from mogan_ds.eval import dynamic_degree as dd
 from mogan_ds.eval import motion_smoothness as ms
 from mogan_ds.eval.amt import AMTS, load_amt_s
@@ -141,6 +142,21 @@ def test_static_clip_is_not_dynamic_and_fast_one_is():
     assert dd.dynamic_degree([r_static.dynamic, r_fast.dynamic, r_slow.dynamic, r16.dynamic]) == 0.5
 
 
+def test_a_clip_without_frames_is_refused_and_one_frame_is_not_dynamic():
+    calls = []
+
+    def flow_fn(a, b):
+        calls.append(a.shape)
+        return torch.zeros(a.shape[0], 2, *a.shape[2:])
+
+    metric = dd.DynamicDegree(flow_fn)
+    with pytest.raises(ValueError, match=r"needs frames \[T >= 1, H, W, 3\], got shape \(0, 16, 16, 3\)"):
+        metric.video(np.zeros((0, 16, 16, 3), np.uint8), 8)
+    one = metric.video(np.zeros((1, 16, 16, 3), np.uint8), 8)  # as VBench: no pairs, count_num 0, not dynamic
+    assert not one.dynamic and one.pair_scores == [] and one.count_num == 0 and one.num_frames == 1
+    assert calls == []
+
+
 def test_frames_are_padded_to_multiples_of_8_as_raft_input_padder():
     seen = []
 
@@ -192,7 +208,7 @@ def test_amt_s_loads_the_public_layout_strictly(tmp_path):
     assert torch.equal(model.state_dict()["decoder1.convblock.2.weight"], sd["decoder1.convblock.2.weight"])
     del sd["comb_block.2.bias"]
     torch.save({"state_dict": sd}, tmp_path / "short.pth")
-    with pytest.raises(RuntimeError, match="comb_block.2.bias"):
+    with pytest.raises(BadFileError, match="short.pth: not an AMT-S checkpoint .*missing keys comb_block.2.bias"):
         load_amt_s(tmp_path / "short.pth")
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import load_state_strict, load_weights_file, state_dict_of
+
 AMT_MIN_SIZE = 128
 
 
@@ -352,12 +354,17 @@ class AMTS(nn.Module):
         return torch.clamp(self._combine(img0, img1, flow0, flow1, mask, img_res, mean), 0, 1)
 
 
+AMT_S_FILE = "an AMT-S checkpoint (amt-s.pth)"
+
+
 def load_amt_s(path: str | os.PathLike) -> AMTS:
-    """AMT-S (fp32, eval) from amt-s.pth ({"state_dict": ...}, as VBench's MotionSmoothness.load_model reads it)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    sd = data.get("state_dict", data) if isinstance(data, dict) else None
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path}: not an AMT-S checkpoint (expected a dict with 'state_dict')")
+    """AMT-S (fp32, eval) from amt-s.pth, as VBench's MotionSmoothness.load_model reads it (its "state_dict").
+
+    amt-s.pth is what AMT's trainer saves, ``{epoch, state_dict, optim}``, numpy scalars in
+    the optimizer state included (`load_weights_file` allows those); a bare state dict loads
+    too. Another file is a BadFileError naming it and what was expected.
+    """
+    sd = state_dict_of(load_weights_file(path, AMT_S_FILE), path, AMT_S_FILE)
     model = AMTS()
-    model.load_state_dict(sd, strict=True)
+    load_state_strict(model, sd, path, AMT_S_FILE)
     return model.float().eval().requires_grad_(False)

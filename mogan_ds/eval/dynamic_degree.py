@@ -124,7 +124,12 @@ class DynamicDegree:
 
     @torch.no_grad()
     def video(self, frames: np.ndarray, fps: float) -> DynamicResult:
-        """`DynamicDegree.infer` on uint8 RGB frames [T, H, W, 3] at `fps`."""
+        """`DynamicDegree.infer` on uint8 RGB frames [T, H, W, 3] at `fps` (T >= 1).
+
+        A clip without frames is refused, as VBench refuses it (`get_frames` asserts it read
+        one); a single frame gives no pairs and is not dynamic, as in VBench."""
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise ValueError(f"dynamics degree needs frames [T >= 1, H, W, 3], got shape {tuple(frames.shape)}")
         frames = sample_frames(frames, fps)
         n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
         threshold, count_num = dynamic_params(h, w, n)

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from ..errors import BadFileError
-from .weights import MetricUnavailableError
+from .weights import MetricUnavailableError, load_state_strict, load_weights_file, state_dict_of
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,13 +50,9 @@ class AestheticQuality:
         self.device = torch.device(device)
         self.clip = CLIPModel.from_pretrained(str(clip_folder)).float().to(self.device).eval().requires_grad_(False)
         self.mlp = torch.nn.Linear(self.clip.config.projection_dim, 1)
-        sd = torch.load(mlp_path, map_location="cpu", weights_only=True)
-        try:
-            self.mlp.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise BadFileError(
-                f"{mlp_path}: not an aesthetic predictor for this CLIP ({' '.join(str(e).split())[:200]})"
-            ) from None
+        expected = "an aesthetic predictor for this CLIP (sa_0_4_vit_l_14_linear.pth)"
+        sd = state_dict_of(load_weights_file(mlp_path, expected), mlp_path, expected)
+        load_state_strict(self.mlp, sd, mlp_path, expected)
         self.mlp.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -91,13 +86,16 @@ class ImagingQuality:
                 "imaging quality: pyiqa is not installed (pip install -e '.[eval-iqa]'), column is n/a"
             ) from None
         self.device = torch.device(device)
-        try:
-            # As VBench: MUSIQ(pretrained_model_path=...) loads strictly (num_class 1, SPAQ). VBench sets only the
-            # top module's `training` flag; MUSIQ's dropout rates are 0 and it has no batch norm, so .eval() is
-            # the same function.
-            self.model = MUSIQ(pretrained_model_path=str(musiq_path)).to(self.device).eval()
-        except (RuntimeError, KeyError) as e:
-            raise BadFileError(f"{musiq_path}: not a MUSIQ checkpoint ({' '.join(str(e).split())[:200]})") from None
+        # As VBench's MUSIQ(pretrained_model_path=...): num_class 1 (SPAQ), DataParallel's "module." prefix
+        # dropped, a strict load; but read weights-only here (pyiqa's loader unpickles the file in full, which
+        # runs whatever code a file names). VBench sets only the top module's `training` flag; MUSIQ's dropout
+        # rates are 0 and it has no batch norm, so .eval() is the same function.
+        expected = "a MUSIQ checkpoint (musiq_spaq_ckpt-358bb6af.pth)"
+        sd = state_dict_of(load_weights_file(musiq_path, expected), musiq_path, expected)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        model = MUSIQ(pretrained=False)
+        load_state_strict(model, sd, musiq_path, expected)
+        self.model = model.to(self.device).eval()
 
     @torch.no_grad()
     def video(self, frames: np.ndarray) -> float:

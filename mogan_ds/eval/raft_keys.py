@@ -23,6 +23,9 @@ import re
 
 import torch
 
+from ..errors import BadFileError
+from .weights import load_state_strict, load_weights_file, state_dict_of
+
 _ENCODERS = {"fnet": "feature_encoder", "cnet": "context_encoder"}
 _ENCODERS_INV = {v: k for k, v in _ENCODERS.items()}
 
@@ -123,21 +126,25 @@ def is_original_layout(state_dict: dict) -> bool:
     return any(k.split(".")[0] in ("module", "fnet", "cnet") for k in state_dict)
 
 
+RAFT_FILE = "a RAFT checkpoint (VBench's raft-things.pth or a torchvision raft_large state dict)"
+
+
 def load_raft_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
-    """torchvision raft_large (fp32, eval) from VBench's raft-things.pth or a torchvision state dict."""
+    """torchvision raft_large (fp32, eval) from VBench's raft-things.pth or a torchvision state dict.
+
+    Another file is a BadFileError naming it and what was expected."""
     from torchvision.models.optical_flow import raft_large
 
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: not a RAFT state dict")
-    sd = original_to_torchvision(data) if is_original_layout(data) else dict(data)
+    data = state_dict_of(load_weights_file(path, RAFT_FILE), path, RAFT_FILE)
+    try:
+        sd = original_to_torchvision(data) if is_original_layout(data) else dict(data)
+    except ValueError as e:
+        raise BadFileError(f"{path}: not {RAFT_FILE}: {e}") from None
     model = raft_large(weights=None)
     # Checkpoints saved before BatchNorm counted its batches lack num_batches_tracked,
     # a counter that eval-mode BatchNorm never reads.
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = v
-    model.load_state_dict(sd, strict=True)
+    load_state_strict(model, sd, path, RAFT_FILE)
     return model.float().eval().requires_grad_(False)

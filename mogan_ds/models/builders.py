@@ -24,6 +24,9 @@ from safetensors import safe_open
 from torchvision.models.optical_flow import raft_large, raft_small
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..errors import BadFileError
+from ..eval.weights import load_weights_file, state_dict_of
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -200,15 +203,16 @@ def load_raft(path: str | os.PathLike, arch: str = "raft_large", dtype: torch.dt
             "torchvision's Raft_Large_Weights/Raft_Small_Weights files work as they are"
         )
     model = build_raft(arch)
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    expected = f"a torchvision {arch} state dict"
+    state = state_dict_of(load_weights_file(p, expected), p, expected)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise ValueError(f"RAFT weights at {p} do not match {arch}: {str(e).splitlines()[0]}") from None
+        raise BadFileError(f"RAFT weights at {p} do not match {arch}: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
-        raise ValueError(f"RAFT weights at {p} do not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise BadFileError(
+            f"RAFT weights at {p} do not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.to(dtype=dtype).requires_grad_(False).eval()
     return model
 
