@@ -197,7 +197,7 @@ def test_evaluate_with_a_wrong_weights_file_is_one_line_exit_2(wrong_files, tmp_
 
 
 def test_evaluate_script_exits_2_on_a_wrong_weights_file(wrong_files, tmp_path):
-    from mogan_ds.launcher import launch_env
+    from mogan_ds.cli.launcher import launch_env
 
     flag, name, says = WRONG[0]
     argv = [sys.executable, str(REPO / "launch" / "evaluate.py"), *_evaluate_args(wrong_files, tmp_path, flag, name)]

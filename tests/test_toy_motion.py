@@ -76,6 +76,29 @@ def test_every_stage_writes_its_artefacts(smoke):
         assert (exp.results / png).stat().st_size > 1000, png
 
 
+# The results folders are committed: no file in them over ~1 MB but the kept models, i.e. the flow
+# instrument stage 2 copies there (results/raft_small.pth, which kept/raft links to).
+RESULTS_FILE_LIMIT = 1 << 20
+KEPT_MODELS = {"raft_small.pth"}
+
+
+def oversized(results) -> dict[str, int]:
+    files = (p for p in results.rglob("*") if p.is_file() and str(p.relative_to(results)) not in KEPT_MODELS)
+    return {str(p.relative_to(results)): p.stat().st_size for p in files if p.stat().st_size > RESULTS_FILE_LIMIT}
+
+
+@pytest.mark.slow
+def test_a_run_writes_no_large_file_to_its_results_but_kept_models(smoke):
+    exp, _ = smoke
+    assert (exp.results / "samples_prompt0.png").is_file() and not oversized(exp.results)
+
+
+def test_committed_results_hold_no_large_file_but_kept_models():
+    from experiments.toy_motion.pipeline import HERE
+
+    assert not oversized(HERE / "results")
+
+
 @pytest.mark.slow
 def test_a_second_run_finds_every_stage_cached(smoke):
     from experiments.toy_motion.pipeline import STAGES, Experiment

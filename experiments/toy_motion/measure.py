@@ -1,8 +1,8 @@
 """The toy world's measuring instruments: clip <-> tensor conversion, the trained toy RAFT,
 its flow and the VBench-rule metrics built on it, and the results table's statistics.
 
-Kept apart from `pipeline.py` (the stages) so the plots can use the same flow without
-importing the experiment driver.
+Kept apart from `stages/` so the plots can use the same flow without importing the
+experiment driver.
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.toy_motion.measure import to_unit  # noqa: E402
-from experiments.toy_motion.pipeline import Experiment, load_clips  # noqa: E402
+from experiments.toy_motion.render import render_videos  # noqa: E402
+from experiments.toy_motion.stages.evaluate import captions  # noqa: E402
+from experiments.toy_motion.workdir import WorkFolder  # noqa: E402
 
 KINDS = ("static", "object", "pan", "object+pan")
 
@@ -115,9 +117,9 @@ def probe(
 ) -> dict:
     """{category: summary} for the work folder's held-out clips and the given generators
     (rendered on the `scale`'s stage-7 captions and seeds)."""
-    exp = Experiment(work, scale, echo=lambda *_: None)
+    wf = WorkFolder(work, scale)
     p = Probe(run, step)
-    held = load_clips(work / "data" / "heldout")
+    held = wf.clips("heldout")
     video = lambda frames: to_unit(frames).movedim(0, 1)  # noqa: E731  [F, H, W, 3] uint8 -> [3, F, H, W]
     cats: dict[str, list[dict]] = {}
     for kind in KINDS:
@@ -128,10 +130,10 @@ def probe(
     if moving:
         cats[f"real, moving, dimmed x{dim:g}"] = p.score([dimmed(v, dim) for v in moving])
         cats["real, moving, frozen (frame 0 repeated)"] = p.score([v[:, :1].expand_as(v) for v in moving])
-    r = exp.recipes["eval"]
-    texts = [held[i % len(held)][1]["caption"] for i in range(r["prompts"])]
+    r = wf.recipes["eval"]
+    texts = captions(held, r)
     for name, path in models.items():
-        videos = exp.render(Path(path), False, texts, list(r["seeds"]), exp.trainer_config("dmd"))
+        videos = render_videos(wf, Path(path), False, texts, list(r["seeds"]), wf.trainer_config("dmd"))
         cats[f"generated: {name}"] = p.score([video(v) for v in videos])
     return {
         "run": str(run),

@@ -5,7 +5,8 @@
     python -m experiments.toy_motion.run --work DIR --reuse-stage vae=SAVED/vae [--save-stage STAGE=DIR]
 
 Stages: data, raft, vae, teacher, dmd, mogan, eval (README, "The toy-world experiment").
-The work is done by `experiments/toy_motion/pipeline.py`.
+The stages are `experiments/toy_motion/stages/`, run in order by `pipeline.Experiment` over a work
+folder (`workdir.py`: recipes, keys, cached and kept stages).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.toy_motion.pipeline import HERE, REPO, STAGES, Experiment  # noqa: E402
+from experiments.toy_motion.pipeline import Experiment  # noqa: E402
+from experiments.toy_motion.workdir import HERE, REPO, STAGES  # noqa: E402
 
 
 def stage_dir(item: str) -> tuple[str, str]:

@@ -1,0 +1,79 @@
+"""The training loop of stages 2-4 (RAFT, VAE, teacher): seeding, schedules, resumable steps."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int) -> torch.Generator:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, r: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over r["warmup_steps"], then a cosine from r["lr"] down to r["lr_floor"] x lr at the last step."""
+    warm, steps, floor = max(1, r["warmup_steps"]), r["steps"], r["lr_floor"]
+
+    def factor(i: int) -> float:
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, i / max(1, steps))))
+        return min((i + 1) / warm, floor + (1.0 - floor) * cos)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def fit(
+    ckpt: Path,
+    r: dict,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator,
+    step_fn,
+    label: str,
+    echo=print,
+) -> list[dict]:
+    """The training loop of stages 2-4: steps up to r["steps"], resumable.
+
+    `step_fn(step)` draws its batch from `gen` and returns (loss, {name: float}) for the curve;
+    the update is AdamW-style: zero grad, backward, clip to r["grad_clip"], step, schedule step.
+    Every r["checkpoint_every"] steps (and at the last) the model, optimiser, schedule, curve and
+    generator state go to `ckpt` atomically; a restart continues from there, drawing the same batches.
+    Returns the curve, one {"step", **values} per step.
+    """
+    start, curve = 0, []
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start, curve = st["step"], st["curve"]
+        gen.set_state(st["rng"])
+    for step in range(start, r["steps"]):
+        loss, values = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+        opt.step()
+        sched.step()
+        curve.append({"step": step + 1, **values})
+        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["steps"]:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+            atomic_save({**state, "step": step + 1, "curve": curve, "rng": gen.get_state()}, ckpt)
+            recent = {k: np.mean([c[k] for c in curve[-50:]]) for k in values}
+            echo(
+                f"[toy] {label} step {step + 1}/{r['steps']} (mean of last 50): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in recent.items())
+            )
+    return curve
