@@ -43,7 +43,7 @@ bench: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/data.py
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_step.py
 
-# The toy-world MoGAN experiment (experiments/toy_motion, README): seven cached, resumable stages.
+# The toy-world MoGAN experiment (experiments/toy_motion/README.md): seven cached, resumable stages.
 # SCALE=smoke runs the CI size; results of the full size land in experiments/toy_motion/results/.
 SCALE ?= full
 experiment: $(STAMP)

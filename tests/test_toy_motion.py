@@ -262,9 +262,10 @@ def test_static_pairs_are_flat_or_smooth_at_zero_flow():
 
 
 def test_kept_stages_are_reusable_under_the_recipes_on_main(tmp_path):
-    # experiments/toy_motion/kept/ holds stages 2 and 3 (README, "Kept stages"): a full-size work
-    # folder takes them only while their keys are main's recipes' keys, so a change to the recipes
-    # of stages 1-3 fails here until the stages are saved again. The kept RAFT is the committed one.
+    # experiments/toy_motion/kept/ holds stages 2 and 3 (experiments/toy_motion/README.md, "Caching,
+    # reuse and kept stages"): a full-size work folder takes them only while their keys are main's
+    # recipes' keys, so a change to the recipes of stages 1-3 fails here until the stages are saved
+    # again. The kept RAFT is the committed one.
     import hashlib
 
     from diffusers import AutoencoderKLWan

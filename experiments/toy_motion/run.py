@@ -4,7 +4,7 @@
     python -m experiments.toy_motion.run --work DIR --remeasure-with OTHER/raft/raft_small.pth
     python -m experiments.toy_motion.run --work DIR --reuse-stage vae=SAVED/vae [--save-stage STAGE=DIR]
 
-Stages: data, raft, vae, teacher, dmd, mogan, eval (README, "The toy-world experiment").
+Stages: data, raft, vae, teacher, dmd, mogan, eval (README.md in this folder, "Stages").
 The stages are `experiments/toy_motion/stages/`, run in order by `pipeline.Experiment` over a work
 folder (`workdir.py`: recipes, keys, cached and kept stages).
 """

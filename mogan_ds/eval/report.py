@@ -35,7 +35,7 @@ def results_markdown(rows: list[dict], title: str = "") -> str:
     lines += [
         "",
         "Motion score = mean of smoothness and dynamics degree (both as fractions). "
-        "Each metric follows VBench v0.1.5 (see README, Evaluation).",
+        "Each metric follows VBench v0.1.5 (see docs/evaluation.md).",
     ]
     return "\n".join(lines) + "\n"
 
