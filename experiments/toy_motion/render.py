@@ -38,9 +38,9 @@ def render_videos(
 ) -> list[np.ndarray]:
     """Videos [len(seeds) x len(texts)] (seed-major) exactly as the evaluator renders them:
     noise from generate.sample_seed(seed, prompt index), few-step or CFG sampler, the VAE's decode."""
-    from mogan_ds.sampling.generate import sample_seed
     from mogan_ds.models.builders import load_transformer, load_vae
     from mogan_ds.motion.latents import latent_shape
+    from mogan_ds.sampling.generate import sample_seed
     from mogan_ds.sampling.samplers import decode_to_uint8, sample_few_step, sample_teacher_cfg
     from mogan_ds.sampling.samplers import transformer_velocity_fn as vfn
     from mogan_ds.sampling.schedule import FlowMatchSchedule, randn
