@@ -89,6 +89,16 @@ def test_impossible_parallel_layout_names_the_key():
         validate(cfg, num_heads=4, world_size=3)
 
 
+def test_a_window_shorter_than_the_sp_group_is_refused_by_the_config_alone():
+    """The SP split of the motion path needs a chunk per SP rank: refused at load, before any weight is read."""
+    with pytest.raises(ConfigError, match=r"gan.window: a window of 2 latent chunks .* parallel.sp_size=4"):
+        load_config("tiny", ["gan.window=2", "parallel.sp_size=4"])
+    load_config("tiny", ["gan.window=2", "parallel.sp_size=2"])
+    load_config("tiny", ["gan.window=2", "parallel.sp_size=4", "gan.split_over_sp=false"])
+    load_config("tiny", ["gan.window=2", "parallel.sp_size=4", "gan.space=latent"])
+    load_config("tiny", ["gan.window=2", "parallel.sp_size=4", "gan.enabled=false"])
+
+
 def test_missing_recipe_is_a_clear_error():
     with pytest.raises(ConfigError, match="no_such_recipe"):
         load_config("no_such_recipe")

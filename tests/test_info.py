@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from mogan_ds.__main__ import main
 from mogan_ds.cli.info import plan_networks
 from mogan_ds.config import Config, field_help, load_config, to_dict
@@ -73,13 +75,17 @@ def test_help_keys_lists_every_key_with_default_and_range(capsys):
     assert "logging.log_every = 1\n    Write metrics every N iterations. Range: >= 1." in out
 
 
-def test_info_cli_bad_key_exits_2(repo_root):
+@pytest.mark.parametrize(
+    "overrides, key",
+    [(["gan.nope=1"], "gan.nope"), (["gan.window=2", "parallel.sp_size=4"], "gan.window")],
+)
+def test_info_cli_bad_key_exits_2(repo_root, overrides, key):
     """The real entry point: exit code 2, one stderr line naming the key, no traceback."""
     r = subprocess.run(
-        [sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", "gan.nope=1"],
+        [sys.executable, "-m", "mogan_ds", "info", "--config", "tiny", *overrides],
         capture_output=True,
         text=True,
         cwd=repo_root,
     )
-    assert r.returncode == 2 and "gan.nope" in r.stderr
+    assert r.returncode == 2 and key in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -83,10 +83,20 @@ def validate(
     )
     try:
         # The motion path's own window check (one place), so a recipe fails here, not at step 0.
-        WindowSpec.from_config(g, cfg.latent_frames)
+        window = WindowSpec.from_config(g, cfg.latent_frames)
     except ValueError as e:
         key = "gan.window" if g.window_start == "random" else "gan.window_start"
         raise ConfigError(f"{key}: {e}") from None
+    sp = cfg.parallel.sp_size
+    if g.enabled and g.space == "flow" and g.split_over_sp and sp > 1:
+        # motion.sp_split gives each SP rank a contiguous share of at least one chunk.
+        _require(
+            window.length >= sp,
+            "gan.window",
+            f"a window of {window.length} latent chunks cannot be split over parallel.sp_size={sp} "
+            "sequence-parallel ranks (gan.split_over_sp): use gan.window >= parallel.sp_size or "
+            "gan.split_over_sp=false",
+        )
     _require(len(g.head_blocks) >= 1, "gan.head_blocks", "needs at least one block index")
     _require(
         all(b < g.disc_blocks for b in g.head_blocks),
