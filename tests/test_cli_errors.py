@@ -71,7 +71,7 @@ INFO_CASES = [
     (["--config", "tiny", "schedule.teacher_steps=0"], ["schedule.teacher_steps"]),
     (["--config", "tiny", "logging.log_every=0"], ["logging.log_every"]),
     (["--config", "tiny", "logging.num_samples=-1"], ["logging.num_samples"]),
-    (["--config", "tiny", "parallel.sp_size=3"], ["parallel.sp_size", "4 attention heads"]),
+    (["--config", "tiny", "parallel.sp_size=3", "gan.split_over_sp=false"], ["parallel.sp_size", "4 attention heads"]),
     (["--config", "tiny", "gan.disc_blocks=5", "gan.head_blocks=[4]"], ["gan.disc_blocks", "has 4"]),
     (["--config", "tiny", "gan.nope=1"], ["gan.nope"]),
     (["--config", "tiny", "gan.window=two"], ["gan.window"]),

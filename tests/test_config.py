@@ -80,7 +80,7 @@ def test_bad_input_names_the_key(override, key):
 
 
 def test_impossible_parallel_layout_names_the_key():
-    cfg = load_config("tiny", ["parallel.sp_size=3"])
+    cfg = load_config("tiny", ["parallel.sp_size=3", "gan.split_over_sp=false"])
     with pytest.raises(ConfigError, match="parallel.sp_size"):
         validate(cfg, num_heads=4)
     cfg = load_config("tiny", ["parallel.sp_size=2"])

@@ -79,7 +79,10 @@ def test_ds_config_may_not_set_what_the_recipe_owns(tmp_path):
             ],
             "/nonexistent",
         ),
-        (["--config", "tiny", "parallel.sp_size=3"], "parallel.sp_size"),  # 3 does not divide the tiny DiT's 4 heads
+        (
+            ["--config", "tiny", "parallel.sp_size=3", "gan.split_over_sp=false"],
+            "4 attention heads",
+        ),  # 3 does not divide 4 heads
         (["--config", "tiny", "gan.window=2", "parallel.sp_size=4"], "gan.window: a window of 2 latent chunks"),
     ],
 )
