@@ -26,7 +26,6 @@ rank 0 writes the table. Errors in what was given end in one stderr line, exit c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli.errors import add_debug_flag, user_errors
+from mogan_ds.cli.errors import add_generation_tail, default_device, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--musiq", help="MUSIQ (SPAQ) weights for imaging quality (needs the eval-iqa extra: pyiqa)")
     ap.add_argument("--device", default=None, help="torch device (default: this rank's cuda device, else cpu)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="generator dtype")
-    ap.add_argument("--vae-dtype", dest="vae_dtype", choices=["bf16", "fp32"], default="fp32")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    add_debug_flag(ap)
-    ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    add_generation_tail(ap)
     return ap
 
 
@@ -70,16 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_steps is not None and args.teacher_steps < 1:
         ap.error(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
     with user_errors(args.debug, "evaluate.py") as outcome:
-        import torch
-
         from mogan_ds.eval.metrics import EvalWeights
         from mogan_ds.eval.runner import ModelSpec, evaluate, init_distributed_from_env, parse_model
 
         init_distributed_from_env()
-        device = args.device
-        if device is None:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = args.device or default_device()
         models = [parse_model(m) for m in args.model]
         if args.teacher is not None:
             models.append(ModelSpec(name=args.teacher, teacher=True))

@@ -52,13 +52,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli.errors import add_debug_flag, user_errors
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from mogan_ds.cli.errors import add_generation_tail, default_device, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="transformer/text encoder dtype (auto: bf16 on CUDA, fp32 on CPU)",
     )
-    ap.add_argument("--vae-dtype", dest="vae_dtype", choices=["bf16", "fp32"], default="fp32")
-    add_debug_flag(ap)
-    ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    add_generation_tail(ap)
     return ap
 
 
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from mogan_ds.sampling.generate import generate_samples
 
         kwargs = {k: v for k, v in vars(args).items() if k != "debug"}
-        kwargs["device"] = kwargs["device"] or _default_device()
+        kwargs["device"] = kwargs["device"] or default_device()
         generate_samples(**kwargs)
     return outcome.exit_code
 

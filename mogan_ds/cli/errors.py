@@ -40,6 +40,22 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of input errors")
 
 
+def add_generation_tail(parser: argparse.ArgumentParser) -> None:
+    """The arguments `launch/sample.py` and `launch/evaluate.py` end with: the VAE's dtype, --debug, overrides."""
+    parser.add_argument("--vae-dtype", dest="vae_dtype", choices=["bf16", "fp32"], default="fp32")
+    add_debug_flag(parser)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+
+
+def default_device() -> str:
+    """This rank's CUDA device (LOCAL_RANK, set by the deepspeed launcher; 0 otherwise), else the CPU."""
+    import os
+
+    import torch
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
 def one_line(e: BaseException) -> str:
     """The exception's message on one line (a message may quote a multi-line value)."""
     return " ".join((str(e) or type(e).__name__).split())
