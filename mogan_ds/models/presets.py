@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BadFileError, ConfigError
-from . import tiny
 from .builders import MissingWeightsError
 
 
@@ -26,24 +25,29 @@ class ModelsChoice(Protocol):
     raft_arch: str
 
 
-# Wan2.1-T2V-1.3B-Diffusers: transformer/config.json, vae/config.json (AutoencoderKLWan
-# defaults), text_encoder/config.json (umt5-xxl encoder).
-WAN21_T2V_1_3B = {
-    "transformer": dict(
+def wan_dit(*, heads: int, text_dim: int, freq_dim: int, ffn_dim: int, num_layers: int, head_dim: int = 128) -> dict:
+    """A Wan2.1 T2V DiT's `WanTransformer3DModel` config: the sizes given, the rest as every release sets it."""
+    return dict(
         patch_size=(1, 2, 2),
-        num_attention_heads=12,
-        attention_head_dim=128,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
         in_channels=16,
         out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=8960,
-        num_layers=30,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=1024,
-    ),
+    )
+
+
+# Wan2.1-T2V-1.3B-Diffusers: transformer/config.json, vae/config.json (AutoencoderKLWan
+# defaults), text_encoder/config.json (umt5-xxl encoder).
+WAN21_T2V_1_3B = {
+    "transformer": wan_dit(heads=12, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
     "vae": {},
     "text_encoder": dict(
         vocab_size=256384,
@@ -68,11 +72,32 @@ WAN21_T2V_14B = {
     "transformer": {**WAN21_T2V_1_3B["transformer"], "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
 }
 
+# The tiny models (`tiny.py` writes them): a CPU step takes seconds while every dimension
+# constraint of the real models holds (heads divisible by SP=2, RoPE splits, the VAE's 4x/8x).
+TINY_TRANSFORMER = wan_dit(heads=4, head_dim=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=4)
+
+TINY_VAE = dict(base_dim=12, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+TINY_TEXT_ENCODER = dict(
+    vocab_size=384,  # ByT5's 256 bytes + 3 specials + 125 sentinels
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+)
+
+RAFT_ARCH = "raft_small"
+
 TINY = {
-    "transformer": tiny.TINY_TRANSFORMER,
-    "vae": tiny.TINY_VAE,
-    "text_encoder": tiny.TINY_TEXT_ENCODER,
-    "raft_arch": tiny.RAFT_ARCH,
+    "transformer": TINY_TRANSFORMER,
+    "vae": TINY_VAE,
+    "text_encoder": TINY_TEXT_ENCODER,
+    "raft_arch": RAFT_ARCH,
 }
 
 PRESETS = {"wan2.1-t2v-1.3b": WAN21_T2V_1_3B, "wan2.1-t2v-14b": WAN21_T2V_14B, "tiny": TINY}

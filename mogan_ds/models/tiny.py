@@ -24,39 +24,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from .builders import build_raft
-
-TINY_TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=4,
-    attention_head_dim=16,
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=128,
-    num_layers=4,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-
-TINY_VAE = dict(base_dim=12, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
-
-TINY_TEXT_ENCODER = dict(
-    vocab_size=384,  # ByT5's 256 bytes + 3 specials + 125 sentinels
-    d_model=32,
-    d_kv=8,
-    d_ff=64,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=32,
-    dropout_rate=0.0,
-    feed_forward_proj="gated-gelu",
-)
-
-RAFT_ARCH = "raft_small"
+from .presets import RAFT_ARCH, TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
 
 
 def write_tiny_models(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
