@@ -34,6 +34,7 @@ import webdataset as wds
 
 from ..errors import BadFileError
 from ..models.builders import DTYPES, load_text_encoder, load_tokenizer
+from .records import completed_record
 from .shard_build import ManifestError, write_tar_atomic
 from .streaming import resumable_samples, shards_fingerprint, slot_split
 from .wan_prompts import WAN_NEGATIVE_PROMPT
@@ -302,12 +303,10 @@ def encode_prompt_folder(
         "store_dtype": store_dtype,
     }
     meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path) and not overwrite:
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("identity") == ident:
-            echo(f"{out} is up to date ({meta['num_prompts']} prompts)")
-            return meta
+    meta = completed_record(meta_path, "identity", ident, overwrite)
+    if meta is not None:
+        echo(f"{out} is up to date ({meta['num_prompts']} prompts)")
+        return meta
     os.makedirs(out, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # meta.json last: its presence marks a complete folder

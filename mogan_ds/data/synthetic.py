@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .motion_score import motion_score
+from .records import completed_record
 from .shard_build import write_tar_atomic
 from .video import encode_mp4
 
@@ -217,12 +218,10 @@ def write_synthetic_corpus(
         record["world"] = {k: list(v) if isinstance(v, tuple) else v for k, v in _world(world).items()}
     os.makedirs(out, exist_ok=True)
     done = os.path.join(out, "synthetic.json")
-    if os.path.exists(done) and not overwrite:
-        with open(done) as fh:
-            summary = json.load(fh)
-        if summary.get("args") == record:
-            echo(f"synthetic corpus already complete in {out} ({summary['num_clips']} clips); overwrite to rewrite")
-            return summary
+    summary = completed_record(done, "args", record, overwrite)
+    if summary is not None:
+        echo(f"synthetic corpus already complete in {out} ({summary['num_clips']} clips); overwrite to rewrite")
+        return summary
     t0 = time.time()
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, num_clips, shards + 1).round().astype(int)
