@@ -13,6 +13,16 @@ import torch  # noqa: E402
 # Two cores: keep each test process from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# A trainer in one process for one step of the smallest work (tests/test_trainer.py, test_precision.py).
+FAST = [
+    "train.batch_size=1",
+    "dmd.critic_updates=1",
+    "logging.sample_every=0",
+    "logging.wandb_mode=disabled",
+    "data.num_workers=0",
+    "train.max_steps=1",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import FAST
 
 from mogan_ds.cli.launcher import REPO
 from mogan_ds.config import load_config
@@ -16,15 +17,6 @@ from mogan_ds.motion.chunked_decode import ChunkedWanDecoder
 from mogan_ds.motion.flow import RaftFlow
 
 DS_BF16 = str(REPO / "ds_configs" / "zero3_bf16.json")  # the cluster's DeepSpeed JSON, unchanged
-FAST = [
-    "train.batch_size=1",
-    "dmd.critic_updates=1",
-    "logging.sample_every=0",
-    "logging.wandb_mode=disabled",
-    "data.num_workers=0",
-    "train.max_steps=1",
-    "logging.num_samples=1",
-]
 
 
 def _frames(dtype, seed=0):
@@ -85,7 +77,9 @@ def bf16_trainer(tiny_workdir, tmp_path_factory):
     from mogan_ds.train.trainer import MoGANTrainer
 
     run = tmp_path_factory.mktemp("bf16_run")
-    cfg = load_config("tiny", [*tiny_workdir, f"output.run_dir={run}", *FAST, "models.frozen_dtype=bf16"])
+    cfg = load_config(
+        "tiny", [*tiny_workdir, f"output.run_dir={run}", *FAST, "logging.num_samples=1", "models.frozen_dtype=bf16"]
+    )
     return MoGANTrainer(cfg, DS_BF16)
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import FAST
 
 import mogan_ds.train.step as step_mod
 from mogan_ds import metric_names as M
@@ -13,14 +14,6 @@ from mogan_ds.config import load_config
 from mogan_ds.train.trainer import MoGANTrainer, NonFiniteLossError
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
-FAST = [
-    "train.batch_size=1",
-    "dmd.critic_updates=1",
-    "logging.sample_every=0",
-    "logging.wandb_mode=disabled",
-    "data.num_workers=0",
-    "train.max_steps=1",
-]
 
 
 def make_trainer(tiny_workdir, run_dir, *extra):
