@@ -21,8 +21,8 @@ from torchvision.models.optical_flow import raft_large, raft_small
 from mogan_ds.errors import BadFileError
 from mogan_ds.eval.amt import AMTS, load_amt_s
 from mogan_ds.eval.raft_keys import load_raft_checkpoint, torchvision_to_original
-from mogan_ds.eval.weights import load_weights_file
 from mogan_ds.models.builders import load_raft
+from mogan_ds.models.weights_files import load_weights_file
 
 REPO = Path(__file__).resolve().parents[1]
 

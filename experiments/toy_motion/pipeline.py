@@ -23,11 +23,6 @@ __all__ = ["HELDOUT_SEED_OFFSET", "HERE", "REPO", "STAGES", "Experiment", "load_
 class Experiment(WorkFolder):
     """The seven stages over one work folder; `run()` does what is not done yet."""
 
-    def __init__(self, work: str | Path, scale: str = "full", results: str | Path | None = None, echo=print):
-        super().__init__(work, scale)
-        self.results = Path(results).resolve() if results else self.work / "results"
-        self.echo = echo
-
     def run(self, stages: list[str] | None = None) -> dict:
         wanted = stages or list(STAGES)
         for s in STAGES:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from .measure import paired_difference
 
 if TYPE_CHECKING:
-    from .pipeline import Experiment
+    from .workdir import WorkFolder
 
 #: Baselines of the paired comparisons: the DMD generator trained on with DMD alone for the
 #: stage-6 steps (when the recipe has that row) and the stage-5 DMD generator.
@@ -60,7 +60,7 @@ def paired_markdown(paired: dict) -> str:
     return "\n".join(lines)
 
 
-def extra_table(rows: list[dict], r: dict, exp: Experiment) -> str:
+def extra_table(rows: list[dict], r: dict, exp: WorkFolder) -> str:
     """The toy's extra columns with 95% bootstrap intervals, and what every column means here."""
 
     def cell(row, col, scale=1.0, dec=3):

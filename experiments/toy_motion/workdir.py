@@ -84,9 +84,12 @@ class WorkFolder:
     # every later stage loads. A saved stage holds them under `beside/`.
     BESIDE = {"teacher": ("models",)}
 
-    def __init__(self, work: str | Path, scale: str = "full"):
+    def __init__(self, work: str | Path, scale: str = "full", results: str | Path | None = None, echo=print):
         self.work = Path(work).resolve()
         self.scale = scale
+        # Where the evaluation's tables and grids go, and where the stages report progress.
+        self.results = Path(results).resolve() if results else self.work / "results"
+        self.echo = echo
         self.recipes = {s: load_recipe(s, scale) for s in STAGES}
         self.keys = stage_keys(self.recipes)
 

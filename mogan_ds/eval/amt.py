@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import load_state_strict, load_weights_file, state_dict_of
+from ..models.weights_files import load_state_strict, load_weights_file, state_dict_of
 
 AMT_MIN_SIZE = 128
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from .weights import MetricUnavailableError, load_state_strict, load_weights_file, state_dict_of
+from ..models.weights_files import load_state_strict, load_weights_file, state_dict_of
+from .weights import MetricUnavailableError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

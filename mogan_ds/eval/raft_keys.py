@@ -24,7 +24,7 @@ import re
 import torch
 
 from ..errors import BadFileError
-from .weights import load_state_strict, load_weights_file, state_dict_of
+from ..models.weights_files import load_state_strict, load_weights_file, state_dict_of
 
 _ENCODERS = {"fnet": "feature_encoder", "cnet": "context_encoder"}
 _ENCODERS_INV = {v: k for k, v in _ENCODERS.items()}

@@ -25,7 +25,7 @@ from torchvision.models.optical_flow import raft_large, raft_small
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..errors import BadFileError
-from ..eval.weights import load_weights_file, state_dict_of
+from .weights_files import load_weights_file, state_dict_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

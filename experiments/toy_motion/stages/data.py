@@ -12,12 +12,12 @@ from mogan_ds.data.synthetic import write_synthetic_corpus
 from ..measure import true_flow
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 HELDOUT_SEED_OFFSET = 1000
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     from mogan_ds.data.prompts import encode_prompt_folder
     from mogan_ds.models.tiny import write_tiny_models
 

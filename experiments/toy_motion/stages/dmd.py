@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 from ..trainer_runs import run_summary, train
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     run_dir = exp.dir("dmd") / "run"
     train(exp, "dmd", run_dir, [], exp.echo)
     return run_summary(run_dir)

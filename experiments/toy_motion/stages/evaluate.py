@@ -19,12 +19,12 @@ from ..trainer_runs import exported, run_dirs
 from ..workdir import REPO, STAGES
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 TITLE = "Toy-world MoGAN experiment (experiments/toy_motion)"
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     return evaluate(exp, r, exp.raft_path, exp.dir("eval"))
 
 
@@ -33,13 +33,13 @@ def captions(held: list, r: dict) -> list[str]:
     return [held[i % len(held)][1]["caption"] for i in range(r["prompts"])]
 
 
-def model_list(exp: Experiment) -> list[tuple[str, Path, bool]]:
+def model_list(exp: WorkFolder) -> list[tuple[str, Path, bool]]:
     """(row name, transformer folder, whether it samples as the teacher) of every model measured."""
     models = [("teacher", exp.models / "wan" / "transformer", True)]
     return models + [(name, exported(run), False) for name, run in run_dirs(exp).items()]
 
 
-def remeasure(exp: Experiment, raft_path: str | Path) -> dict:
+def remeasure(exp: WorkFolder, raft_path: str | Path) -> dict:
     """Stage 7 on this work folder's trained models with another flow instrument (a toy RAFT
     state dict, e.g. a later run's stage 2): the GAN trained with this folder's RAFT, the
     measurements use `raft_path`. Per-video caches go to `<work>/eval_with_<sha>/`; the results
@@ -64,7 +64,7 @@ def remeasure(exp: Experiment, raft_path: str | Path) -> dict:
     return evaluate(exp, exp.recipes["eval"], raft_path, exp.dir(f"eval_with_{sha[:12]}"), instrument)
 
 
-def evaluate(exp: Experiment, r: dict, raft_path: Path, d: Path, instrument: dict | None = None) -> dict:
+def evaluate(exp: WorkFolder, r: dict, raft_path: Path, d: Path, instrument: dict | None = None) -> dict:
     """Stage 7's work: every model rendered on the same captions and seeds, measured with the
     RAFT at `raft_path`, per-video records cached in `d`; tables, plots and grids to the results."""
     from mogan_ds.eval.report import bar_chart, results_markdown

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from ..trainer_runs import exported, run_summary, train
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     gen = exported(exp.work / "dmd" / "run")
     report = {}
     for name, extra in r["rows"].items():

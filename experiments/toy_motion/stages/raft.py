@@ -13,10 +13,10 @@ from ..measure import flow_pairs, heldout_epe, static_pairs, static_uniform_flow
 from ..training import fit, seed_all
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     from mogan_ds.models.builders import build_raft
 
     d = exp.dir("raft")

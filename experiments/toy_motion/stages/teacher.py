@@ -16,10 +16,10 @@ from ..render import embed, render_videos, text_models
 from ..training import atomic_save, fit, seed_all, warmup_cosine
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     from mogan_ds.losses.flow_matching import flow_matching_loss

@@ -16,10 +16,10 @@ from ..measure import clip_flow, flow_per_pair, load_toy_raft, psnr_db
 from ..training import fit, seed_all, warmup_cosine
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from ..workdir import WorkFolder
 
 
-def run(exp: Experiment, r: dict) -> dict:
+def run(exp: WorkFolder, r: dict) -> dict:
     from diffusers import AutoencoderKLWan
 
     from mogan_ds.sampling.samplers import decode_to_uint8, normalize_latents
