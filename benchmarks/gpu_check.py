@@ -25,10 +25,12 @@ it has ended, is printed as one JSON line (also appended to --out/gpu_check.json
               tokens, 512 text tokens), bf16, gradient checkpointing, forward + backward: TFLOP/s per
               attention backend that runs (FLOPs counted by torch's FlopCounterMode in the warm-up).
   b_launcher  the real launcher end to end on the tiny recipe (`deepspeed --num_gpus 1 launch/train.py
-              --ds_config ds_configs/zero3_bf16.json --config tiny ...`): first DeepSpeed's FusedAdam JIT
-              build (timed; if it cannot build, torch's AdamW through MOGAN_TORCH_ADAMW=1, said so), then
-              4 steps with checkpoints at 2 and 4, samples and the export; then a copy of the run cut
-              back to its step-2 checkpoint resumes, and its steps 3-4 must give the same losses.
+              --ds_config ds_configs/zero3_bf16.json --config tiny ...`): DeepSpeed's FusedAdam is
+              JIT-compiled in the background from the start (nvcc + ninja on the CPUs while a and d use
+              the GPU), b waits for it (if it cannot build, torch's AdamW through MOGAN_TORCH_ADAMW=1 for
+              b and c, said so); then 4 steps with checkpoints at 2 and 4 (CUDA RNG in them), samples and
+              the export; then a copy of the run cut back to its step-2 checkpoint resumes, and its steps
+              3-4 must give the same losses.
   c_paper     the paper's iteration at world size 1: the wan2.1-t2v-1.3b recipe with full-size
               random-initialised networks written through the real save path (save_pretrained of
               WanTransformer3DModel / AutoencoderKLWan from the preset configs, a torchvision raft_large
@@ -66,6 +68,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,8 +132,8 @@ class Mode:
             self.paper_recipe, self.paper_plan = "wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b"
             self.paper_ds = "ds_configs/zero3_bf16.json"
             self.tiny_ds = "ds_configs/zero3_bf16.json"
-            self.budget = {"a": 40, "d": 70, "b": 150, "c": 420}
-            self.matmul_n, self.matmul_reps = 8192, (3, 10)
+            self.budget = {"a": 40, "d": 70, "b": 170, "c": 420}
+            self.matmul_n, self.matmul_reps = 8192, (20, 50)
             self.dit_iters = 2
             self.b_steps, self.b_extra = 4, []
             self.c_rows, self.clips, self.shards = 4, 8, 4
@@ -179,12 +182,17 @@ def _file_tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
-def _kill_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGTERM a process group (DeepSpeed's launcher passes it on to its ranks), then SIGKILL what is left."""
+def _kill_group(pgid: int, grace: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM a process group (DeepSpeed's launcher passes it on to its ranks), then SIGKILL what is left.
+
+    `proc`, the group's leader when it is our child, is reaped meanwhile (a zombie still counts as a member).
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
     end = time.monotonic() + grace
     while time.monotonic() < end:
+        if proc is not None:
+            proc.poll()
         try:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
@@ -396,6 +404,7 @@ CPU_BACKENDS = ("native", "_native_flash", "_native_math")
 def part_d(rep: Report, mode: Mode, args) -> None:
     import torch
     from diffusers import WanTransformer3DModel
+    from torch.utils.flop_counter import FlopCounterMode
 
     from mogan_ds.config import load_config
     from mogan_ds.models.presets import PRESETS
@@ -433,6 +442,17 @@ def part_d(rep: Report, mode: Mode, args) -> None:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
+    def count_warmup(fn) -> int:
+        """The warm-up step, its FLOPs counted: by network as the planner counts, else torch's plain counter."""
+        try:
+            return count_flops(fn, {model: "dit"})[1].total
+        except Exception:  # noqa: BLE001 - count_flops seeds a private map of FlopCounterMode's module tracker
+            model.zero_grad(set_to_none=True)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                fn()
+            return counter.get_total_flops()
+
     results = {}
     for name in CUDA_BACKENDS if dev.type == "cuda" else CPU_BACKENDS:
         try:
@@ -444,7 +464,7 @@ def part_d(rep: Report, mode: Mode, args) -> None:
         try:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _, flops = count_flops(step, {model: "dit"})  # the warm-up, counted
+            flops = count_warmup(step)
             _sync(dev)
             times = []
             for _ in range(mode.dit_iters):
@@ -464,8 +484,8 @@ def part_d(rep: Report, mode: Mode, args) -> None:
                 "status": "ok",
                 "time_s": round(sec, 4),
                 "times_s": [round(v, 4) for v in times],
-                "flops": flops.total,
-                "tflops": _r(flops.total / sec / 1e12),
+                "flops": flops,
+                "tflops": _r(flops / sec / 1e12),
                 "peak_mem_gib": _gib(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None,
             }
         except torch.OutOfMemoryError as e:
@@ -473,6 +493,8 @@ def part_d(rep: Report, mode: Mode, args) -> None:
         except Exception as e:  # noqa: BLE001 - e.g. a forced SDPA kernel that does not support the shape
             results[name] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:300]}"}
         model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         rep.update(backends=results)
     ok = {k: v for k, v in results.items() if v["status"] == "ok"}
     if ok:
@@ -511,8 +533,8 @@ def launch(rep: Report, args_: list[str], console: Path, env_extra: dict | None 
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
             rc = "timeout"
+        _kill_group(proc.pid, grace=5, proc=proc)  # what is left of its group (a loader worker), if anything
         rep.data.pop("launcher_pgid", None)
     return rc, round(time.monotonic() - t0, 1)
 
@@ -558,10 +580,35 @@ def oom_message(text: str) -> str | None:
 # ============================================================================ part b: the launcher, tiny
 
 
-FUSED_ADAM_BUILD = (
-    "import time; t = time.time(); from deepspeed.accelerator import get_accelerator; "
-    "get_accelerator().create_op_builder('FusedAdamBuilder').load(); print('built in', round(time.time() - t, 1), 's')"
-)
+FUSED_ADAM_RESULT = "fused_adam.json"  # in --work: written by the background build (build_fused_adam)
+FUSED_ADAM_WAIT_S = 150  # how long part b waits for it (it starts with part a, on the CPUs the GPU parts leave idle)
+
+
+def build_fused_adam(work: Path) -> int:
+    """DeepSpeed's FusedAdam, JIT-compiled as the trainer would (nvcc + ninja, TORCH_EXTENSIONS_DIR);
+    the outcome goes to <work>/fused_adam.json. The orchestrator starts it beside parts a and d."""
+    t0 = time.monotonic()
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().create_op_builder("FusedAdamBuilder").load()
+        result = {"built": True}
+    except BaseException as e:  # noqa: BLE001 - the failure is the finding; b falls back on it
+        result = {"built": False, "error": f"{type(e).__name__}: {_tail(str(e), 1500)}"}
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    tmp = work / (FUSED_ADAM_RESULT + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, work / FUSED_ADAM_RESULT)
+    return 0 if result["built"] else 1
+
+
+def _watch_builder(proc: subprocess.Popen, work: Path) -> None:
+    """If the background build dies without its result file (a crash), write one: b stops waiting."""
+    rc = proc.wait()
+    if not (work / FUSED_ADAM_RESULT).is_file():
+        (work / FUSED_ADAM_RESULT).write_text(
+            json.dumps({"built": False, "error": f"the build process exited with {rc} (see fused_adam.log)"})
+        )
 
 
 def part_b(rep: Report, mode: Mode, args) -> None:
@@ -579,20 +626,17 @@ def part_b(rep: Report, mode: Mode, args) -> None:
 
     env_extra = {}
     if mode.device == "cuda":
-        t0 = time.monotonic()
-        try:
-            r = subprocess.run(
-                [sys.executable, "-c", FUSED_ADAM_BUILD], capture_output=True, text=True, timeout=150, cwd=REPO
-            )
-            ok, detail = r.returncode == 0, _tail(r.stdout + r.stderr, 2000)
-        except subprocess.TimeoutExpired:
-            ok, detail = False, "the build ran past 150 s"
-        fused = {"built": ok, "seconds": round(time.monotonic() - t0, 1), "output": detail}
-        if not ok:
-            # Same maths; the fallback is stated in the report and used by part c too.
+        t0, result = time.monotonic(), Path(args.work) / FUSED_ADAM_RESULT
+        while not result.is_file() and time.monotonic() - t0 < FUSED_ADAM_WAIT_S:
+            time.sleep(1.0)
+        fused = _read_json(result) or {"built": False, "error": f"no result after {FUSED_ADAM_WAIT_S} s more"}
+        fused["waited_s"] = round(time.monotonic() - t0, 1)
+        if not fused["built"]:
+            # The same maths; the fallback is stated here and used by part c too.
             env_extra["MOGAN_TORCH_ADAMW"] = "1"
-            (Path(args.work) / "torch_adamw").write_text(detail)
+            (Path(args.work) / "torch_adamw").write_text(fused.get("error", ""))
             fused["fallback"] = "torch AdamW (MOGAN_TORCH_ADAMW=1)"
+            fused["log_tail"] = _file_tail(Path(args.work) / "fused_adam.log", 2000)
         rep.update(fused_adam=fused)
     else:
         rep.update(fused_adam={"built": None, "note": "CPU accelerator: torch's AdamW (engines.ds_config_for)"})
@@ -812,10 +856,13 @@ def compare(rows: list[dict], plan: dict | None, ceiling_tflops: float | None, w
         out["phases"][ph] = row
     step_s = mean(r.get("step_time") for r in timed)
     phase_s = mean(sum(r.get(f"time_{ph}", 0.0) for ph in phases) for r in timed)
+    allocs = [v["peak_alloc_gib"] for v in out["phases"].values() if v["peak_alloc_gib"] != "n/a"]
     it = {
         "step_time_s": _r(step_s),
         "sum_of_phases_s": _r(phase_s),
-        "peak_mem_gib": _r(max((r.get("peak_mem_gib") or 0) for r in timed)),
+        # the largest phase peak; the row's own peak_mem_gib is since the last reset of the statistics
+        "peak_alloc_gib": max(allocs) if allocs else "n/a",
+        "peak_mem_gib_row": _r(max((r.get("peak_mem_gib") or 0) for r in timed)),
         "nonfinite_total": timed[-1].get("nonfinite_total"),
         "ceiling_tflops": ceiling_tflops,
     }
@@ -851,6 +898,8 @@ def part_c(rep: Report, mode: Mode, args) -> None:
     a_env = _read_json(Path(args.out) / f"{PART_NAMES['a']}.json") or {}
     ceiling = (a_env.get("matmul") or {}).get("tflops")
     rep.update(recipe=mode.paper_recipe, ds_config=mode.paper_ds, ceiling_tflops=ceiling)
+    if args.c_extra:
+        rep.update(c_extra=args.c_extra, c_extra_note="the planner's figures are for the run without these overrides")
 
     # The planner's figures: shipped, or recomputed in the background while the rest is set up.
     planners, plans = {}, {}
@@ -989,7 +1038,7 @@ def part_c(rep: Report, mode: Mode, args) -> None:
         att["comparison"] = compare(res.get("rows", []), plan, ceiling)
         rep.data.pop("current", None)
         rep.update(attempts=results)
-        if res["status"] != "oom" or deadline - time.monotonic() < 90:
+        if res["status"] != "oom" or deadline - time.monotonic() < 120:
             break
         att["next"] = "repeated with the planner's memory levers"
     last = results[-1]
@@ -1049,8 +1098,7 @@ def run_paper(rep, args_, run_dir: Path, console: Path, env_extra: dict, deadlin
                 break
             time.sleep(1.0)
     finally:
-        if proc.poll() is None:
-            _kill_group(proc.pid)
+        _kill_group(proc.pid, proc=proc)  # stops the run; after its own exit, what its group left (loader workers)
         fh.close()
         rep.data.pop("launcher_pgid", None)  # stopped: nothing left for the orchestrator to stop
     res["seconds"] = round(time.monotonic() - t0, 1)
@@ -1115,6 +1163,19 @@ def orchestrate(args) -> int:
     parts = [p for p in ORDER if p in args.parts]
     t_start = time.monotonic()
     status = {}
+    builder = None
+    (work / FUSED_ADAM_RESULT).unlink(missing_ok=True)
+    if not mode.cpu_smoke and "b" in parts:
+        # FusedAdam's JIT build (CPU: nvcc, ninja) runs while parts a and d use the GPU; b waits for it.
+        builder = subprocess.Popen(
+            [sys.executable, __file__, "--build-fused-adam", "--work", str(work)],
+            cwd=REPO,
+            env=env,
+            stdout=open(work / "fused_adam.log", "w"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        threading.Thread(target=_watch_builder, args=(builder, work), daemon=True).start()
     with open(out / "gpu_check.log", "a") as log:
         for part in parts:
             left = args.budget - (time.monotonic() - t_start)
@@ -1126,7 +1187,7 @@ def orchestrate(args) -> int:
                 path.write_text(json.dumps(data, indent=1) + "\n")
             else:
                 cmd = [sys.executable, __file__, "--part", part, "--out", str(out), "--work", str(work)]
-                cmd += ["--part-limit", str(int(limit) - 10)] + (["--cpu-smoke"] if mode.cpu_smoke else [])
+                cmd += ["--part-limit", str(int(limit) - 20)] + (["--cpu-smoke"] if mode.cpu_smoke else [])
                 cmd += [f"--tiny={t}" for t in args.tiny] + [f"--c-extra={c}" for c in args.c_extra]
                 log.write(f"\n===== part {part} ({PART_NAMES[part]}), limit {limit:.0f} s\n")
                 log.flush()
@@ -1138,7 +1199,7 @@ def orchestrate(args) -> int:
                     rc = proc.wait(timeout=limit)
                 except subprocess.TimeoutExpired:
                     rc = "timeout"
-                    _kill_group(proc.pid)
+                    _kill_group(proc.pid, proc=proc)
                 data = _read_json(path) or {"check": PART_NAMES[part], "status": "crashed", "error": "no JSON written"}
                 pgid = data.pop("launcher_pgid", None)  # present only if the part died while its launcher ran
                 if pgid:
@@ -1155,6 +1216,8 @@ def orchestrate(args) -> int:
             with open(out / "gpu_check.jsonl", "a") as fh:
                 fh.write(line + "\n")
             status[part] = data["status"]
+    if builder is not None and builder.poll() is None:
+        _kill_group(builder.pid, grace=5, proc=builder)
     for tmp in out.glob("*.tmp"):  # a part killed while rewriting its JSON: at most 8 files come back
         tmp.unlink()
     total = {"check": "summary", "status": status, "wall_s": round(time.monotonic() - t_start, 1)}
@@ -1179,10 +1242,13 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--part-limit", type=float, default=600, help=argparse.SUPPRESS)
     ap.add_argument("--compute-plan", choices=sorted(PLAN_SPECS), help=argparse.SUPPRESS)
+    ap.add_argument("--build-fused-adam", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plan-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_plans:
         return write_plans()
+    if args.build_fused_adam:
+        return build_fused_adam(Path(args.work))
     if args.compute_plan:
         Path(args.plan_out).write_text(json.dumps(compute_plan(args.compute_plan), indent=1) + "\n")
         return 0

@@ -95,7 +95,7 @@ def test_comparison_per_phase_and_iteration():
     assert fake["peak_alloc_gib"] == 7.8 and fake["planned_peak_gib"] == 13.0
     assert fake["measured_over_planned_peak"] == pytest.approx(0.6)
     it = out["iteration"]
-    assert it["step_time_s"] == 4.0 and it["achieved_tflops"] == 1.5
+    assert it["step_time_s"] == 4.0 and it["achieved_tflops"] == 1.5 and it["peak_alloc_gib"] == 7.8
     assert it["mfu_vs_measured_ceiling"] == pytest.approx(0.375) and it["measured_over_planned_s"] == 2.0
     assert gc.compare(rows[:1], plan, None) == {"note": "no timed iteration yet (the first is the warm-up)"}
 
