@@ -1,0 +1,186 @@
+"""benchmarks/gpu_check.py, the one prepared command for a GPU machine, kept alive between GPU runs.
+
+The slow test runs it with --cpu-smoke: every part (a env, d DiT, b the launcher with a resume, c the
+paper's iteration against the planner) at tiny shapes on the CPU, through the same code, and checks
+each part's JSON has status ok and the fields the GPU run fills. The others check its pieces.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_torch_adamw_switch_replaces_fused_adam_on_cuda(monkeypatch):
+    """MOGAN_TORCH_ADAMW=1: the fallback part b takes when DeepSpeed cannot JIT-compile FusedAdam."""
+    from mogan_ds import engines
+    from mogan_ds.config import load_config
+    from mogan_ds.plan.comm import PlanTopology
+
+    cfg = load_config("tiny", [])
+    base = engines.load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    monkeypatch.setattr(engines, "_on_cpu", lambda: False)  # as on a GPU machine
+    monkeypatch.delenv(engines.TORCH_ADAMW_ENV, raising=False)
+    topo = PlanTopology(1, 1)
+    assert "torch_adam" not in engines.ds_config_for("generator", cfg, base, topo)["optimizer"]["params"]
+    monkeypatch.setenv(engines.TORCH_ADAMW_ENV, "1")
+    assert engines.ds_config_for("generator", cfg, base, topo)["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_random_prompt_folder_is_read_by_the_training_stream(tmp_path):
+    from mogan_ds.data.prompts import PromptEmbeddings, load_special_embeddings
+
+    gc = load_script()
+    meta = gc.write_random_prompts(tmp_path, num=5, max_length=16, dim=8, negative_prompt="neg", disc_prompt="disc")
+    assert meta["num_prompts"] == 5
+    special = load_special_embeddings(str(tmp_path), "neg")
+    assert special["negative"].shape == special["disc"].shape == (1, 16, 8)
+    batch = next(iter(PromptEmbeddings(str(tmp_path), 0, 1, 0, 2)))
+    assert batch["embeds"].shape == (2, 16, 8)
+    lengths = batch["embeds"].abs().sum(-1).gt(0).sum(-1)
+    assert ((lengths >= 2) & (lengths <= 8)).all()  # true lengths in [max_length/8, max_length/2], zeros after
+
+
+def test_comparison_per_phase_and_iteration():
+    gc = load_script()
+    gib = 2**30
+    plan = {
+        "phase_flops": {"generator_dmd": 2e12, "fake_score": 4e12},
+        "phase_act_peak_bytes": {"generator_dmd": 1 * gib, "fake_score": 3 * gib},
+        "model_state_bytes": 10 * gib,
+        "iteration_flops": 6e12,
+        "est_iteration_s": 2.0,
+        "mfu_assumed": 0.35,
+        "bf16_dense_flops": 989e12,
+        "peak_bytes": 13 * gib,
+        "fits": True,
+    }
+    warmup = {"step": 1, "time_generator_dmd": 9.0, "time_fake_score": 9.0, "step_time": 18.0}
+    rows = [
+        warmup,
+        {
+            "step": 2,
+            "time_generator_dmd": 1.0,
+            "time_fake_score": 2.0,
+            "step_time": 3.0,
+            "peak_mem_gib_fake_score": 6.5,
+        },
+        {
+            "step": 3,
+            "time_generator_dmd": 3.0,
+            "time_fake_score": 2.0,
+            "step_time": 5.0,
+            "peak_mem_gib_fake_score": 7.8,
+        },
+    ]
+    out = gc.compare(rows, plan, ceiling_tflops=4.0)
+    assert out["timed_steps"] == [2, 3]
+    dmd, fake = out["phases"]["generator_dmd"], out["phases"]["fake_score"]
+    assert dmd["time_s"] == 2.0 and dmd["achieved_tflops"] == 1.0
+    assert dmd["peak_alloc_gib"] == "n/a" and dmd["measured_over_planned_peak"] == "n/a"  # no per-phase key
+    assert fake["peak_alloc_gib"] == 7.8 and fake["planned_peak_gib"] == 13.0
+    assert fake["measured_over_planned_peak"] == pytest.approx(0.6)
+    it = out["iteration"]
+    assert it["step_time_s"] == 4.0 and it["achieved_tflops"] == 1.5 and it["peak_alloc_gib"] == 7.8
+    assert it["mfu_vs_measured_ceiling"] == pytest.approx(0.375) and it["measured_over_planned_s"] == 2.0
+    assert gc.compare(rows[:1], plan, None) == {"note": "no timed iteration yet (the first is the warm-up)"}
+
+
+def test_out_of_memory_is_attributed_to_its_phase():
+    gc = load_script()
+    tb = (
+        'Traceback (most recent call last):\n  File "/r/mogan_ds/trainer.py", line 300, in fit\n'
+        '  File "/r/mogan_ds/trainer.py", line 180, in train_step\n'
+        '  File "/r/mogan_ds/trainer.py", line 340, in _timed\n'
+        '  File "/r/mogan_ds/trainer.py", line 230, in generator_gan_update\n'
+        '  File "/r/mogan_ds/motion/pipeline.py", line 90, in fake\n'
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity\n"
+    )
+    assert gc.oom_phase(tb) == "generator_gan"
+    assert gc.oom_message(tb).startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert gc.oom_phase('  File "/r/mogan_ds/engines.py", line 9, in build_engine\nCUDA out of memory.\n') == "setup"
+    assert gc.oom_phase("RuntimeError: something else\n") is None
+
+
+def test_shipped_plans_cover_every_configuration_the_check_runs():
+    """benchmarks/gpu_check_plans.json (python benchmarks/gpu_check.py --write-plans) has each spec,
+    with the per-phase figures c compares against; stale ones are recomputed on the GPU machine."""
+    gc = load_script()
+    plans = json.loads(gc.PLANS_FILE.read_text())
+    assert set(plans) == set(gc.PLAN_SPECS)
+    for name, plan in plans.items():
+        assert plan["overrides"] == gc.PLAN_SPECS[name]["overrides"]
+        assert set(plan["phase_flops"]) == set(plan["phase_act_peak_bytes"]) >= {"generator_dmd", "fake_score"}
+        assert plan["model_state_bytes"] > 0 and plan["iteration_flops"] == sum(plan["phase_flops"].values())
+    paper = plans["wan2.1-t2v-1.3b"]["summary"]
+    assert paper["fits"] and paper["activation_peak_phase"] == "generator_gan"
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part(tiny_workdir, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--work", str(work)]
+    cmd += [f"--tiny={o}" for o in tiny_workdir]  # b reuses the session's tiny models, shards and prompts
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").is_file() else ""
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}\n{log[-6000:]}"
+
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [x["check"] for x in lines] == ["a_env", "d_dit", "b_launcher", "c_paper", "summary"]
+    assert (out / "gpu_check.jsonl").read_text().count("\n") == 5
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # what may come back from the GPU machine
+    part = {
+        name: json.loads((out / f"{name}.json").read_text()) for name in ("a_env", "d_dit", "b_launcher", "c_paper")
+    }
+    assert all(p["status"] == "ok" for p in part.values()), {k: p["status"] for k, p in part.items()}
+
+    a = part["a_env"]
+    assert a["matmul"]["tflops"] > 0 and a["attention"]["auto_resolves_to"] == "native"
+    assert a["packages"]["deepspeed"]["version"] and a["packages"]["diffusers"]["version"]
+    assert {"torch", "torch_cuda", "cuda_available", "cudnn"} <= set(a["torch_env"])
+
+    d = part["d_dit"]
+    ran = {k: v for k, v in d["backends"].items() if v["status"] == "ok"}
+    assert "native" in ran and all(v["tflops_at_max_count"] > 0 and v["flops"] > 0 for v in ran.values())
+    assert d["fastest"] in ran and isinstance(ran["native"]["mfu_vs_measured_ceiling"], float)
+
+    b = part["b_launcher"]
+    assert b["run"]["steps_logged"] == [1, 2, 3] and b["run"]["losses_finite"]
+    assert b["run"]["checkpoints"] == ["step_00000002", "step_00000003"]
+    assert b["run"]["export"]["transformer_layers"] == 4 and b["run"]["samples"]
+    assert b["run"]["attention"] == "native" and b["run"]["device"] == "cpu"
+    assert b["resume"]["reproduces"] and b["resume"]["bit_identical"] and b["resume"]["steps_compared"] == [3]
+
+    c = part["c_paper"]
+    assert set(c["plans_shipped_fresh"]) == {"tiny"}  # stale figures are recomputed in the background
+    att = c["attempts"][0]
+    assert att["plan_source"] != "unavailable"
+    assert att["status"] == "ok" and att["name"] == "recipe" and len(att["rows"]) == 3
+    cmp_ = att["comparison"]
+    assert cmp_["timed_steps"] == [2, 3]
+    assert set(cmp_["phases"]) == {"generator_dmd", "fake_score", "generator_gan", "discriminator"}
+    for row in cmp_["phases"].values():
+        assert row["time_s"] > 0 and row["planned_tflop"] > 0 and row["achieved_tflops"] is not None
+        assert row["planned_peak_gib"] > 0
+        # on the CPU the per-phase CUDA memory keys are absent or 0: reported as n/a, not as a number
+        assert row["peak_alloc_gib"] == "n/a" or row["peak_alloc_gib"] > 0
+    it = cmp_["iteration"]
+    assert it["step_time_s"] > 0 and it["planned_tflop"] > 0 and it["nonfinite_total"] == 0
+    assert isinstance(it["mfu_vs_measured_ceiling"], float) and it["ceiling_tflops"] == a["matmul"]["tflops"]
+    assert (out / "c_rank0.log").read_text().count("world 1 = dp 1 x sp 1 on cpu") == 1
