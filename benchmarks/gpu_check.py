@@ -27,7 +27,7 @@ it has ended, is printed as one JSON line (also appended to --out/gpu_check.json
   b_launcher  the real launcher end to end on the tiny recipe (`deepspeed --num_gpus 1 launch/train.py
               --ds_config ds_configs/zero3_bf16.json --config tiny ...`): DeepSpeed's FusedAdam is
               JIT-compiled in the background from the start (nvcc + ninja on the CPUs while a and d use
-              the GPU), b waits for it (if it cannot build, torch's AdamW through MOGAN_TORCH_ADAMW=1 for
+              the GPU), b waits for it (if it cannot build, torch's AdamW through optim.fused_adam=false for
               b and c, said so); then 4 steps with checkpoints at 2 and 4 (CUDA RNG in them), samples and
               the export; then a copy of the run cut back to its step-2 checkpoint resumes, and its steps
               3-4 must give the same losses.
@@ -235,8 +235,8 @@ def plan_sources_sha() -> str:
 def compute_plan(name: str) -> dict:
     """The planner's figures for PLAN_SPECS[name] on one H200 (world size 1), at full precision."""
     from mogan_ds.config import load_config
-    from mogan_ds.engines import load_ds_config
     from mogan_ds.plan.report import make_plan, summary
+    from mogan_ds.train.engines import load_ds_config
 
     spec = PLAN_SPECS[name]
     cfg = load_config(spec["recipe"], spec["overrides"])
@@ -519,7 +519,7 @@ def launch(rep: Report, args_: list[str], console: Path, env_extra: dict | None 
 
     The group's id is in the part's JSON while it runs: if the part is killed, the orchestrator stops it.
     """
-    from mogan_ds.launcher import deepspeed_command, launch_env
+    from mogan_ds.cli.launcher import deepspeed_command, launch_env
 
     cmd = deepspeed_command(1, REPO / "launch" / "train.py", args_)
     t0 = time.monotonic()
@@ -619,12 +619,12 @@ def part_b(rep: Report, mode: Mode, args) -> None:
     if args.tiny:
         overrides = list(args.tiny)
     else:
-        from mogan_ds.demo import prepare_tiny_workdir, tiny_overrides
+        from mogan_ds.cli.demo import prepare_tiny_workdir, tiny_overrides
 
         overrides = tiny_overrides(prepare_tiny_workdir(Path(args.work) / "tiny", clips=12, frames=16))
     rep.update(ds_config=mode.tiny_ds, tiny_workdir_s=round(time.monotonic() - t0, 1))
 
-    env_extra = {}
+    env_extra, adam = {}, []
     if mode.device == "cuda":
         t0, result = time.monotonic(), Path(args.work) / FUSED_ADAM_RESULT
         while not result.is_file() and time.monotonic() - t0 < FUSED_ADAM_WAIT_S:
@@ -633,13 +633,13 @@ def part_b(rep: Report, mode: Mode, args) -> None:
         fused["waited_s"] = round(time.monotonic() - t0, 1)
         if not fused["built"]:
             # The same maths; the fallback is stated here and used by part c too.
-            env_extra["MOGAN_TORCH_ADAMW"] = "1"
             (Path(args.work) / "torch_adamw").write_text(fused.get("error", ""))
-            fused["fallback"] = "torch AdamW (MOGAN_TORCH_ADAMW=1)"
+            adam = ["optim.fused_adam=false"]
+            fused["fallback"] = "torch AdamW (optim.fused_adam=false)"
             fused["log_tail"] = _file_tail(Path(args.work) / "fused_adam.log", 2000)
         rep.update(fused_adam=fused)
     else:
-        rep.update(fused_adam={"built": None, "note": "CPU accelerator: torch's AdamW (engines.ds_config_for)"})
+        rep.update(fused_adam={"built": None, "note": "CPU accelerator: torch's AdamW (train.roles.ds_config_for)"})
 
     steps = mode.b_steps
     run_a, run_b = work / "run", work / "resumed"
@@ -654,6 +654,7 @@ def part_b(rep: Report, mode: Mode, args) -> None:
         f"logging.sample_every={steps}",
         "logging.wandb_mode=disabled",
         "data.num_workers=1",
+        *adam,
         *mode.b_extra,
     ]
     rc, sec = launch(rep, [*common, f"output.run_dir={run_a}"], work / "run.console.txt", env_extra)
@@ -985,11 +986,11 @@ def part_c(rep: Report, mode: Mode, args) -> None:
         }
     )
 
-    env_extra = {}
+    env_extra, adam = {}, []
     fallback = Path(args.work) / "torch_adamw"
     if fallback.is_file():
-        env_extra["MOGAN_TORCH_ADAMW"] = "1"
-        rep.update(optimizer_note="torch AdamW: FusedAdam did not build in part b")
+        adam = ["optim.fused_adam=false"]
+        rep.update(optimizer_note="torch AdamW (optim.fused_adam=false): FusedAdam did not build in part b")
     base = [
         "--ds_config",
         str(REPO / mode.paper_ds),
@@ -1005,6 +1006,7 @@ def part_c(rep: Report, mode: Mode, args) -> None:
         "output.checkpoint_every=1000",
         "logging.sample_every=0",
         "logging.wandb_mode=disabled",
+        *adam,
         *args.c_extra,
     ]
     attempts = [("recipe", [], mode.paper_plan)]
@@ -1055,7 +1057,7 @@ def run_paper(rep, args_, run_dir: Path, console: Path, env_extra: dict, deadlin
     Each new row is written to the part's JSON at once with `so_far(rows)` (the comparison with the
     shipped plan), so a timeout keeps every iteration that finished.
     """
-    from mogan_ds.launcher import deepspeed_command, launch_env
+    from mogan_ds.cli.launcher import deepspeed_command, launch_env
 
     cmd = deepspeed_command(1, REPO / "launch" / "train.py", args_)
     t0 = time.monotonic()

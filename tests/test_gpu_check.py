@@ -26,19 +26,18 @@ def load_script():
 
 
 def test_torch_adamw_switch_replaces_fused_adam_on_cuda(monkeypatch):
-    """MOGAN_TORCH_ADAMW=1: the fallback part b takes when DeepSpeed cannot JIT-compile FusedAdam."""
-    from mogan_ds import engines
+    """optim.fused_adam=false: the fallback part b takes when DeepSpeed cannot JIT-compile FusedAdam."""
     from mogan_ds.config import load_config
     from mogan_ds.plan.comm import PlanTopology
+    from mogan_ds.train import roles
 
-    cfg = load_config("tiny", [])
-    base = engines.load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
-    monkeypatch.setattr(engines, "_on_cpu", lambda: False)  # as on a GPU machine
-    monkeypatch.delenv(engines.TORCH_ADAMW_ENV, raising=False)
+    base = roles.load_ds_config(REPO / "ds_configs" / "zero3_bf16.json")
+    monkeypatch.setattr(roles, "_on_cpu", lambda: False)  # as on a GPU machine
     topo = PlanTopology(1, 1)
-    assert "torch_adam" not in engines.ds_config_for("generator", cfg, base, topo)["optimizer"]["params"]
-    monkeypatch.setenv(engines.TORCH_ADAMW_ENV, "1")
-    assert engines.ds_config_for("generator", cfg, base, topo)["optimizer"]["params"]["torch_adam"] is True
+    fused = load_config("tiny", [])
+    assert "torch_adam" not in roles.ds_config_for("generator", fused, base, topo)["optimizer"]["params"]
+    torch_adamw = load_config("tiny", ["optim.fused_adam=false"])
+    assert roles.ds_config_for("generator", torch_adamw, base, topo)["optimizer"]["params"]["torch_adam"] is True
 
 
 def test_random_prompt_folder_is_read_by_the_training_stream(tmp_path):

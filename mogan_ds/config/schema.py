@@ -221,6 +221,10 @@ class OptimizersConfig:
     discriminator: OptimConfig = field(
         default_factory=OptimConfig, metadata={"help": "Motion discriminator optimiser."}
     )
+    fused_adam: bool = F(
+        True,
+        "On CUDA, DeepSpeed's FusedAdam (JIT-compiled at first use: needs nvcc and ninja); false = torch's AdamW, the same maths, for a machine where that build cannot run. The CPU accelerator always uses torch's.",
+    )
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,6 @@ from ..config import Config, ConfigError, OptimConfig
 from ..parallel import zero_config_fixups
 
 ROLES = ("generator", "fake_score", "discriminator")
-#: Set to 1 to train with torch's AdamW instead of DeepSpeed's FusedAdam on CUDA as well: for a
-#: machine where DeepSpeed cannot JIT-compile FusedAdam (benchmarks/gpu_check.py falls back to it).
-TORCH_ADAMW_ENV = "MOGAN_TORCH_ADAMW"
 
 # Keys the recipe owns: a ds_config that sets them would silently disagree with it.
 RECIPE_OWNED_KEYS = (
@@ -139,7 +135,7 @@ def ds_config_for(role: str, cfg: Config, base: dict, topo) -> dict:
     ds["train_batch_size"] = role_batch_size(cfg, role)
     ds["gradient_clipping"] = o.grad_clip
     params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    if _on_cpu() or os.environ.get(TORCH_ADAMW_ENV) == "1":
+    if _on_cpu() or not cfg.optim.fused_adam:
         # FusedAdam is a CUDA kernel, compiled by DeepSpeed at first use (nvcc + ninja); on the
         # CPU accelerator, or on a GPU machine where that build cannot run, torch's AdamW (same maths).
         params["torch_adam"] = True
