@@ -1,10 +1,12 @@
-"""benchmarks/gpu_check.py, the one prepared command for a GPU machine, kept alive between GPU runs.
+"""benchmarks/gpu_check.py (its parts in benchmarks/gpu/), the one prepared command for a GPU machine, kept
+alive between GPU runs.
 
 The slow test runs it with --cpu-smoke: every part (a env, d DiT, b the launcher with a resume, c the
 paper's iteration against the planner) at tiny shapes on the CPU, through the same code, and checks
 each part's JSON has status ok and the fields the GPU run fills. The others check its pieces.
 """
 
+import importlib
 import importlib.util
 import json
 import os
@@ -25,6 +27,12 @@ def load_script():
     return mod
 
 
+def load_part(name: str):
+    """A module of benchmarks/gpu/, imported as the script imports it (loading the script puts it on sys.path)."""
+    load_script()
+    return importlib.import_module(f"gpu.{name}")
+
+
 def test_torch_adamw_switch_replaces_fused_adam_on_cuda(monkeypatch):
     """optim.fused_adam=false: the fallback part b takes when DeepSpeed cannot JIT-compile FusedAdam."""
     from mogan_ds.config import load_config
@@ -43,8 +51,8 @@ def test_torch_adamw_switch_replaces_fused_adam_on_cuda(monkeypatch):
 def test_random_prompt_folder_is_read_by_the_training_stream(tmp_path):
     from mogan_ds.data.prompts import PromptEmbeddings, load_special_embeddings
 
-    gc = load_script()
-    meta = gc.write_random_prompts(tmp_path, num=5, max_length=16, dim=8, negative_prompt="neg", disc_prompt="disc")
+    inputs = load_part("paper_inputs")
+    meta = inputs.write_random_prompts(tmp_path, num=5, max_length=16, dim=8, negative_prompt="neg", disc_prompt="disc")
     assert meta["num_prompts"] == 5
     special = load_special_embeddings(str(tmp_path), "neg")
     assert special["negative"].shape == special["disc"].shape == (1, 16, 8)
@@ -55,7 +63,7 @@ def test_random_prompt_folder_is_read_by_the_training_stream(tmp_path):
 
 
 def test_comparison_per_phase_and_iteration():
-    gc = load_script()
+    paper = load_part("paper")
     gib = 2**30
     plan = {
         "phase_flops": {"generator_dmd": 2e12, "fake_score": 4e12},
@@ -86,7 +94,7 @@ def test_comparison_per_phase_and_iteration():
             "peak_mem_gib_fake_score": 7.8,
         },
     ]
-    out = gc.compare(rows, plan, ceiling_tflops=4.0)
+    out = paper.compare(rows, plan, ceiling_tflops=4.0)
     assert out["timed_steps"] == [2, 3]
     dmd, fake = out["phases"]["generator_dmd"], out["phases"]["fake_score"]
     assert dmd["time_s"] == 2.0 and dmd["achieved_tflops"] == 1.0
@@ -96,11 +104,11 @@ def test_comparison_per_phase_and_iteration():
     it = out["iteration"]
     assert it["step_time_s"] == 4.0 and it["achieved_tflops"] == 1.5 and it["peak_alloc_gib"] == 7.8
     assert it["mfu_vs_measured_ceiling"] == pytest.approx(0.375) and it["measured_over_planned_s"] == 2.0
-    assert gc.compare(rows[:1], plan, None) == {"note": "no timed iteration yet (the first is the warm-up)"}
+    assert paper.compare(rows[:1], plan, None) == {"note": "no timed iteration yet (the first is the warm-up)"}
 
 
 def test_out_of_memory_is_attributed_to_its_phase():
-    gc = load_script()
+    run = load_part("launcher_run")
     tb = (
         'Traceback (most recent call last):\n  File "/r/mogan_ds/trainer.py", line 300, in fit\n'
         '  File "/r/mogan_ds/trainer.py", line 180, in train_step\n'
@@ -109,20 +117,20 @@ def test_out_of_memory_is_attributed_to_its_phase():
         '  File "/r/mogan_ds/motion/pipeline.py", line 90, in fake\n'
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity\n"
     )
-    assert gc.oom_phase(tb) == "generator_gan"
-    assert gc.oom_message(tb).startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert gc.oom_phase('  File "/r/mogan_ds/engines.py", line 9, in build_engine\nCUDA out of memory.\n') == "setup"
-    assert gc.oom_phase("RuntimeError: something else\n") is None
+    assert run.oom_phase(tb) == "generator_gan"
+    assert run.oom_message(tb).startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert run.oom_phase('  File "/r/mogan_ds/engines.py", line 9, in build_engine\nCUDA out of memory.\n') == "setup"
+    assert run.oom_phase("RuntimeError: something else\n") is None
 
 
 def test_shipped_plans_cover_every_configuration_the_check_runs():
     """benchmarks/gpu_check_plans.json (python benchmarks/gpu_check.py --write-plans) has each spec,
     with the per-phase figures c compares against; stale ones are recomputed on the GPU machine."""
-    gc = load_script()
-    plans = json.loads(gc.PLANS_FILE.read_text())
-    assert set(plans) == set(gc.PLAN_SPECS)
+    specs = load_part("plans")
+    plans = json.loads(specs.PLANS_FILE.read_text())
+    assert set(plans) == set(specs.PLAN_SPECS)
     for name, plan in plans.items():
-        assert plan["overrides"] == gc.PLAN_SPECS[name]["overrides"]
+        assert plan["overrides"] == specs.PLAN_SPECS[name]["overrides"]
         assert set(plan["phase_flops"]) == set(plan["phase_act_peak_bytes"]) >= {"generator_dmd", "fake_score"}
         assert plan["model_state_bytes"] > 0 and plan["iteration_flops"] == sum(plan["phase_flops"].values())
     paper = plans["wan2.1-t2v-1.3b"]["summary"]
