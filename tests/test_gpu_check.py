@@ -191,3 +191,13 @@ def test_cpu_smoke_runs_every_part(tiny_workdir, tmp_path):
     assert it["step_time_s"] > 0 and it["planned_tflop"] > 0 and it["nonfinite_total"] == 0
     assert isinstance(it["mfu_vs_measured_ceiling"], float) and it["ceiling_tflops"] == a["matmul"]["tflops"]
     assert (out / "c_rank0.log").read_text().count("world 1 = dp 1 x sp 1 on cpu") == 1
+
+
+def test_the_planners_figures_can_be_recomputed():
+    """What `--write-plans` and part c's background re-planning run: a broken import there would leave
+    the GPU run comparing against figures of older sources."""
+    plans = load_part("plans")
+    fresh = plans.compute_plan("tiny")
+    assert fresh["sources_sha256"] == plans.plan_sources_sha()
+    assert fresh["peak_bytes"] > fresh["model_state_bytes"] > 0
+    assert set(fresh["phase_flops"]) == {"generator_dmd", "fake_score", "generator_gan", "discriminator"}

@@ -41,7 +41,7 @@ def compute_plan(name: str) -> dict:
     """The planner's figures for PLAN_SPECS[name] on one H200 (world size 1), at full precision."""
     from mogan_ds.config import load_config
     from mogan_ds.plan.report import make_plan, summary
-    from mogan_ds.train.engines import load_ds_config
+    from mogan_ds.train.roles import load_ds_config
 
     spec = PLAN_SPECS[name]
     cfg = load_config(spec["recipe"], spec["overrides"])
