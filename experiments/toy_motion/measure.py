@@ -28,19 +28,30 @@ def true_flow(meta: dict, t: int) -> torch.Tensor:
     return torch.from_numpy(exact_flow(meta, t, meta["height"], meta["width"]))
 
 
-def load_toy_raft(path: Path) -> torch.nn.Module:
+def load_toy_raft(path: Path, device="cpu") -> torch.nn.Module:
+    """The frozen toy RAFT on `device`, always fp32: its correlation volume and iterative
+    refinement are what every flow figure rests on, so it gets no autocast anywhere."""
     from mogan_ds.models.builders import build_raft
 
     raft = build_raft("raft_small")
     raft.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return raft.float().eval().requires_grad_(False)
+    return raft.float().eval().requires_grad_(False).to(device)
+
+
+def module_device(m: torch.nn.Module) -> torch.device:
+    return next(m.parameters()).device
 
 
 @torch.no_grad()
 def raft_pair_flow(raft, a: torch.Tensor, b: torch.Tensor, iters: int, chunk: int = 8) -> torch.Tensor:
-    """Flow of frames in [-1, 1], [P, 3, H, W] -> [P, 2, H, W], in chunks of pairs."""
+    """Flow of frames in [-1, 1], [P, 3, H, W] -> [P, 2, H, W] on the CPU, in chunks of pairs
+    (computed on the RAFT's device, fp32)."""
+    dev = module_device(raft)
     return torch.cat(
-        [raft(a[i : i + chunk], b[i : i + chunk], num_flow_updates=iters)[-1] for i in range(0, len(a), chunk)]
+        [
+            raft(a[i : i + chunk].to(dev), b[i : i + chunk].to(dev), num_flow_updates=iters)[-1].float().cpu()
+            for i in range(0, len(a), chunk)
+        ]
     )
 
 
@@ -141,6 +152,161 @@ def flow_interpolator(raft, iters: int = 20):
     return interpolate
 
 
+# ---------------------------------------------------------------------------------------------
+# The captioned object: is the caption's coloured shape drawn, and does it travel as captioned?
+
+#: Speeds (px/frame) a caption's speed word stands for: the middle of its band of the data
+#: world's object speeds (stage 1: 3-12 px/frame, "slowly" under 5, "steadily" under 8).
+DEFAULT_SPEED_WORDS = (5.0, 8.0)
+DEFAULT_SPEED_RANGE = (3.0, 12.0)
+#: Texture amplitude the world adds (grey) to every background (synthetic.render_clip: 60).
+TEXTURE_AMPLITUDE = 60.0
+
+
+def caption_target(caption: str, speed_words=DEFAULT_SPEED_WORDS, speed_range=DEFAULT_SPEED_RANGE) -> dict:
+    """What a caption asks of its main object: colour (name and RGB), the background's, and the
+    motion in the frame: a unit direction (image y down) and a speed in px/frame where the
+    caption says them. "moving <dir> <speed>": that direction, the speed word's band middle;
+    "..., the camera pans <dir>" without "moving": the object moves with the scene, opposite to
+    the pan, at a speed the caption does not give; "static camera": no motion (speed 0)."""
+    import re
+
+    from mogan_ds.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS
+
+    words = caption.split()
+    colour = words[1] if len(words) > 1 and words[1] in COLORS else None
+    bg = re.search(r"on a (\w+)", caption)
+    bg = bg.group(1) if bg and bg.group(1) in BACKGROUNDS else None
+
+    def unit(word: str, sign: float = 1.0) -> list[float]:
+        a = math.radians(45.0 * DIRECTIONS.index(word))
+        return [round(sign * math.cos(a), 6), round(sign * math.sin(a), 6)]
+
+    lo, hi = speed_words
+    bands = {"slowly": (speed_range[0], lo), "steadily": (lo, hi), "quickly": (hi, speed_range[1])}
+    direction, speed = None, None
+    moving = re.search(r"moving ([a-z-]+) (slowly|steadily|quickly)", caption)
+    pan = re.search(r"camera pans ([a-z-]+)", caption)
+    if moving and moving.group(1) in DIRECTIONS:
+        direction, speed = unit(moving.group(1)), sum(bands[moving.group(2)]) / 2
+    elif pan and pan.group(1) in DIRECTIONS:
+        direction = unit(pan.group(1), -1.0)  # a pan moves the scene, and the object in it, the other way
+    elif "static camera" in caption:
+        speed = 0.0
+    return {
+        "colour": colour,
+        "rgb": COLORS.get(colour),
+        "background": bg,
+        "background_rgb": BACKGROUNDS.get(bg),
+        "direction": direction,
+        "speed": speed,
+    }
+
+
+def _segment(rgb, lo: float, hi: float, n: int = 32) -> np.ndarray:
+    return np.asarray(rgb, np.float64)[None] * np.linspace(lo, hi, n)[:, None]
+
+
+def colour_ambiguous(target: dict, tol: float, shade=(0.5, 1.05)) -> bool:
+    """Whether the caption's colour, over the shading the world puts on shapes, comes within
+    `tol` of its background's colours under the grey texture (white on a gray background):
+    there a colour mask cannot tell the object from the background, and the video is not scored."""
+    if target["rgb"] is None:
+        return True
+    if target["background_rgb"] is None:
+        return False
+    obj = _segment(target["rgb"], *shade)
+    t = np.linspace(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE, 32)[:, None]
+    bg = np.clip(np.asarray(target["background_rgb"], np.float64)[None] + t, 0, 255)
+    return float(np.sqrt(((obj[:, None] - bg[None]) ** 2).sum(-1)).min()) < tol
+
+
+def colour_blob(frame: np.ndarray, rgb, tol: float = 40.0, min_area: float = 0.01, shade=(0.5, 1.05)):
+    """The largest connected region of a uint8 frame [H, W, 3] in the colour `rgb` (any shading
+    s * rgb with s in `shade`, the world shades shapes by 0.4-1.0, within `tol` in RGB): its
+    centroid (x, y) in pixels, or None when it covers under `min_area` of the frame."""
+    from scipy import ndimage
+
+    p = frame.astype(np.float32).reshape(-1, 3)
+    c = np.asarray(rgb, np.float32)
+    s = np.clip(p @ c / float(c @ c), *shade)
+    mask = (np.linalg.norm(p - s[:, None] * c[None], axis=1) < tol).reshape(frame.shape[:2])
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    k = int(np.argmax(sizes)) + 1
+    if sizes[k - 1] < min_area * mask.size:
+        return None
+    yy, xx = np.nonzero(labels == k)
+    return float(xx.mean()), float(yy.mean())
+
+
+def blob_motion(frames: np.ndarray, caption: str, tol: float = 40.0, min_area: float = 0.01, **target_kw) -> dict:
+    """Whether a video draws its caption's object and moves it as captioned.
+
+    Per frame, the largest region in the caption's colour (`colour_blob`); its centroid's
+    velocity is the least-squares slope over the frames where it is found (px/frame, image y
+    down). Returns:
+      blob_scored: False when the caption's colour cannot be told from its background (white on
+        gray) or names no colour; the other fields are then None;
+      blob_found_fraction: frames where the blob is found;
+      blob_velocity: [vx, vy] (None with under 2 frames found);
+      blob_along: the velocity's component along the captioned direction (px/frame; None when the
+        caption gives no direction or the blob is not tracked);
+      blob_direction_match: for captions with a direction, 1.0 when the blob is tracked, moves
+        faster than 1 px/frame and within 45 degrees of the captioned direction, else 0.0;
+      blob_speed_ratio: blob_along over the caption's speed (its speed word's band middle);
+      blob_static_speed: for static captions, the blob's speed (should be ~0).
+    """
+    target = caption_target(caption, **target_kw)
+    out = {
+        k: None
+        for k in (
+            "blob_found_fraction",
+            "blob_velocity",
+            "blob_along",
+            "blob_direction_match",
+            "blob_speed_ratio",
+            "blob_static_speed",
+        )
+    }
+    out["blob_scored"] = not colour_ambiguous(target, tol)
+    if not out["blob_scored"]:
+        return out
+    cents = [colour_blob(f, target["rgb"], tol, min_area) for f in frames]
+    found = [(t, c) for t, c in enumerate(cents) if c is not None]
+    out["blob_found_fraction"] = len(found) / len(frames)
+    v = None
+    if len(found) >= 2:
+        t = np.array([t for t, _ in found], np.float64)
+        xy = np.array([c for _, c in found], np.float64)
+        tc = t - t.mean()
+        v = (tc @ (xy - xy.mean(0))) / float(tc @ tc)
+        out["blob_velocity"] = [round(float(v[0]), 4), round(float(v[1]), 4)]
+    d = target["direction"]
+    if d is not None:
+        along = None if v is None else float(v @ np.asarray(d))
+        out["blob_along"] = along
+        speed = 0.0 if v is None else float(np.linalg.norm(v))
+        out["blob_direction_match"] = float(v is not None and speed > 1.0 and along > speed * math.cos(math.pi / 4))
+        if target["speed"] and along is not None:
+            out["blob_speed_ratio"] = along / target["speed"]
+    elif target["speed"] == 0.0 and v is not None:
+        out["blob_static_speed"] = float(np.linalg.norm(v))
+    return out
+
+
+#: Stage 7's blob columns: (results column, markdown header).
+BLOB_COLS = {
+    "blob_found_fraction": "Blob found (frames)",
+    "blob_direction_match": "Moves as captioned",
+    "blob_along": "Along caption (px/frame)",
+    "blob_speed_ratio": "Speed / captioned",
+    "blob_static_speed": "Static captions: speed (px/frame)",
+}
+
+
 class ToyMetrics:
     """Per-video motion metrics on the frozen toy RAFT, through the evaluator's VBench rules."""
 
@@ -160,7 +326,9 @@ class ToyMetrics:
 
         def recording_flow(img1, img2):
             # DynamicDegree's flow function; the flows are kept for the mean-magnitude column.
-            flow = raft(2 * (img1 / 255.0) - 1.0, 2 * (img2 / 255.0) - 1.0, num_flow_updates=20)[-1]
+            dev = module_device(raft)
+            a, b = (2 * (img.to(dev) / 255.0) - 1.0 for img in (img1, img2))
+            flow = raft(a, b, num_flow_updates=20)[-1].float().cpu()
             self._flows.append(flow)
             return flow
 
@@ -168,11 +336,14 @@ class ToyMetrics:
         self.smooth = MotionSmoothness(flow_interpolator(raft), pairs_per_batch=4)
         self.real_bank = real_bank
         self.nearest_size = nearest_size
+        # caption_target's speed bands: the data recipe's (set by the stages from stage 1's world)
+        self.blob_kw: dict = {}
         self.weights = dict(self.WEIGHTS)
         self.weights["motion_score"] = f"{self.weights['motion_smoothness']} + {self.weights['dynamics_degree']}"
 
     @torch.no_grad()
-    def video(self, frames: np.ndarray) -> dict:
+    def video(self, frames: np.ndarray, caption: str | None = None) -> dict:
+        """The video's metrics; with its `caption`, also the captioned object's (`blob_motion`)."""
         self._flows = []
         dyn = self.dynamic.video(frames, self.fps)
         flow = torch.cat(self._flows)
@@ -186,6 +357,8 @@ class ToyMetrics:
         }
         if self.real_bank is not None:
             rec["psnr_nearest_real"] = nearest_psnr(frames, self.real_bank, self.nearest_size)
+        if caption is not None:
+            rec.update(blob_motion(frames, caption, **self.blob_kw))
         return rec
 
 
@@ -235,6 +408,8 @@ def results_row(name: str, records: list[dict], weights: dict, n_boot: int) -> d
         "motion_smoothness": [r["motion_smoothness"] for r in records],
         "mean_flow_magnitude": [r["mean_flow_magnitude"] for r in records],
         "psnr_nearest_real": [r.get("psnr_nearest_real") for r in records],
+        # the captioned object (`blob_motion`); absent from records cached before it was measured
+        **{c: [r.get(c) for r in records] for c in BLOB_COLS},
     }
     for col, vals in extra.items():
         present = [v for v in vals if v is not None]

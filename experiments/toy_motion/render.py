@@ -37,7 +37,9 @@ def render_videos(
     wf: WorkFolder, transformer_dir: Path, teacher: bool, texts: list[str], seeds: list[int], cfg
 ) -> list[np.ndarray]:
     """Videos [len(seeds) x len(texts)] (seed-major) exactly as the evaluator renders them:
-    noise from generate.sample_seed(seed, prompt index), few-step or CFG sampler, the VAE's decode."""
+    noise from generate.sample_seed(seed, prompt index), few-step or CFG sampler, the VAE's decode.
+    On the work folder's device, in fp32 (no autocast: the rows are measured as the models are);
+    the noise is drawn on the CPU and moved, so a seed gives the same noise on every device."""
     from mogan_ds.models.builders import load_transformer, load_vae
     from mogan_ds.motion.latents import latent_shape
     from mogan_ds.sampling.generate import sample_seed
@@ -46,15 +48,16 @@ def render_videos(
     from mogan_ds.sampling.schedule import FlowMatchSchedule, randn
 
     schedule = FlowMatchSchedule.from_config(cfg)
-    model = load_transformer(str(transformer_dir), torch.float32).eval().requires_grad_(False)
-    vae = load_vae(str(wf.models / "wan" / "vae"), torch.float32).eval()
+    dev = wf.device
+    model = load_transformer(str(transformer_dir), torch.float32).eval().requires_grad_(False).to(dev)
+    vae = load_vae(str(wf.models / "wan" / "vae"), torch.float32).eval().to(dev)
     fn = vfn(model)
-    embeds, negative = embed(wf, texts)
+    embeds, negative = (e.to(dev) for e in embed(wf, texts))
     out = []
     for seed in seeds:
         for i in range(len(texts)):
             g = torch.Generator("cpu").manual_seed(sample_seed(seed, i))
-            noise = randn(latent_shape(cfg.video, 1), [g], "cpu")
+            noise = randn(latent_shape(cfg.video, 1), [g], dev)
             if teacher:
                 lat = sample_teacher_cfg(fn, noise, embeds[i : i + 1], negative, schedule)
             else:

@@ -1,6 +1,6 @@
 """The toy-world MoGAN experiment, one command (`make experiment`; stages cached and resumable).
 
-    python -m experiments.toy_motion.run [--scale full|smoke] [--work DIR] [--results DIR] [--stages data raft ...]
+    python -m experiments.toy_motion.run [--scale full|smoke|gpu] [--device auto|cpu|cuda] [--work DIR] [--results DIR] [--stages data raft ...]
     python -m experiments.toy_motion.run --work DIR --remeasure-with OTHER/raft/raft_small.pth
     python -m experiments.toy_motion.run --work DIR --reuse-stage vae=SAVED/vae [--save-stage STAGE=DIR]
 
@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.toy_motion.pipeline import Experiment  # noqa: E402
-from experiments.toy_motion.workdir import HERE, REPO, STAGES  # noqa: E402
+from experiments.toy_motion.training import pick_device  # noqa: E402
+from experiments.toy_motion.workdir import HERE, REPO, SCALES, STAGES  # noqa: E402
 
 
 def stage_dir(item: str) -> tuple[str, str]:
@@ -37,7 +38,14 @@ def stage_dir(item: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=("full", "smoke"), default="full")
+    ap.add_argument(
+        "--scale", choices=tuple(SCALES), default="full", help="full (2 CPU cores), smoke (CI), gpu (one H200)"
+    )
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="where stages 2-7 train, render and measure: auto (CUDA when present, else the CPU), cpu, cuda[:N]",
+    )
     ap.add_argument("--work", default=None, help="work folder (default .cache/toy_motion/<scale>)")
     ap.add_argument("--results", default=None, help="results folder (default: experiments/toy_motion/results at full)")
     ap.add_argument("--stages", nargs="*", choices=STAGES, help="only these stages (default: all not yet done)")
@@ -67,11 +75,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    device = pick_device(args.device)
+    # The CPU path keeps the 2 threads it was sized on; with an accelerator the host's cores
+    # serve the data stage and the measurements' CPU parts.
+    torch.set_num_threads(min(2, os.cpu_count() or 1) if device.type == "cpu" else (os.cpu_count() or 1))
     work = Path(args.work or REPO / ".cache" / "toy_motion" / args.scale)
     results = args.results or (HERE / "results" if args.scale == "full" else work / "results")
     t0 = time.time()
-    exp = Experiment(work, args.scale, results)
+    exp = Experiment(work, args.scale, results, device=device)
+    print(f"[toy] scale {args.scale}, device {device}", flush=True)
     for stage, folder in args.reuse_stage:
         exp.reuse_stage(stage, folder)
     if args.remeasure_with:

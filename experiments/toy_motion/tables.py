@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .measure import paired_difference
+from .measure import BLOB_COLS, paired_difference
 
 if TYPE_CHECKING:
     from .workdir import WorkFolder
@@ -99,6 +99,7 @@ def extra_table(rows: list[dict], r: dict, exp: WorkFolder) -> str:
         "data's look). Aesthetic / imaging quality have no weights in the toy world (n/a).",
         "",
     ]
+    lines += blob_table(rows, cell)
     # What every generated row is bounded by and how long each was trained: a reader of the table
     # needs both to tell "MoGAN did not help" from "nothing could move more through this decoder".
     vae, dmd, mogan = exp.report("vae"), exp.report("dmd"), exp.report("mogan")
@@ -114,3 +115,29 @@ def extra_table(rows: list[dict], r: dict, exp: WorkFolder) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def blob_table(rows: list[dict], cell) -> list[str]:
+    """The captioned object per row (`measure.blob_motion`), real clips included."""
+    lines = [
+        "## The captioned object (colour blob tracked per frame; 95% bootstrap intervals)",
+        "",
+        "| Model | " + " | ".join(BLOB_COLS.values()) + " |",
+        "|---" * (len(BLOB_COLS) + 1) + "|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['model']} | " + " | ".join(cell(row, c, 1, 2) for c in BLOB_COLS) + " |")
+    lines += [
+        "",
+        "Per frame, the largest connected region in the caption's colour (any shading 0.5-1.05 of it, within "
+        "40 RGB units; at least 1% of the frame): found or not, and its centroid. Blob found: the share of frames "
+        "where it is. Its velocity is the centroid's least-squares slope over those frames. Moves as captioned: "
+        "the share of videos whose caption gives a direction (object motion, or a pan, which moves the object "
+        "the other way) where the blob is tracked, moves over 1 px/frame and within 45 degrees of that "
+        "direction. Along caption: the velocity's component along the captioned direction; Speed / captioned: "
+        "that over the caption's speed word's band middle (stage 1's world). Static captions: the blob's speed "
+        "where the caption says static camera. Captions whose colour a mask cannot tell from their background "
+        "(white on gray) are not scored.",
+        "",
+    ]
+    return lines

@@ -48,7 +48,18 @@ def train(wf: WorkFolder, stage: str, run: Path, extra: list[str], echo=print) -
     # folder; in a folder of this checkout's own, other virtualenvs sharing ~/.cache cannot
     # make the launch wait on (or redo) their builds. Built once, then reused.
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
-    env = launch_env({"OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "TORCH_EXTENSIONS_DIR": ext})
+    extra_env = {"OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "TORCH_EXTENSIONS_DIR": ext}
+    # The trainer takes DeepSpeed's accelerator (CUDA when present); the work folder's device
+    # decides it: --device cpu on a CUDA machine hides the GPUs from the run. The DeepSpeed
+    # config is the same (no bf16 section, the recipes' frozen_dtype fp32): stages 5-6 run in
+    # fp32 on either device.
+    if wf.device.type == "cpu":
+        extra_env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    else:
+        extra_env["DS_ACCELERATOR"] = "cuda"
+        if wf.device.index is not None:
+            extra_env["CUDA_VISIBLE_DEVICES"] = str(wf.device.index)
+    env = launch_env(extra_env)
     with open(run.parent / f"{run.name}.console.log", "a") as log:
         proc = subprocess.run(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device the stages run on: `name` ("cpu", "cuda", "cuda:1"), or for None / "auto" the
+    accelerator when one is present, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA device here")
+    return dev
+
+
+def autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast on CUDA for the forward passes where it is safe (the VAE's and the
+    teacher's training forwards); on the CPU, or with `enabled` False, nothing (fp32), so the
+    CPU path is the one it always was. Losses are taken in fp32 either way."""
+    dev = torch.device(device)
+    if enabled and dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -54,7 +76,7 @@ def fit(
     """
     start, curve = 0, []
     if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)  # load_state_dict moves to the model's device
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])

@@ -35,26 +35,29 @@ RECIPES = {
 }
 
 
-def load_recipe(stage: str, scale: str = "full") -> dict:
-    """A stage's recipe; at the smoke size with smoke.yaml's keys for it applied.
+SCALES = {"full": None, "smoke": "smoke.yaml", "gpu": "gpu.yaml"}
 
-    For the trainer stages the smoke keys are `key=value` overrides, kept under
+
+def load_recipe(stage: str, scale: str = "full") -> dict:
+    """A stage's recipe; at the smoke or gpu scale with smoke.yaml's / gpu.yaml's keys for it applied.
+
+    For the trainer stages the scale's keys are `key=value` overrides, kept under
     ``overrides``; for the others they replace the recipe's top-level keys.
     """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     recipe = yaml.safe_load((HERE / RECIPES[stage]).read_text())
     if stage == "mogan":  # the rows live beside the trainer recipe, which the trainer reads as it is
         recipe["rows"] = yaml.safe_load((HERE / "stage6_rows.yaml").read_text())
-    if scale == "smoke":
-        smoke = yaml.safe_load((HERE / "smoke.yaml").read_text())
-        extra = smoke.get(stage)
+    if SCALES[scale]:
+        over = yaml.safe_load((HERE / SCALES[scale]).read_text())
+        extra = over.get(stage)
         if isinstance(extra, list):
             recipe["overrides"] = list(extra)
         elif extra:
             recipe.update(extra)
-        if stage == "mogan" and "mogan_rows" in smoke:
-            recipe["rows"] = {k: v for k, v in recipe["rows"].items() if k in smoke["mogan_rows"]}
-    elif scale != "full":
-        raise ValueError(f"scale must be full or smoke, got {scale!r}")
+        if stage == "mogan" and "mogan_rows" in over:
+            recipe["rows"] = {k: v for k, v in recipe["rows"].items() if k in over["mogan_rows"]}
     return recipe
 
 
@@ -84,9 +87,16 @@ class WorkFolder:
     # every later stage loads. A saved stage holds them under `beside/`.
     BESIDE = {"teacher": ("models",)}
 
-    def __init__(self, work: str | Path, scale: str = "full", results: str | Path | None = None, echo=print):
+    def __init__(
+        self, work: str | Path, scale: str = "full", results: str | Path | None = None, echo=print, device="cpu"
+    ):
+        import torch
+
         self.work = Path(work).resolve()
         self.scale = scale
+        # Where stages 2-4 train and where rendering and measuring run (run.py's --device); the
+        # stage keys do not depend on it, so a stage made on one device is reused on another.
+        self.device = torch.device(device)
         # Where the evaluation's tables and grids go, and where the stages report progress.
         self.results = Path(results).resolve() if results else self.work / "results"
         self.echo = echo

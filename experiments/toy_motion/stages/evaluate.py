@@ -28,6 +28,17 @@ def run(exp: WorkFolder, r: dict) -> dict:
     return evaluate(exp, r, exp.raft_path, exp.dir("eval"))
 
 
+def blob_kw(exp: WorkFolder) -> dict:
+    """`measure.caption_target`'s speed bands from stage 1's world (the data recipe)."""
+    world = exp.recipes["data"].get("world") or {}
+    kw = {}
+    if "speed_words" in world:
+        kw["speed_words"] = tuple(world["speed_words"])
+    if "speed" in world:
+        kw["speed_range"] = tuple(world["speed"])
+    return kw
+
+
 def captions(held: list, r: dict) -> list[str]:
     """Stage 7's captions: r["prompts"] of the held-out clips', in order (repeating if fewer clips)."""
     return [held[i % len(held)][1]["caption"] for i in range(r["prompts"])]
@@ -59,7 +70,7 @@ def remeasure(exp: WorkFolder, raft_path: str | Path) -> dict:
     instrument = {
         "path": str(raft_path.relative_to(REPO)) if raft_path.is_relative_to(REPO) else str(raft_path),
         "sha256": sha,
-        "static_uniform_flow": static_uniform_flow(load_toy_raft(raft_path), size),
+        "static_uniform_flow": static_uniform_flow(load_toy_raft(raft_path, exp.device), size),
     }
     return evaluate(exp, exp.recipes["eval"], raft_path, exp.dir(f"eval_with_{sha[:12]}"), instrument)
 
@@ -78,14 +89,15 @@ def evaluate(exp: WorkFolder, r: dict, raft_path: Path, d: Path, instrument: dic
     held = exp.clips("heldout")
     train = exp.clips("train")
     texts = captions(held, r)
-    raft = load_toy_raft(raft_path)
+    raft = load_toy_raft(raft_path, exp.device)
     bank = frame_bank([c[:f] for c, _ in train], r["nearest_size"])
     metrics = ToyMetrics(raft, fps, bank, r["nearest_size"])
+    metrics.blob_kw = blob_kw(exp)
     cfg = exp.trainer_config("dmd")
     rows, grids, per_video = [], {}, {}
     # The data's own row: the real held-out clips through the same metrics (the target motion).
     real = [held[i % len(held)][0][:f] for i in range(r["prompts"])]
-    data_recs = [metrics.video(v) for v in real]
+    data_recs = [metrics.video(v, texts[i]) for i, v in enumerate(real)]
     rows.append(results_row("data (held-out real)", data_recs, metrics.weights, r["bootstrap"]))
     # The instrument's calibration on the real row: what the renderer says the clips move.
     exact = [held[i % len(held)][1] for i in range(r["prompts"])]
@@ -100,7 +112,8 @@ def evaluate(exp: WorkFolder, r: dict, raft_path: Path, d: Path, instrument: dic
             videos = render_videos(exp, path, teacher, texts[: r["grid_prompts"]], [r["seeds"][0]], cfg)
         else:
             videos = render_videos(exp, path, teacher, texts, list(r["seeds"]), cfg)
-            recs = [metrics.video(v) for v in videos]
+            # video k has caption k % len(texts) (seed-major)
+            recs = [metrics.video(v, texts[k % len(texts)]) for k, v in enumerate(videos)]
             cache.write_text(json.dumps(recs))
         rows.append(results_row(name, recs, metrics.weights, r["bootstrap"]))
         per_video[name] = recs

@@ -23,7 +23,8 @@ def run(exp: WorkFolder, r: dict) -> dict:
     gen = seed_all(r["seed"])
     train = exp.clips("train")
     held = exp.clips("heldout")
-    raft = build_raft("raft_small").float().train()
+    dev = exp.device
+    raft = build_raft("raft_small").float().train().to(dev)  # fp32 throughout, no autocast
     opt = torch.optim.AdamW(raft.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     warm = max(1, int(r["warmup_fraction"] * r["steps"]))
     # RAFT's one-cycle shape: linear warm-up, then linear decay to zero at the last step.
@@ -48,6 +49,7 @@ def run(exp: WorkFolder, r: dict) -> dict:
         # Random horizontal flips double the directions seen (flow's x flips with the image).
         if torch.rand((), generator=gen) < 0.5:
             a, b, gt = a.flip(-1), b.flip(-1), gt.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+        a, b, gt = a.to(dev), b.to(dev), gt.to(dev)
         preds = raft(a, b, num_flow_updates=r["train_iters"])
         n = len(preds)
         # RAFT's sequence loss: L1 on every refinement, later ones weighted more.
@@ -57,7 +59,7 @@ def run(exp: WorkFolder, r: dict) -> dict:
 
     curve = fit(d / "ckpt.pt", r, raft, opt, sched, gen, step_fn, "raft", exp.echo)
     raft.eval()
-    torch.save(raft.state_dict(), exp.raft_path)
+    torch.save({k: v.cpu() for k, v in raft.state_dict().items()}, exp.raft_path)
     # The frozen RAFT is the experiment's flow instrument: a copy beside the results, so that
     # tests can check it (it beats zero flow on held-out clips) without training it again.
     exp.results.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import torch
 from ..clips import clip_window, encode_mode
 from ..measure import ToyMetrics, load_toy_raft
 from ..render import embed, render_videos, text_models
-from ..training import atomic_save, fit, seed_all, warmup_cosine
+from ..training import atomic_save, autocast, fit, seed_all, warmup_cosine
 
 if TYPE_CHECKING:
     from ..workdir import WorkFolder
@@ -29,7 +29,8 @@ def run(exp: WorkFolder, r: dict) -> dict:
     d = exp.dir("teacher")
     gen = seed_all(r["seed"])
     train = exp.clips("train")
-    vae = AutoencoderKLWan.from_pretrained(exp.work / "vae" / "vae").float().eval().requires_grad_(False)
+    dev = exp.device
+    vae = AutoencoderKLWan.from_pretrained(exp.work / "vae" / "vae").float().eval().requires_grad_(False).to(dev)
     f = exp.clip_frames()
     lat_path = d / "latents.pt"
     if lat_path.is_file():
@@ -41,25 +42,31 @@ def run(exp: WorkFolder, r: dict) -> dict:
                 xs.append(clip_window(clip, s, f))
                 idx.append(i)
         with torch.no_grad():
-            lat = {"x0": normalize_latents(vae, encode_mode(vae, xs)), "clip": torch.tensor(idx)}
+            lat = {"x0": normalize_latents(vae, encode_mode(vae, xs)).cpu(), "clip": torch.tensor(idx)}
         atomic_save(lat, lat_path)
     embeds, negative = embed(exp, [m["caption"] for _, m in train])
     arch = dict(r["arch"], patch_size=tuple(r["arch"]["patch_size"]))
-    model = WanTransformer3DModel(**arch).float().train()
+    model = WanTransformer3DModel(**arch).float().train().to(dev)
+    x0_all, embeds_dev, negative_dev = lat["x0"].to(dev), embeds.to(dev), negative.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
     fn = transformer_velocity_fn(model)
     n = len(lat["x0"])
 
     def step_fn(step: int):
         i = torch.randint(n, (r["batch_size"],), generator=gen)
-        x0 = lat["x0"][i]
-        cond = embeds[lat["clip"][i]].clone()
+        # Every draw on the CPU generator (the same batches on any device), then moved.
+        x0 = x0_all[i.to(dev)]
+        cond = embeds_dev[lat["clip"][i].to(dev)].clone()
         drop = torch.rand(len(i), generator=gen) < r["cfg_dropout"]
-        cond[drop] = negative[0]
-        eps = torch.randn(x0.shape, generator=gen)
-        sigma = FlowMatchSchedule.shift_sigma(torch.rand(len(i), generator=gen), r["shift"])
+        cond[drop.to(dev)] = negative_dev[0]
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        sigma = FlowMatchSchedule.shift_sigma(torch.rand(len(i), generator=gen), r["shift"]).to(dev)
         x_t = FlowMatchSchedule.add_noise(x0, eps, sigma)
-        loss, _ = flow_matching_loss(fn(x_t, sigma * 1000.0, cond), x0, eps)
+        # bf16 autocast on CUDA for the DiT's forward (fp32 master weights, AdamW state and
+        # flow-matching loss); nothing on the CPU.
+        with autocast(dev):
+            v = fn(x_t, sigma * 1000.0, cond)
+        loss, _ = flow_matching_loss(v, x0, eps)
         return loss, {"loss": loss.item()}
 
     curve = fit(d / "ckpt.pt", r, model, opt, warmup_cosine(opt, r), gen, step_fn, "teacher", exp.echo)
@@ -79,11 +86,19 @@ def run(exp: WorkFolder, r: dict) -> dict:
     # Does the teacher move like the data? Its CFG samples on held-out captions.
     held = exp.clips("heldout")[: r["report_prompts"]]
     texts = [m["caption"] for _, m in held]
-    metrics = ToyMetrics(load_toy_raft(exp.raft_path), exp.recipes["data"]["fps"])
+    from .evaluate import blob_kw
+
+    metrics = ToyMetrics(load_toy_raft(exp.raft_path, dev), exp.recipes["data"]["fps"])
+    metrics.blob_kw = blob_kw(exp)
     cfg = exp.trainer_config("dmd")
     videos = render_videos(exp, models / "wan" / "transformer", True, texts, [0], cfg)
-    recs = [metrics.video(v) for v in videos]
-    data = [metrics.video(c[:f]) for c, _ in held]
+    recs = [metrics.video(v, t) for v, t in zip(videos, texts)]
+    data = [metrics.video(c[:f], t) for (c, _), t in zip(held, texts)]
+
+    def blob(rs: list[dict], col: str):
+        vals = [x[col] for x in rs if x.get(col) is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
+
     return {
         "final_loss_last50": round(float(np.mean([c["loss"] for c in curve[-50:]])), 4),
         "samples": len(recs),
@@ -91,4 +106,7 @@ def run(exp: WorkFolder, r: dict) -> dict:
         "data_mean_flow_magnitude": round(float(np.mean([x["mean_flow_magnitude"] for x in data])), 4),
         "teacher_dynamic_fraction": round(float(np.mean([x["dynamic"] for x in recs])), 4),
         "data_dynamic_fraction": round(float(np.mean([x["dynamic"] for x in data])), 4),
+        # Does it draw the captioned object travelling as captioned (measure.blob_motion)?
+        **{f"teacher_{c}": blob(recs, c) for c in ("blob_found_fraction", "blob_direction_match", "blob_speed_ratio")},
+        **{f"data_{c}": blob(data, c) for c in ("blob_found_fraction", "blob_direction_match", "blob_speed_ratio")},
     }
