@@ -72,8 +72,14 @@ def fit(
     the update is AdamW-style: zero grad, backward, clip to r["grad_clip"], step, schedule step.
     Every r["checkpoint_every"] steps (and at the last) the model, optimiser, schedule, curve and
     generator state go to `ckpt` atomically; a restart continues from there, drawing the same batches.
+    With r["time_limit_s"] (the gpu scale's, sized to one device command), the loop stops after
+    the first step past that many seconds of this call, checkpointed; the curve's last step says
+    where (the schedule was set for r["steps"] and did not finish its decay).
     Returns the curve, one {"step", **values} per step.
     """
+    import time
+
+    t0, limit = time.time(), r.get("time_limit_s")
     start, curve = 0, []
     if ckpt.is_file():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)  # load_state_dict moves to the model's device
@@ -90,7 +96,8 @@ def fit(
         opt.step()
         sched.step()
         curve.append({"step": step + 1, **values})
-        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["steps"]:
+        over = limit is not None and time.time() - t0 > limit
+        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["steps"] or over:
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
             atomic_save({**state, "step": step + 1, "curve": curve, "rng": gen.get_state()}, ckpt)
             recent = {k: np.mean([c[k] for c in curve[-50:]]) for k in values}
@@ -98,4 +105,7 @@ def fit(
                 f"[toy] {label} step {step + 1}/{r['steps']} (mean of last 50): "
                 + ", ".join(f"{k} {v:.4f}" for k, v in recent.items())
             )
+        if over:
+            echo(f"[toy] {label}: time limit {limit} s reached at step {step + 1} of {r['steps']}; stopping there")
+            break
     return curve

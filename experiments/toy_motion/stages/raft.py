@@ -67,4 +67,8 @@ def run(exp: WorkFolder, r: dict) -> dict:
     (d / "curve.json").write_text(json.dumps(curve))
     a, b, gt = flow_pairs(held, r["eval_pairs"])
     rep = heldout_epe(raft, a, b, gt, r["eval_iters"])
-    return {**rep, "static_uniform_flow": static_uniform_flow(raft, held[0][0].shape[1])}
+    return {
+        **rep,
+        "steps_done": curve[-1]["step"] if curve else 0,
+        "static_uniform_flow": static_uniform_flow(raft, held[0][0].shape[1]),
+    }

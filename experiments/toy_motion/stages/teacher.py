@@ -100,6 +100,7 @@ def run(exp: WorkFolder, r: dict) -> dict:
         return round(float(np.mean(vals)), 4) if vals else None
 
     return {
+        "steps_done": curve[-1]["step"] if curve else 0,
         "final_loss_last50": round(float(np.mean([c["loss"] for c in curve[-50:]])), 4),
         "samples": len(recs),
         "teacher_mean_flow_magnitude": round(float(np.mean([x["mean_flow_magnitude"] for x in recs])), 4),

@@ -96,6 +96,7 @@ def run(exp: WorkFolder, r: dict) -> dict:
             flows.append(fo)
             flows_rec.append(fr)
     return {
+        "steps_done": curve[-1]["step"] if curve else 0,
         "heldout_psnr_db": round(float(np.mean(psnrs)), 3),
         # per frame over the clips' pooled error: a latent chunk the VAE decodes badly shows here
         "heldout_psnr_per_frame_db": [round(psnr_db(m, peak=255.0), 2) for m in np.mean(per_frame, axis=0)],
