@@ -84,6 +84,7 @@ def parallel_train(d: Path, r: dict, echo=print) -> None:
     """The training split as r["shards"] shards rendered in parallel (one process per shard, at
     most the machine's cores), shard s from seed r["seed"] + 1 + s, gathered into d/train with
     the captions in d/train.txt in shard order."""
+    import multiprocessing
     import os
     import shutil
     from concurrent.futures import ProcessPoolExecutor
@@ -105,7 +106,9 @@ def parallel_train(d: Path, r: dict, echo=print) -> None:
         )
         for s in range(r["shards"])
     ]
-    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+    # spawned, not forked: the parent holds torch's threads, which a forked child can deadlock on
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
         list(pool.map(_shard, jobs))
     out.mkdir(parents=True, exist_ok=True)
     captions = []
