@@ -200,6 +200,11 @@ def test_ema_follows_the_generators_adapters(lt):
     lt.iteration.generator_dmd_update(2)  # one applied step: shadow <- lerp(shadow, master, 1 - decay)
     for b, s, p in zip(before, lt.ema.shadow, lt.ema.params):
         assert torch.equal(s, b.lerp(local_master(p).float(), 1 - lt.ema.decay))
+    # sampling with the EMA (in-training evaluation) swaps it into the adapters' compute partitions only
+    base = gathered(gen, lambda n: not is_adapter_param(n))
+    with lt.ema.compute_swapped_in():
+        assert all(torch.equal(p.ds_tensor, s.view(-1)) for s, p in zip(lt.ema.shadow, lt.ema.params))
+        assert all(torch.equal(v, base[n]) for n, v in gathered(gen, lambda n: not is_adapter_param(n)).items())
 
 
 def test_merged_export_equals_base_plus_scaled_product_and_loads_in_peft_and_diffusers(lt):
