@@ -105,25 +105,37 @@ def engine_fp32_state_dict(ckpt: Path, role: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def generator_folder(cfg) -> Path:
+    """The folder the trainer loads the generator from (models.generator, else the teacher's transformer)."""
+    from ..models.builders import wan_paths
+
+    return Path(cfg.models.generator) if cfg.models.generator else wan_paths(cfg.models.root)["transformer"]
+
+
 def generator_config(cfg) -> dict:
     """The generator's WanTransformer3DModel config (the folder the trainer loaded it from)."""
-    from ..models.builders import read_transformer_config, wan_paths
+    from ..models.builders import read_transformer_config
 
-    path = Path(cfg.models.generator) if cfg.models.generator else wan_paths(cfg.models.root)["transformer"]
-    return read_transformer_config(path)
+    return read_transformer_config(generator_folder(cfg))
 
 
-def trainable_order(transformer_config: dict) -> list[tuple[str, torch.Size]]:
-    """(name, shape) of the generator's parameters in module order: the order of the EMA's shards.
+def trainable_order(transformer_config: dict, lora=None) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of the generator's trainable parameters in module order: the order of the EMA's shards.
 
-    The generator trains every parameter (`ShardedEMA` keeps `requires_grad` ones, in
-    `module.parameters()` order). Built on the meta device: no memory, any size.
+    `ShardedEMA` keeps the `requires_grad` parameters in `module.parameters()` order: every
+    parameter of a fully trained generator, the adapters of a LoRA one (`lora`: its
+    ``models.lora.generator`` section, injected here as the trainer injects it). Built on the
+    meta device: no memory, any size.
     """
     from diffusers import WanTransformer3DModel
 
+    from ..models.lora import add_lora
+
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config(transformer_config)
-    return [(n, p.shape) for n, p in model.named_parameters()]
+        if lora is not None:
+            add_lora(model, lora, 0, "generator")
+    return [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def full_ema(states: list[dict], order: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from ..models.lora import is_adapter_param, merge_lora, read_weights, scaling, write_peft_adapter
 from ..parallel.ranks import process_rank
 from .master_weights import full_master
+
+LORA_ADAPTER_DIR = "lora_adapter"  # a LoRA generator's export: its adapters alone, peft's and diffusers' formats
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -48,14 +51,44 @@ def full_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapters of a DeepSpeed engine's module, full fp32 masters (module names). Collective; rank 0 keeps them."""
+    keep = process_rank() == 0
+    state = {}
+    for name, p in module.named_parameters():
+        if is_adapter_param(name):
+            full = full_master(p)
+            if keep:
+                state[name] = full.cpu()
+    return state
+
+
 def export_generator(
-    module: torch.nn.Module, teacher_root: str | Path, out: str | Path, ema=None, dtype: torch.dtype = torch.float32
+    module: torch.nn.Module,
+    teacher_root: str | Path,
+    out: str | Path,
+    ema=None,
+    dtype: torch.dtype = torch.float32,
+    lora=None,
+    base: str | Path | None = None,
 ) -> Path | None:
     """Write `<out>/` = teacher release with `transformer/` := the generator. Collective; rank 0 writes.
 
     `module` is the generator engine's module (a WanTransformer3DModel, possibly with
     ZeRO-3 partitions and sequence-parallel hooks, neither of which reach the export).
+    A LoRA generator (`lora`: its ``models.lora.generator`` section, `base`: the folder of its
+    frozen base) is exported merged, `export_lora_merged`: the base folder's weights plus its
+    adapters' (or their EMA's) ``(alpha / r) B A``, and the adapters alone go to ``<out>/lora_adapter/``.
     """
+    if lora is not None:
+        if ema is not None:
+            with ema.swapped_in():
+                adapters = adapter_fp32_state_dict(module)
+        else:
+            adapters = adapter_fp32_state_dict(module)
+        if process_rank() != 0:
+            return None
+        return export_lora_merged(adapters, lora, base, teacher_root, out, dtype)
     if ema is not None:
         with ema.swapped_in():  # the masters hold the EMA inside the block
             state = full_fp32_state_dict(module)
@@ -64,6 +97,29 @@ def export_generator(
     if process_rank() != 0:
         return None
     return write_pipeline_folder(state, dict(module.config), teacher_root, out, dtype)
+
+
+def export_lora_merged(
+    adapters: dict[str, torch.Tensor],
+    lora,
+    base: str | Path,
+    teacher_root: str | Path,
+    out: str | Path,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """`<out>/` = the release with `transformer/` := base + (alpha / r) B A, and ``<out>/lora_adapter/`` (the
+    adapters alone, `lora.write_peft_adapter`). Shared by the trainer's export and ``python -m mogan_ds export``.
+
+    The base weights are read from their folder, not gathered from the engine: the base is
+    frozen, so the folder holds exactly what training started from (at its own precision,
+    also when the engine computed with a bf16 copy). Host memory: the base in fp32, twice.
+    """
+    from ..models.builders import read_transformer_config
+
+    merged = merge_lora(read_weights(base), adapters, scaling(lora))
+    out = write_pipeline_folder(merged, read_transformer_config(base), teacher_root, out, dtype)
+    write_peft_adapter(out / LORA_ADAPTER_DIR, adapters, lora)
+    return out
 
 
 def write_pipeline_folder(

@@ -4,7 +4,8 @@ Layout under `<run_dir>/checkpoints/`::
 
     step_00000008/
         generator/ fake_score/ discriminator/   DeepSpeed engine checkpoints (tag "state"):
-                                                ZeRO-3 partitions + optimiser states
+                                                ZeRO-3 partitions + optimiser states (a LoRA
+                                                role: its adapters only, not its frozen base)
         trainer/rank_00000.pt ...               per rank: step, data-stream positions,
                                                 RNG states, EMA shard, counters
         COMPLETE                                written last, after every rank finished
@@ -50,6 +51,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def has_frozen(engine) -> bool:
+    """Whether an engine's module has frozen parameters (a LoRA role's base): they are rebuilt from the
+    weights folders at every start, so its checkpoint leaves them out (DeepSpeed's
+    ``exclude_frozen_parameters``: adapters, their optimizer states and the schedule only)."""
+    module = getattr(engine, "module", None)
+    return module is not None and any(not p.requires_grad for p in module.parameters())
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 2):
         self.root = Path(run_dir) / "checkpoints"
@@ -81,7 +90,9 @@ class CheckpointManager:
             partial.mkdir(parents=True)
         barrier()
         for role, engine in engines.items():
-            engine.save_checkpoint(str(partial / role), tag=ENGINE_TAG, save_latest=False)
+            # A LoRA role's frozen base is rebuilt from its weights at every start: not saved.
+            frozen = {"exclude_frozen_parameters": True} if has_frozen(engine) else {}
+            engine.save_checkpoint(str(partial / role), tag=ENGINE_TAG, save_latest=False, **frozen)
         (partial / "trainer").mkdir(exist_ok=True)
         tmp = partial / "trainer" / f".rank_{process_rank():05d}.pt.tmp"
         torch.save({**trainer_state, "rng": rng_state()}, tmp)
@@ -102,8 +113,10 @@ class CheckpointManager:
     def load(self, path: Path, engines) -> dict:
         """Restore the engines (weights, optimiser, LR schedule) and return this rank's trainer state."""
         for role, engine in engines.items():
+            # A LoRA role's saved module state holds its adapters only (its base is rebuilt, not loaded).
+            frozen = {"load_module_strict": False} if has_frozen(engine) else {}
             load_dir, _ = engine.load_checkpoint(
-                str(path / role), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(path / role), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True, **frozen
             )
             if load_dir is None:
                 raise FileNotFoundError(f"{path / role}: DeepSpeed found no checkpoint for {role}")

@@ -10,6 +10,12 @@ that step. No process group, no accelerator, no training world: one CPU process.
 
 `--critics` also writes `<out>/critics/{fake_score,discriminator}.safetensors` (plain fp32
 state dicts of the roles the run trained) for analysis; WanPipeline ignores the folder.
+
+A LoRA run (``models.lora.generator.enabled``) checkpoints the generator's adapters only: the
+export merges them into the base the run loaded (``models.generator``), ``W + (alpha / r) B A``
+per adapted layer (`checkpoint.export.export_lora_merged`), and adds ``<out>/lora_adapter/``;
+``--adapter-only`` writes just the adapter (peft's and diffusers' formats) to ``--out``.
+(``--critics`` of a LoRA role writes its adapters, and D's heads, not a whole network.)
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the Wan release folder (default: the run's models.root), where VAE, text encoder etc. come from",
     )
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written transformer")
+    p.add_argument(
+        "--adapter-only",
+        dest="adapter_only",
+        action="store_true",
+        help="a LoRA run (models.lora.generator.enabled): write only the generator's adapter to --out, in peft's "
+        "format (adapter_config.json, adapter_model.safetensors) and diffusers' (pytorch_lora_weights.safetensors), "
+        "instead of the merged pipeline folder",
+    )
 
 
 def export_checkpoint(
@@ -50,7 +64,10 @@ def export_checkpoint(
     critics: bool = False,
     teacher_root: str | Path | None = None,
     dtype: str = "fp32",
+    adapter_only: bool = False,
 ) -> Path:
+    import shutil
+
     import torch
 
     from ..checkpoint.consolidate import (
@@ -58,11 +75,13 @@ def export_checkpoint(
         find_checkpoint,
         full_ema,
         generator_config,
+        generator_folder,
         run_config,
         trainable_order,
         trainer_states,
     )
-    from ..checkpoint.export import write_pipeline_folder
+    from ..checkpoint.export import export_lora_merged, write_pipeline_folder
+    from ..models.lora import is_adapter_param, write_peft_adapter
 
     ckpt = find_checkpoint(run_dir, step)
     cfg = run_config(run_dir)
@@ -77,10 +96,24 @@ def export_checkpoint(
         if out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents:
             raise UserError(f"--out {out}: replacing it would delete {what} {keep}")
     tconfig = generator_config(cfg)
+    lora = cfg.models.lora.generator if cfg.models.lora.generator.enabled else None
+    if adapter_only and lora is None:
+        raise UserError("--adapter-only: this run trained the whole generator (models.lora.generator.enabled=false)")
     state = engine_fp32_state_dict(ckpt, "generator")
     if ema:
-        state.update(full_ema(trainer_states(ckpt), trainable_order(tconfig)))
-    write_pipeline_folder(state, tconfig, root, out, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        state.update(full_ema(trainer_states(ckpt), trainable_order(tconfig, lora)))
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if lora is None:
+        write_pipeline_folder(state, tconfig, root, out, torch_dtype)
+    else:
+        # The checkpoint holds the adapters only; the frozen base is the folder the run loaded.
+        adapters = {k: v for k, v in state.items() if is_adapter_param(k)}
+        if adapter_only:
+            if out.exists():
+                shutil.rmtree(out)
+            write_peft_adapter(out, adapters, lora, torch_dtype)
+        else:
+            export_lora_merged(adapters, lora, generator_folder(cfg), root, out, torch_dtype)
     if critics:
         from safetensors.torch import save_file
 
@@ -92,13 +125,19 @@ def export_checkpoint(
                 written.append(role)
         (out / "critics" / "info.json").write_text(json.dumps({"checkpoint": str(ckpt), "roles": written}) + "\n")
     (out / "mogan_export.json").write_text(
-        json.dumps({"checkpoint": str(ckpt.resolve()), "step": int(ckpt.name[5:]), "ema": ema}) + "\n"
+        json.dumps(
+            {"checkpoint": str(ckpt.resolve()), "step": int(ckpt.name[5:]), "ema": ema, "lora": lora is not None}
+        )
+        + "\n"
     )
     return out
 
 
 def run(args: argparse.Namespace) -> Path:
-    out = export_checkpoint(args.run_dir, args.out, args.step, args.ema, args.critics, args.teacher_root, args.dtype)
+    out = export_checkpoint(
+        args.run_dir, args.out, args.step, args.ema, args.critics, args.teacher_root, args.dtype, args.adapter_only
+    )
     info = json.loads((out / "mogan_export.json").read_text())
-    print(f"exported {'the EMA of ' if args.ema else ''}{info['checkpoint']} -> {out}")
+    what = "the LoRA adapter of " if args.adapter_only else ("the merged LoRA generator of " if info["lora"] else "")
+    print(f"exported {what}{'the EMA of ' if args.ema else ''}{info['checkpoint']} -> {out}")
     return out

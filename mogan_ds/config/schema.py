@@ -48,6 +48,68 @@ def F(  # noqa: N802 - a field constructor, named like one
 # --------------------------------------------------------------------------- sections
 
 
+# The Wan DiT's attention and FFN projections (both attentions of every block): the LoRA targets
+# of the public Wan LoRA trainers. Matched by peft as module-name suffixes.
+WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+@dataclass
+class LoraRoleConfig:
+    """Low-rank adapters (peft LoRA) on one role's DiT: its base weights frozen, only the adapters train."""
+
+    enabled: bool = F(
+        False,
+        "Train this role as a LoRA adapter on its frozen base weights (peft): only the adapters get gradients, "
+        "optimizer states and EMA; the base is ZeRO-3-partitioned like the teacher and never saved. false = "
+        "full fine-tuning (the paper's recipe).",
+    )
+    rank: int = F(64, "LoRA rank r of every adapted projection.", ge=1)
+    alpha: float = F(
+        64.0, "LoRA alpha: the update is W + (alpha / rank) * B A (B starts at zero, so training starts at W).", gt=0
+    )
+    dropout: float = F(
+        0.0, "Dropout on the adapter's input (peft lora_dropout); 0 keeps the step deterministic.", ge=0, lt=1
+    )
+    target_modules: list[str] = F(
+        WAN_LORA_TARGETS,
+        "Module names (suffixes, as peft matches them) of the Linear layers that get an adapter; default the Wan "
+        "attention (to_q, to_k, to_v, to_out.0 of self- and cross-attention) and FFN (ffn.net.0.proj, ffn.net.2) "
+        "projections of every block. Each entry must match at least one module.",
+    )
+
+
+@dataclass
+class FakeScoreLoraConfig(LoraRoleConfig):
+    share_teacher_base: bool = F(
+        True,
+        "With the fake score's LoRA enabled: the fake score is an adapter on the teacher's own frozen weights, "
+        "and the teacher is that module with the adapter disabled (under no_grad): one copy of the base per "
+        "rank instead of two (the fake score is initialised from the teacher, so at step 0 both are the "
+        "teacher). The base is built as the teacher is (ZeRO-3 partitions in models.frozen_dtype, diffusers' "
+        "fp32-kept modules fp32), so models.frozen_dtype must be the DeepSpeed JSON's training precision and "
+        "the fake score's ZeRO stage 3. false: the fake score keeps a frozen base of its own.",
+    )
+
+
+@dataclass
+class LoraRolesConfig:
+    generator: LoraRoleConfig = field(
+        default_factory=LoraRoleConfig,
+        metadata={"help": "The generator as an adapter on its (DMD-distilled) base, models.generator."},
+    )
+    fake_score: FakeScoreLoraConfig = field(
+        default_factory=FakeScoreLoraConfig,
+        metadata={"help": "The fake score (DMD critic) as an adapter on the teacher's weights."},
+    )
+    discriminator: LoraRoleConfig = field(
+        default_factory=LoraRoleConfig,
+        metadata={
+            "help": "The discriminator's backbone (the teacher's first gan.disc_blocks blocks) as an adapter; its "
+            "fresh prediction heads always train in full."
+        },
+    )
+
+
 @dataclass
 class ModelsConfig:
     arch: str = F(
@@ -78,6 +140,12 @@ class ModelsConfig:
     zero_init: bool = F(
         True,
         "Build each trainable network whose role's DeepSpeed config is ZeRO stage 3 under deepspeed.zero.Init and load its safetensors tensor by tensor into the partitions: a rank holds 1/world of it, never the whole model (same weights as false). false: every rank materialises the full fp32 model before deepspeed.initialize partitions it. Roles at ZeRO stage 0-2 are always built whole.",
+    )
+    lora: LoraRolesConfig = field(
+        default_factory=LoraRolesConfig,
+        metadata={
+            "help": "Low-rank adapters per role (models.lora.<role>.enabled=true); off by default: full fine-tuning."
+        },
     )
 
 

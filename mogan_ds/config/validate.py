@@ -115,6 +115,12 @@ def validate(
             v.height >= 128 and v.width >= 128, "video.height", "RAFT needs frames of at least 128x128 (gan.space=flow)"
         )
     for role in ("generator", "fake_score", "discriminator"):
+        lora = getattr(cfg.models.lora, role)
+        key = f"models.lora.{role}.target_modules"
+        _require(len(lora.target_modules) >= 1, key, "needs at least one module name")
+        _require(all(m.strip() for m in lora.target_modules), key, "module names must not be empty")
+        _require(len(set(lora.target_modules)) == len(lora.target_modules), key, "module names must be distinct")
+    for role in ("generator", "fake_score", "discriminator"):
         o: OptimConfig = getattr(cfg.optim, role)
         _require(len(o.betas) == 2, f"optim.{role}.betas", f"two values (beta1, beta2), got {len(o.betas)}")
     t = cfg.train

@@ -148,7 +148,9 @@ class EngineCalls:
     steps: int = 0  # optimizer steps (one per phase run: its micro steps accumulate into one update)
 
 
-def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int = 2) -> dict[str, int]:
+def zero3_traffic(
+    params: int, calls: EngineCalls, world: int, param_bytes: float = 2, grad_params: int | None = None
+) -> dict[str, int]:
     """Bytes per rank of one engine's ZeRO-3 collectives (our arithmetic, ring algorithms).
 
     A ring all-gather of P parameters partitioned over N ranks receives (N-1)/N * P *
@@ -159,14 +161,17 @@ def zero3_traffic(params: int, calls: EngineCalls, world: int, param_bytes: int 
     reduce-scattered once per backward. Persistent small parameters
     (stage3_param_persistence_threshold) and prefetch reuse are ignored. A frozen ZeRO-3
     engine (the teacher's inference engine) runs under no_grad and never steps: only its
-    per-forward all-gather is non-zero, at its parameters' bytes (`param_bytes`).
+    per-forward all-gather is non-zero, at its parameters' bytes (`param_bytes`). A LoRA
+    engine gathers its frozen base with its adapters but reduce-scatters the adapters'
+    gradients only (`grad_params`, default all `params`).
     """
     if world <= 1:
         return {"zero3_all_gather": 0, "zero3_reduce_scatter": 0}
     shard = params * param_bytes * (world - 1) / world
+    grads = (params if grad_params is None else grad_params) * 2 * (world - 1) / world
     return {
         "zero3_all_gather": int(shard * (calls.forwards + calls.grad_forwards)),
-        "zero3_reduce_scatter": int(shard * calls.updates),
+        "zero3_reduce_scatter": int(grads * calls.updates),
     }
 
 

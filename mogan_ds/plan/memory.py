@@ -22,7 +22,9 @@ reduce buckets (`reduce_bucket_size` elements, two with `overlap_comm`) and ZeRO
 prefetch buffers, which DeepSpeed's estimators leave out as well. Frozen networks are
 replicas counted by their bytes (`frozen_model_states`), except a teacher run as a ZeRO-3
 inference engine (`parallel.zero_stage.teacher` 3): its partition plus one gathered layer
-(`partitioned_frozen_states`).
+(`partitioned_frozen_states`). A LoRA role (``models.lora.<role>``) is a ZeRO-3 engine whose
+optimizer holds the adapters only, over a frozen base partition (`lora_model_states`); a
+teacher on the fake score's shared base holds nothing of its own (`shared_teacher_states`).
 """
 
 from __future__ import annotations
@@ -223,6 +225,70 @@ def zero_model_states(
         f"{source}, {_where(offload_optimizer, offload_param)}",
         stage,
         int(cpu_bytes) if offload else 0,
+    )
+
+
+def lora_model_states(
+    name: str, module: torch.nn.Module, gpus_per_node: int, nodes: int, offload_optimizer: bool, offload_param: bool
+) -> ModelStates:
+    """A LoRA engine's model states per rank (ZeRO-3 over all nodes*gpus ranks): trainable adapters, frozen base.
+
+    The adapters (the module's ``requires_grad`` parameters, A adapters' count) are a
+    trainable ZeRO-3 engine's states: DeepSpeed's `estimate_zero3_model_states_mem_needs`
+    for A parameters, i.e. 18 bytes * A / N (2 with the optimizer offloaded) plus the
+    gathered working buffer of the module's largest layer (4 bytes per parameter; a base
+    layer, gathered in the forward like any other). The frozen base adds only its partition,
+    at its parameters' dtype: bytes / N (no gradient, master or optimizer state), on the GPU,
+    or in host memory with ``offload_param`` (our arithmetic). With the fake score on the
+    teacher's shared base this partition is the teacher's too (`shared_teacher_states`).
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    world = gpus_per_node * nodes
+    adapters = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    base = [p for p in module.parameters() if not p.requires_grad]
+    base_bytes = sum(p.numel() * p.element_size() for p in base)
+    on_gpu = not (offload_optimizer or offload_param)
+    offload = offload_optimizer or offload_param
+    cpu_bytes, gpu_bytes, largest_mem = estimate_zero3_model_states_mem_needs(
+        adapters,
+        largest_layer_params(module),
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=offload,
+        cpu_offload_params=offload_param,
+        zero_init=True,
+    )
+    shard = -(-base_bytes // world)
+    breakdown = {
+        "frozen base (partition)": 0 if offload_param else shard,
+        "adapter bf16 params": 0 if offload_param else 2 * adapters // world,
+        "adapter bf16 grads": 2 * adapters // world if on_gpu else 0,
+        "adapter fp32 master": 4 * adapters // world if on_gpu else 0,
+        "adapter adam moments": 8 * adapters // world if on_gpu else 0,
+        "adapter fp32 grad (step)": 2 * adapters // world if on_gpu else 0,
+        "largest layer": largest_mem,
+    }
+    dtypes = "/".join(sorted({str(p.dtype).replace("torch.", "") for p in base}))
+    return ModelStates(
+        name,
+        sum(p.numel() for p in module.parameters()),
+        True,
+        int(gpu_bytes) + (0 if offload_param else shard),
+        breakdown,
+        f"LoRA: {adapters / 1e6:,.1f}M adapter parameters by DeepSpeed estimate_zero3_model_states_mem_needs over "
+        f"{world} ranks ({_where(offload_optimizer, offload_param)}) + the frozen {dtypes} base's partition (our "
+        "arithmetic)",
+        3,
+        (int(cpu_bytes) if offload else 0) + (shard * gpus_per_node if offload_param else 0),
+    )
+
+
+def shared_teacher_states(module: torch.nn.Module) -> ModelStates:
+    """The teacher on the fake score's shared base: no bytes of its own (its weights are the fake score's base)."""
+    params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return ModelStates(
+        "teacher", params, False, 0, {}, "the fake score's frozen base with its adapter off (no copy of its own)", 3
     )
 
 

@@ -21,7 +21,14 @@ from ..train.roles import plan_roles
 from .comm import EngineCalls, PlanTopology, offload_traffic, zero2_traffic, zero3_traffic
 from .flops import Flops
 from .hardware import DEFAULT_MFU, GIB, GPUS, comm_seconds, estimate_seconds, offload_seconds
-from .memory import ModelStates, frozen_model_states, partitioned_frozen_states, zero_model_states
+from .memory import (
+    ModelStates,
+    frozen_model_states,
+    lora_model_states,
+    partitioned_frozen_states,
+    shared_teacher_states,
+    zero_model_states,
+)
 from .runner import RunResult, run_iteration
 
 NETWORK_ORDER = ("generator", "teacher", "fake_score", "vae_decode", "raft", "vae_encode", "discriminator", "other")
@@ -137,6 +144,37 @@ def _optimizer_steps(run: RunResult) -> dict[str, int]:
     return steps
 
 
+def model_states(
+    roles: dict, modules: dict[str, torch.nn.Module], trainable, gpus_per_node: int, nodes: int
+) -> list[ModelStates]:
+    """Every network's model states per rank, from the role plans (`roles.plan_roles`) and the modules.
+
+    The trainable engines at their ZeRO stage (a LoRA role: its adapters' states over its
+    frozen base's partition); the teacher as its ZeRO-3 inference engine's partition, as a
+    replica, or, on the fake score's shared base, with nothing of its own; the VAE and RAFT as
+    replicas. Needs no traced iteration (the modules may be on the meta device).
+    """
+    states = []
+    for r in trainable:
+        plan, module = roles[r], modules[r]
+        off_opt, off_param = plan.offloads("optimizer"), plan.offloads("param")
+        if plan.lora is not None:
+            states.append(lora_model_states(r, module, gpus_per_node, nodes, off_opt, off_param))
+        else:
+            states.append(zero_model_states(r, module, gpus_per_node, nodes, off_opt, off_param, plan.stage))
+    teacher = roles.get("teacher")
+    frozen = ["vae", "raft"]
+    if teacher is not None and teacher.shared_base is not None:
+        states.append(shared_teacher_states(modules[teacher.shared_base]))
+    elif teacher is not None and teacher.partitioned:
+        states.append(
+            partitioned_frozen_states("teacher", modules["teacher"], gpus_per_node, nodes, teacher.offloads("param"))
+        )
+    else:
+        frozen.insert(0, "teacher")
+    return states + [frozen_model_states(n, modules[n]) for n in frozen if n in modules]
+
+
 def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, mfu: float = DEFAULT_MFU) -> Plan:
     if gpu not in GPUS:
         raise ConfigError(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
@@ -168,33 +206,37 @@ def make_plan(cfg: Config, ds: dict, nodes: int, gpus_per_node: int, gpu: str, m
             calls[r].grad_forwards += c.grad_forwards * ph.repeats
             calls[r].updates += c.updates * ph.repeats
     steps = _optimizer_steps(run)
-    states, step_params, host_link = [], 0.0, 0
+    states = model_states(roles, run.modules, run.trainable, gpus_per_node, nodes)
+    step_params, host_link = 0.0, 0
     for r in run.trainable:
         plan, module = roles[r], run.modules[r]
-        stage = plan.stage
         off_opt, off_param = plan.offloads("optimizer"), plan.offloads("param")
-        states.append(zero_model_states(r, module, gpus_per_node, nodes, off_opt, off_param, stage))
         params = sum(p.numel() for p in module.parameters())
         calls[r].steps = steps[r]
-        traffic = zero3_traffic if stage == 3 else zero2_traffic
-        for kind, b in traffic(params, calls[r], world).items():
+        if plan.lora is not None:
+            # Adapters train (gradients, steps); the frozen base is gathered with them in every
+            # forward (a shared teacher's forwards included: they run this module).
+            trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            pbytes = sum(p.numel() * p.element_size() for p in module.parameters()) / params
+            traffic = zero3_traffic(params, calls[r], world, param_bytes=pbytes, grad_params=trained)
+        else:
+            trained = params
+            traffic = (zero3_traffic if plan.stage == 3 else zero2_traffic)(params, calls[r], world)
+        for kind, b in traffic.items():
             comm[f"{kind} ({r})"] = b
         if off_opt or off_param:
-            step_params += params / world * steps[r]
-            host_link += offload_traffic(params, calls[r], world)
+            step_params += trained / world * steps[r]
+            host_link += offload_traffic(trained, calls[r], world)
     if teacher_ds is not None:
-        # The teacher's ZeRO-3 inference engine: its partition, and one all-gather per forward
-        # (no_grad: no backward re-gather, no gradients to reduce).
+        # The teacher's ZeRO-3 inference engine: one all-gather per forward (no_grad: no backward
+        # re-gather, no gradients to reduce).
         teacher, off_param = run.modules["teacher"], teacher_plan.offloads("param")
-        states.append(partitioned_frozen_states("teacher", teacher, gpus_per_node, nodes, off_param))
         pbytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         params = sum(p.numel() for p in teacher.parameters())
         gathered = zero3_traffic(params, calls["teacher"], world, param_bytes=pbytes / params)["zero3_all_gather"]
         comm["zero3_all_gather (teacher)"] = gathered
         if off_param:
             host_link += int(pbytes / world * calls["teacher"].forwards)
-    frozen = ("vae", "raft") if teacher_ds is not None else ("teacher", "vae", "raft")
-    states += [frozen_model_states(n, run.modules[n]) for n in frozen if n in run.modules]
     offload_s = offload_seconds(step_params, host_link, GPUS[gpu], gpus_per_node) if step_params else 0.0
     peak = max(run.phases, key=lambda p: p.act_peak_bytes)
     return Plan(
@@ -341,6 +383,11 @@ def summary(p: Plan, fixes: list[tuple[str, Plan]] | None = None) -> dict:
         "comm_s": round(p.comm_s, 2),
         "offload_s": round(p.offload_s, 2),
         "zero_stage": {s.name: s.stage for s in p.states if s.trainable or s.stage},
+        "lora_trainable_params": {
+            r: sum(q.numel() for q in p.run.modules[r].parameters() if q.requires_grad)
+            for r in p.run.trainable
+            if getattr(p.cfg.models.lora, r).enabled
+        },
         "host_gib_per_node": round(p.host_bytes_per_node / GIB, 2),
         "mfu_assumed": p.mfu,
         "gpu": p.gpu_key,

@@ -30,6 +30,11 @@ report:
 * sequence parallelism runs rank 0's shard through the real Ulysses hooks with local
   stand-ins for the collectives (`mogan_ds.plan.comm.LocalCollectives`).
 
+LoRA roles (``models.lora.<role>``) get their adapters as the trainer injects them (the base
+frozen: its weight gradients are neither computed nor counted); with the fake score on the
+teacher's shared base the teacher is that module with its adapter off, and its FLOPs are
+attributed to the teacher.
+
 FLOPs and memory are measured in one pass by `trace.PlanTrace` (torch's FLOP formulas
 and a live-bytes tracker in one dispatch mode, attribution without FlopCounterMode's module
 tracker, which holds tensors).
@@ -165,6 +170,7 @@ def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str =
         _cast(nets, trainable_dtype, frozen)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    _adapt(cfg, nets, device)
     if ckpt:
         for name in ("generator", "fake_score"):
             if name in nets:
@@ -172,6 +178,23 @@ def build_plan_networks(cfg: Config, trainable_dtype: torch.dtype, device: str =
         if "discriminator" in nets:
             nets["discriminator"].backbone.enable_gradient_checkpointing()
     return nets
+
+
+def _adapt(cfg: Config, nets: dict[str, torch.nn.Module], device: str) -> None:
+    """LoRA roles as `build_networks` makes them: adapters injected (the base frozen), D's into its backbone;
+    with a shared base the teacher is the fake score's module with its adapter off (`AdapterOff`)."""
+    from ..models.lora import AdapterOff, add_lora
+    from ..train.roles import lora_settings
+
+    with torch.device(device):
+        for role in ("generator", "fake_score", "discriminator"):
+            lora = lora_settings(cfg, role)
+            if lora is not None and role in nets:
+                target = nets[role].backbone if role == "discriminator" else nets[role]
+                add_lora(target, lora, cfg.train.seed, role)
+    shared = lora_settings(cfg, "fake_score")
+    if "fake_score" in nets and shared is not None and shared.share_teacher_base:
+        nets["teacher"] = AdapterOff(nets["fake_score"])
 
 
 def _cast(nets: dict[str, torch.nn.Module], trainable_dtype: torch.dtype, frozen: torch.dtype) -> None:
@@ -186,11 +209,12 @@ def _cast(nets: dict[str, torch.nn.Module], trainable_dtype: torch.dtype, frozen
 
 def _parallelize(nets: dict[str, torch.nn.Module], topo: PlanTopology) -> None:
     """The trainer's Ulysses hooks (networks.build_networks), with `topo`'s stand-in SP group."""
+    from ..models.lora import AdapterOff
     from ..parallel import parallelize_wan
     from ..train.networks import parallelize_discriminator
 
     for name in ("generator", "fake_score", "teacher"):
-        if name in nets:
+        if name in nets and not isinstance(nets[name], AdapterOff):  # a shared teacher runs the fake score's hooks
             parallelize_wan(nets[name], topo)
     if "discriminator" in nets:
         parallelize_discriminator(nets["discriminator"], topo)
@@ -335,7 +359,8 @@ def trace_pass(
     hooks = drop_param_grads(e.module for e in engines.values())
     if prep.step.engines.teacher is not None:  # frozen: forwards counted, no grads to drop
         engines["teacher"] = prep.step.engines.teacher
-    labels = ModuleLabels(prep.labels)
+    # A shared-base teacher runs the fake score's module: its operators are the teacher's.
+    labels = ModuleLabels(prep.labels, claiming=("teacher",))
     state: dict[str, Any] = {}
     blocks = None
     try:

@@ -42,7 +42,10 @@ _current_node = torch._C._current_autograd_node
 class ModuleLabels:
     """Forward hooks on labelled root modules: a label stack plus (sequence number, label) change points."""
 
-    def __init__(self, labels: dict[torch.nn.Module, str]):
+    def __init__(self, labels: dict[torch.nn.Module, str], claiming: tuple[str, ...] = ()):
+        """`claiming`: labels that keep a labelled module run inside them (the teacher on the fake score's
+        shared base runs the fake score's module: what it computes is the teacher's)."""
+        self.claiming = frozenset(claiming)
         self.stack: list[str] = []
         self._seqs: list[int] = [0]
         self._tops: list[str | None] = [None]
@@ -61,7 +64,8 @@ class ModuleLabels:
 
     def _pre(self, label: str):
         def hook(module, args):
-            self.stack.append(label)
+            top = self.stack[-1] if self.stack else None
+            self.stack.append(top if top in self.claiming else label)
             self._mark()
 
         return hook

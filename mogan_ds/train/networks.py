@@ -3,7 +3,8 @@
     generator      WanTransformer3DModel   <- models.generator (DMD-distilled) or the teacher
     fake_score     WanTransformer3DModel   <- the teacher's weights
     discriminator  MotionDiscriminator     <- the teacher's first gan.disc_blocks blocks + fresh heads
-    teacher        WanTransformer3DModel   frozen (models.frozen_dtype): ZeRO-3 partitions or a replica
+    teacher        WanTransformer3DModel   frozen (models.frozen_dtype): ZeRO-3 partitions or a replica, or
+                                           the fake score's own base with its adapter off (shared, LoRA)
     vae            AutoencoderKLWan        frozen replica; decoder run through the chunked decoder
     raft           torchvision RAFT        frozen replica, always fp32 (see `motion.flow.RaftFlow`)
 
@@ -28,6 +29,15 @@ ZeRO-3 inference engine (`engines.build_teacher_engine`): 1/world of it per rank
 ~1.8 GB bf16 over 16 ranks instead of ~29 GB), gathered layer by layer in its forward. This
 does not depend on ``models.zero_init``, which concerns the trainable networks. At stages 1-2
 the teacher is a full replica on every rank, as the VAE and RAFT always are (small).
+LoRA (``models.lora.<role>``, `mogan_ds.models.lora`): a role's base is built as above, then
+its adapters are injected (whole, small) and, on a partitioned base, partitioned the same way
+(`partition_adapters`); the base's parameters are frozen, so the engine trains the adapters
+only. The discriminator's adapters go into its backbone; its fresh heads train in full. With
+``models.lora.fake_score.share_teacher_base`` the fake score's base is the teacher itself,
+built as the teacher is (partitioned at the fake score's ZeRO-3 stage, in the teacher's dtype
+with diffusers' fp32-kept modules), and the teacher is that module with its adapter disabled
+(`models.lora.AdapterOff`): no second copy, no teacher engine. Adapters are injected before the
+sequence-parallel hooks, which therefore wrap the adapted modules.
 The discriminator is built first, so its fresh heads draw the same random numbers whichever
 way and whatever else the recipe loads; the other loads leave the global RNG untouched.
 """
@@ -52,6 +62,7 @@ from ..models.builders import (
     transformer_config,
     wan_paths,
 )
+from ..models.lora import AdapterOff, add_lora, partition_adapters
 from ..models.partitioned import (
     PartitionedBuild,
     dropped,
@@ -71,7 +82,7 @@ from ..parallel import (
     parallelize_wan,
     wan_plan,
 )
-from .roles import RolePlan
+from .roles import ROLES, RolePlan, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,8 @@ class Networks:
     vae: torch.nn.Module
     raft: torch.nn.Module | None
     teacher_partitioned: bool = False  # ZeRO-3 partitions awaiting their inference engine (engines.build_engines)
+    # The teacher is `models.lora.AdapterOff` of the fake score (its frozen base, adapter disabled): no module of its own.
+    teacher_shared: bool = False
 
 
 def build_networks(
@@ -105,7 +118,24 @@ def build_networks(
     role_ds = {r: p.ds_config for r, p in roles.items() if p.trainable and p.partitioned}
     teacher_plan = roles.get("teacher")
     teacher_partitioned = teacher_plan is not None and teacher_plan.partitioned
+    # LoRA roles (models.lora.<role>): the plans' settings, or the recipe's when built without plans.
+    lora = {r: roles[r].lora if r in roles else lora_settings(cfg, r) for r in ROLES}
+    shared = cfg.dmd.enabled and lora["fake_score"] is not None and lora["fake_score"].share_teacher_base
     log.info("built under zero.Init (partitioned from the start): %s", ", ".join(role_ds) or "none")
+    if any(lora.values()):
+        log.info(
+            "LoRA adapters on frozen bases: %s%s",
+            ", ".join(r for r, v in lora.items() if v),
+            "; the teacher is the fake score's base with its adapter off" if shared else "",
+        )
+
+    def adapt(role: str, module: torch.nn.Module, target: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Inject the role's adapters (into `target`, default the whole module) and partition them with it."""
+        if lora[role] is not None:
+            add_lora(module if target is None else target, lora[role], cfg.train.seed, role)
+            if role in role_ds:
+                partition_adapters(module, role_ds[role], topo)
+        return module
 
     discriminator = None
     if cfg.gan.enabled:
@@ -118,6 +148,9 @@ def build_networks(
             discriminator = build_discriminator(
                 teacher_path, cfg.gan, disc_prompt, torch.float32, gradient_checkpointing=gc
             )
+        # Only the backbone is adapted: the fresh heads train in full. The adapters' draws come
+        # from their own seed, so the heads' random numbers are what they are without LoRA.
+        adapt("discriminator", discriminator, discriminator.backbone)
 
     def trainable(role: str, path: Path) -> torch.nn.Module:
         if role in role_ds:
@@ -125,13 +158,22 @@ def build_networks(
         return load_transformer(path, torch.float32)
 
     with torch.random.fork_rng(devices=[]):  # random inits overwritten by the weights: no trace in the RNG
-        generator = trainable("generator", gen_path)
-        fake_score = trainable("fake_score", teacher_path) if cfg.dmd.enabled else None
-        teacher = None
-        if teacher_partitioned:
-            teacher = load_partitioned_frozen_transformer(teacher_path, teacher_plan.ds_config, topo)
+        generator = adapt("generator", trainable("generator", gen_path))
+        fake_score, teacher = None, None
+        if shared:
+            # One base for both: built as the teacher is (its dtype and fp32-kept modules), then adapted.
+            if "fake_score" in role_ds:
+                base = load_partitioned_frozen_transformer(teacher_path, role_ds["fake_score"], topo)
+            else:
+                base = load_transformer(teacher_path, frozen).requires_grad_(False)
+            fake_score = adapt("fake_score", base)
+            teacher = AdapterOff(fake_score)
         elif cfg.dmd.enabled:
-            teacher = freeze(load_transformer(teacher_path, frozen), device)
+            fake_score = adapt("fake_score", trainable("fake_score", teacher_path))
+            if teacher_partitioned:
+                teacher = load_partitioned_frozen_transformer(teacher_path, teacher_plan.ds_config, topo)
+            else:
+                teacher = freeze(load_transformer(teacher_path, frozen), device)
         vae = freeze(load_vae(paths["vae"], frozen), device)
         raft = None
         if cfg.gan.enabled and cfg.gan.space == "flow":
@@ -139,10 +181,10 @@ def build_networks(
             # grids in fp32 and fails on its first call with half weights (5M parameters: free).
             raft = freeze(load_raft(cfg.models.raft, cfg.models.raft_arch, torch.float32), device)
 
-    for dit in (generator, fake_score, teacher):
+    for dit in (generator, fake_score, None if shared else teacher):  # a shared teacher runs the fake score's hooks
         if dit is not None:
             parallelize_wan(dit, topo)
-    if teacher is not None:
+    if teacher is not None and not shared:
         # Trainable networks get their kernel after deepspeed.initialize has cast them
         # (`configure_trainable_attention`): "auto" picks flash-attn only for half precision.
         configure_attention(teacher, cfg.models.attention_backend)
@@ -157,7 +199,7 @@ def build_networks(
         fake_score.train()
     if discriminator is not None:
         discriminator.train()
-    return Networks(generator, fake_score, discriminator, teacher, vae, raft, teacher_partitioned)
+    return Networks(generator, fake_score, discriminator, teacher, vae, raft, teacher_partitioned, shared)
 
 
 def build_partitioned_discriminator(

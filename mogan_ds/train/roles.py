@@ -6,6 +6,11 @@ by `ds_config_for`, and its ZeRO stage replaced by `parallel.zero_stage.<role>` 
 set (e.g. ZeRO-2 for the generator and fake score, ZeRO-3 for D). The frozen teacher gets a
 ZeRO-3 *inference* engine when its stage is 3 (`teacher_ds_config`), else it is a replica.
 
+A role may train as a LoRA adapter on frozen base weights (``models.lora.<role>``, ZeRO-3
+only); the fake score's adapter can sit on the teacher's own weights, and the teacher is then
+that module with the adapter disabled (``models.lora.fake_score.share_teacher_base``): its plan
+has no DeepSpeed dict and names the role whose base it runs (``shared_base``).
+
 `plan_roles` turns a recipe, the JSON and the topology into one `RolePlan` per role; the
 network builder (`networks.build_networks`: partitioned build or whole), the engine builder
 (`engines.build_engines`: which dict each engine gets) and the planner (`plan.report`: the
@@ -19,9 +24,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from deepspeed.accelerator import get_accelerator
 
-from ..config import Config, ConfigError, OptimConfig
+from ..config import Config, ConfigError, LoraRoleConfig, OptimConfig
+from ..models.builders import DTYPES
 from ..parallel import zero_config_fixups
 
 ROLES = ("generator", "fake_score", "discriminator")
@@ -215,12 +222,19 @@ class RolePlan:
 
     role: generator | fake_score | discriminator | teacher.
     ds_config: the role's final DeepSpeed dict (None: no engine: a replicated teacher, or no
-        JSON given, as when networks are built outside a training run).
-    stage: the ZeRO stage that dict runs (0 without one).
+        JSON given, as when networks are built outside a training run; the teacher on the
+        fake score's shared base).
+    stage: the ZeRO stage that dict runs (0 without one; the shared teacher: its host's).
     partitioned: built under ``deepspeed.zero.Init`` and loaded tensor by tensor into its
-        partitions (trainable roles: ``models.zero_init`` and stage 3; the teacher: stage 3),
-        instead of materialising the whole network on every rank first.
+        partitions (trainable roles: ``models.zero_init`` and stage 3, or a shared base at
+        stage 3; the teacher: stage 3), instead of materialising the whole network on every
+        rank first.
     trainable: gets an optimizer (the teacher never does).
+    lora: the role's adapter settings (``models.lora.<role>``) when it trains as a LoRA
+        adapter on frozen base weights, else None.
+    shared_base: the fake score: "teacher" when its base is the teacher's weights built as the
+        teacher is (``models.lora.fake_score.share_teacher_base``); the teacher: "fake_score"
+        when it is that base run with the adapter disabled (no module or engine of its own).
     """
 
     role: str
@@ -228,6 +242,8 @@ class RolePlan:
     stage: int
     partitioned: bool
     trainable: bool
+    lora: LoraRoleConfig | None = None
+    shared_base: str | None = None
 
     def offloads(self, what: str) -> bool:
         """Whether ``zero_optimization.offload_<what>`` (optimizer | param) goes to cpu or nvme."""
@@ -250,10 +266,57 @@ def plan_roles(cfg: Config, base: dict | None, topo) -> dict[str, RolePlan]:
     plans = {}
     for role in roles_in_use(cfg):
         if role == "teacher":
+            host = plans.get("fake_score")
+            if host is not None and host.shared_base:
+                # The fake score's frozen base with its adapter disabled: nothing of its own to build.
+                plans[role] = RolePlan(role, None, host.stage, False, trainable=False, shared_base=host.role)
+                continue
             ds = teacher_ds_config(cfg, base, topo) if teacher_zero3(cfg, base) else None
             plans[role] = RolePlan(role, ds, 3 if ds else 0, ds is not None, trainable=False)
             continue
         ds = ds_config_for(role, cfg, base, topo) if base is not None else None
         stage = int(ds.get("zero_optimization", {}).get("stage", 0)) if ds else 0
-        plans[role] = RolePlan(role, ds, stage, cfg.models.zero_init and stage == 3, trainable=True)
+        lora = lora_settings(cfg, role)
+        shared = role == "fake_score" and lora is not None and lora.share_teacher_base
+        if lora is not None and ds is not None:
+            _check_lora_role(cfg, role, ds, stage, shared)
+        partitioned = stage == 3 and (cfg.models.zero_init or shared)
+        plans[role] = RolePlan(
+            role, ds, stage, partitioned, trainable=True, lora=lora, shared_base="teacher" if shared else None
+        )
     return plans
+
+
+def lora_settings(cfg: Config, role: str) -> LoraRoleConfig | None:
+    """``models.lora.<role>`` when that role trains as a LoRA adapter (enabled), else None."""
+    lora = getattr(cfg.models.lora, role, None)
+    return lora if lora is not None and lora.enabled else None
+
+
+def ds_precision(ds: dict | None) -> torch.dtype:
+    """The dtype a DeepSpeed dict trains in: bf16 or fp16 when enabled, else fp32."""
+    if ds and ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds and ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def _check_lora_role(cfg: Config, role: str, ds: dict, stage: int, shared: bool) -> None:
+    """What a LoRA role needs of its engine: ZeRO stage 3 (frozen partitioned base, partitioned adapters);
+    a base shared with the teacher also the teacher's precision, models.frozen_dtype."""
+    if stage != 3:
+        raise ConfigError(
+            f"models.lora.{role}.enabled with ZeRO stage {stage} for the {role} (parallel.zero_stage.{role} or the "
+            "DeepSpeed JSON): LoRA roles run as ZeRO-3 engines (frozen base partitioned, adapters trained); "
+            "use stage 3"
+        )
+    if shared:
+        frozen, trained = DTYPES[cfg.models.frozen_dtype], ds_precision(ds)
+        if frozen != trained:
+            raise ConfigError(
+                f"models.lora.fake_score.share_teacher_base with models.frozen_dtype={cfg.models.frozen_dtype} and a "
+                f"DeepSpeed JSON that trains in {str(trained).replace('torch.', '')}: the shared base is one copy, "
+                "the teacher's and the fake score's at once; set models.frozen_dtype to the JSON's precision or "
+                "models.lora.fake_score.share_teacher_base=false"
+            )

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from .. import metric_names as M
+from ..checkpoint.consolidate import generator_folder
 from ..checkpoint.export import export_generator
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reshard import load_reshaped, needs_reshape, universal_ds_config
@@ -29,6 +30,7 @@ from ..data.prompts import PromptEmbeddings, load_special_embeddings
 from ..data.streaming import check_shard_source
 from ..eval.in_training import TrainingEval
 from ..models.builders import weights_dtype
+from ..models.lora import AdapterOff, adapter_count
 from ..models.presets import transformer_limits
 from ..parallel import Topology, init_distributed, resolve_attention_backend
 from ..sampling.training_samples import render_samples
@@ -151,13 +153,18 @@ class MoGANTrainer:
         the GAN's effective settings, data sources and where outputs go."""
         cfg, g, t = self.cfg, self.cfg.gan, self.topo
         attn = resolve_attention_backend(cfg.models.attention_backend, self.engines.generator.module, self.device)
-        engines = ", ".join(f"{r} {_params(e.module) / 1e6:,.1f}M" for r, e in self.engines.items())
+        engines = ", ".join(
+            f"{r} {_params(e.module) / 1e6:,.1f}M"
+            + (f" (LoRA: {adapter_count(e.module) / 1e6:,.2f}M trainable)" if self.roles[r].lora else "")
+            for r, e in self.engines.items()
+        )
+        shared = isinstance(self.teacher, AdapterOff)
         frozen = ", ".join(
             f"{name} {_params(m) / 1e6:,.1f}M {weights_dtype(m)}".replace("torch.", "")
             + (" (ZeRO-3 partitions)" if name == "teacher" and self.engines.teacher is not None else "")
-            for name, m in (("teacher", self.teacher), ("vae", self.vae), ("raft", self.raft))
+            for name, m in (("teacher", None if shared else self.teacher), ("vae", self.vae), ("raft", self.raft))
             if isinstance(m, torch.nn.Module)
-        )
+        ) + ("; teacher = the fake score's frozen base with its adapter off" if shared else "")
         lines = [
             f"world {t.world_size} = dp {t.dp_size} x sp {t.sp_size} on {self.device.type}; attention: {attn}",
             f"engines (ZeRO partitions of): {engines}; frozen: {frozen}",
@@ -294,4 +301,8 @@ class MoGANTrainer:
         )
 
     def export(self) -> Path | None:
-        return export_generator(self.engines.generator.module, self.cfg.models.root, self.run_dir / "export", self.ema)
+        lora = self.roles["generator"].lora
+        base = generator_folder(self.cfg) if lora is not None else None
+        return export_generator(
+            self.engines.generator.module, self.cfg.models.root, self.run_dir / "export", self.ema, lora=lora, base=base
+        )
