@@ -345,6 +345,13 @@ class OutputConfig:
     keep_checkpoints: int = F(
         2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1
     )
+    verify_on_resume: Literal["sizes", "checksums"] = F(
+        "sizes",
+        "What --resume checks against the checkpoint's manifest before loading it: 'sizes' (a stat per file: "
+        "finds truncated and missing files) or 'checksums' (also every file's CRC-32, read once across the "
+        "ranks: finds flipped bytes; launch/train.py --verify). A damaged checkpoint is reported, marked "
+        "DAMAGED and skipped for the newest intact one.",
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .. import metric_names as M
 from ..checkpoint.export import export_generator
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reshard import load_reshaped, needs_reshape, universal_ds_config
+from ..checkpoint.storage import CheckpointReadError
 from ..config import Config, dump_yaml, to_dict, validate
 from ..data.corpus import MotionClipStream
 from ..data.prompts import PromptEmbeddings, load_special_embeddings
@@ -62,17 +63,22 @@ class MoGANTrainer:
         self.run_dir = Path(cfg.output.run_dir)
         base_ds = load_ds_config(ds_config)
         self.ckpt = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
-        if not resume and self.ckpt.latest() is not None:
+        existing = self.ckpt.complete(include_damaged=True)
+        if not resume and existing:
             # A fresh start would overwrite these step by step: refuse before anything is loaded.
             raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest {self.ckpt.latest().name}): pass --resume to "
+                f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): pass --resume to "
                 "continue that run, or choose another output.run_dir"
             )
         # From here on: one console summary on rank 0, everything else in <run_dir>/logs/rank_N.log.
         setup_run_logging(self.run_dir, self.topo.rank)
+        # The newest checkpoint that matches its manifest (a damaged one is reported and skipped).
+        self._resume_from = None
+        if resume:
+            self._resume_from = self.ckpt.choose_resume(checksums=cfg.output.verify_on_resume == "checksums")
         # A checkpoint written on another dp x sp loads through DeepSpeed's universal format,
         # which the engines must be built for (`reshard`).
-        self._reshape = resume and needs_reshape(self.ckpt.latest(), self.topo)
+        self._reshape = self._reading(lambda: needs_reshape(self._resume_from, self.topo))
         if self._reshape:
             base_ds = universal_ds_config(base_ds)
         if self.rank0:
@@ -119,7 +125,7 @@ class MoGANTrainer:
             )
         self.step, nonfinite_total = 0, 0
         if resume:
-            nonfinite_total = self._resume()
+            nonfinite_total = self._reading(self._resume)
         self.iteration = build_step(
             cfg,
             self.topo,
@@ -245,12 +251,20 @@ class MoGANTrainer:
     def save_checkpoint(self) -> Path:
         path = self.ckpt.save(self.step, self.engines, self._trainer_state())
         if self.rank0:
-            log.info("checkpoint %s", path)
+            log.info("checkpoint %s", self.ckpt.summary(path))
         return path
+
+    def _reading(self, load):
+        """`load()` of the resumed checkpoint; a file it cannot read marks the checkpoint damaged
+        and the error says which checkpoint a restart uses instead."""
+        try:
+            return load()
+        except CheckpointReadError as e:
+            raise self.ckpt.unloadable(self._resume_from, e) from None
 
     def _resume(self) -> int:
         """Engines, streams, EMA and step from the newest complete checkpoint; returns its non-finite count."""
-        path = self.ckpt.latest()
+        path = self._resume_from
         if path is None:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", self.ckpt.root)
             return 0
