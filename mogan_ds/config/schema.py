@@ -231,6 +231,15 @@ class DataConfig:
     shuffle_buffer: int = F(64, "webdataset shuffle buffer (samples).", ge=1)
     epoch_samples: int = F(100000, "Nominal samples per rank per epoch of the resampled stream.", ge=1)
     min_motion: float = F(0.0, "Skip corpus clips whose stored motion score is below this.", ge=0)
+    shard_retries: int = F(
+        3,
+        "Times a shard that cannot be opened or read (vanished, I/O error: a network filesystem's hiccup) "
+        "is reopened before it is skipped for this pass and counted (data_shard_errors in the metrics).",
+        ge=0,
+    )
+    shard_retry_wait: float = F(
+        1.0, "Seconds before the first reopening of a failed shard; doubled for each further one.", ge=0
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reshard import load_reshaped, needs_reshape, universal_ds_config
 from ..checkpoint.storage import CheckpointReadError
 from ..config import Config, dump_yaml, to_dict, validate
-from ..data.corpus import MotionClipStream
+from ..data.corpus import STAT_KEYS, MotionClipStream
 from ..data.prompts import PromptEmbeddings, load_special_embeddings
 from ..data.streaming import check_shard_source
 from ..eval.in_training import TrainingEval
@@ -225,6 +225,7 @@ class MoGANTrainer:
             dist.all_reduce(vals)
             vals /= dist.get_world_size()
         out = dict(zip(keys, vals.tolist()))
+        out.update(self._data_counters())
         for role, engine in self.engines.items():
             out[M.lr_key(role)] = engine.get_lr()[0]
         out.update(
@@ -236,6 +237,18 @@ class MoGANTrainer:
             }
         )
         return out
+
+    def _data_counters(self) -> dict:
+        """The clip stream's counters (`corpus.STAT_KEYS`: skipped samples, unreadable shards and
+        their retries) summed over data-parallel ranks. Collective."""
+        if self.clips is None:
+            return {}
+        stats = self.clips.stats()
+        vals = torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vals)
+        vals /= self.topo.sp_size  # sequence-parallel peers read the same stream: count it once
+        return {M.data_key(k): v for k, v in zip(STAT_KEYS, vals.tolist())}
 
     # ================================================================== checkpoints, samples, export
     def _trainer_state(self) -> dict:
