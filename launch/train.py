@@ -13,8 +13,9 @@ Exit codes (docs/checkpoint_guarantees.md):
       damaged checkpoints: one line on stderr (`--debug` shows the traceback)
   74  a checkpoint could not be written (disk full, I/O error, permission): one line naming
       the file, the error and the free space; the previous checkpoint is intact
-  75  the resumed checkpoint could not be loaded and was marked damaged: run again with
-      --resume (it continues from the newest intact one)
+  75  stopped on request (output.exit_signals, default SIGTERM and SIGUSR1, or the launcher
+      exiting) with a complete checkpoint of that step, or the resumed checkpoint could not
+      be loaded and was marked damaged: run again with --resume (Slurm: requeue)
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.config, args.overrides + (["output.verify_on_resume=checksums"] if args.verify else [])
             )
             load_ds_config(args.ds_config)  # checked before the process group starts
+            from mogan_ds.train.preemption import StopRequest
             from mogan_ds.train.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
 
-            trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume)
+            # Before the set-up: a signal while the models load stops the run at its first boundary.
+            stop = StopRequest(cfg.output.exit_signals).install()
+            trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume, stop=stop)
     except CheckpointReadError as e:
         # The resumed checkpoint is now marked damaged; the next --resume takes an older one.
         print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
@@ -76,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.exit_code:
         return outcome.exit_code
     try:
-        trainer.fit()
+        stopped = trainer.fit()
     except CheckpointWriteError as e:
+        stop.ignore()
         # Every rank raises it (the ranks agreed on the failure); one of them tells the user.
         if trainer.rank0:
             print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
@@ -92,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # os._exit: the interpreter's own teardown of the process groups can block on the
         # very peer that failed; the message is out, nothing else is pending.
         os._exit(1)
+    if stopped:
+        stop.ignore()  # saved and agreed: a further signal must not change the exit code
+        return EXIT_REQUEUE
     return 0
 
 

@@ -1,12 +1,18 @@
 """Fault handling without a launcher: shards that fail to open or read are retried, then skipped and
-counted."""
+counted; exit signals become one agreed flag; a rank notices that its DeepSpeed launcher is gone."""
 
 import errno
 import io
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import textwrap
+import time
 from collections import Counter
 
+import pytest
 from webdataset.tariterators import gopen as wds_gopen  # the module url_opener calls
 
 from mogan_ds.data.shard_build import write_tar_atomic
@@ -98,3 +104,136 @@ def test_corrupt_tar_content_is_not_retried(tmp_path):
     stats = Counter()
     assert list(shard_samples(str(bad), 0, stats, retries=3, wait=0.01)) == []
     assert stats["shard_retries"] == 0 and stats["shard_errors"] == 1
+
+
+# ---------------------------------------------------------------------------- exit signals
+def test_a_signal_is_a_flag_and_a_second_one_changes_nothing():
+    from mogan_ds.train.preemption import StopRequest
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest(["SIGTERM", "SIGUSR1"], watch_launcher=False)
+    with stop.active():
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # during the save: only counted
+        time.sleep(0.05)
+        assert stop.agreed() == "SIGUSR1" and stop.count == 2
+    assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored after the block
+
+
+def test_forked_children_do_not_die_of_the_exit_signals_but_of_their_parents_sigterm():
+    from mogan_ds.train.preemption import StopRequest
+
+    with StopRequest(["SIGTERM", "SIGUSR1"], watch_launcher=False).active():
+        pid = os.fork()
+        if pid == 0:  # a loader worker: must not die of the signals Slurm sends every process
+            ok = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+            ok = ok and signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            time.sleep(0.5 if ok else 0)
+            os._exit(0 if ok else 1)
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's is back
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from someone else: ignored
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(1)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)  # from the parent: ends it at once, quietly
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl")
+@pytest.mark.parametrize("kill", ["deepspeed", "launch"])
+def test_a_rank_notices_that_its_launcher_is_gone(tmp_path, kill):
+    """deepspeed (the command the user started) -> deepspeed.launcher.launch -> rank, as stand-ins:
+    killing either launcher leaves the rank with a stop reason naming it."""
+    report = tmp_path / "report.txt"
+    rank = textwrap.dedent(f"""
+        import time, signal
+        from mogan_ds.train.preemption import StopRequest
+        stop = StopRequest(["SIGTERM"]).install()
+        open({str(report)!r} + ".ready", "w").write(str(stop.watch.active))
+        for _ in range(600):
+            reason = stop.local_reason()
+            if reason:
+                break
+            time.sleep(0.05)
+        open({str(report)!r}, "w").write(str(reason))
+    """)
+    # a node launcher whose command line names deepspeed's module, as the real one's does
+    launch = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {rank!r}]) # deepspeed.launcher.launch"
+    runner = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {launch!r}]); time.sleep(600)"
+    import psutil
+
+    top = subprocess.Popen([sys.executable, "-c", runner], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    family = []
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "report.txt.ready").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        family = psutil.Process(top.pid).children(recursive=True)
+        assert (tmp_path / "report.txt.ready").read_text() == "True"  # watching: the parent is the node launcher
+        node = next(p for p in family if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        (node if kill == "launch" else psutil.Process(top.pid)).kill()
+        while not report.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        text = report.read_text()
+        if kill == "launch":  # the kernel's parent-death signal, or the watch: either names it
+            assert text in ("SIGTERM", f"the DeepSpeed launcher (pid {node.pid}) exited"), text
+        else:
+            assert text == f"the deepspeed command (pid {top.pid}) that started this job exited", text
+    finally:
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        top.kill()
+        top.wait()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo")
+def test_loader_workers_outlast_the_clusters_signals_but_not_their_rank(tmp_path):
+    """A loader worker ignores SIGTERM/SIGUSR1 from anyone but its rank (Slurm signals every process
+    of the step; a dead worker would end the rank before it saves), and still ends when its rank
+    shuts it down."""
+    import psutil
+    import torch
+
+    from mogan_ds.data.corpus import MotionClipStream
+    from mogan_ds.data.synthetic import write_synthetic_corpus
+    from mogan_ds.train.preemption import StopRequest
+
+    write_synthetic_corpus(
+        str(tmp_path / "shards"), num_clips=4, frames=12, size=(64, 64), shards=2, echo=lambda *a: None
+    )
+    stream = MotionClipStream(
+        str(tmp_path / "shards"),
+        num_frames=5,
+        fps=8,
+        height=64,
+        width=64,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_workers=1,
+        batch_size=1,
+        shuffle_buffer=1,
+        epoch_samples=100,
+        output_dtype=torch.uint8,
+    )
+    with StopRequest(["SIGTERM", "SIGUSR1"], watch_launcher=False).active() as stop:
+        batches = iter(stream)
+        next(batches)
+        (worker,) = psutil.Process().children()
+        for sig in ("TERM", "USR1"):  # as Slurm sends them: from another process
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+        time.sleep(0.5)
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+        assert next(batches)["video"].shape[0] == 1  # and it goes on loading
+        assert stop.received is None  # the rank itself was not signalled
+        batches.close()  # the rank's shutdown: the loader's own SIGTERM/exit request ends it
+        worker.wait(timeout=30)

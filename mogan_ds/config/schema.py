@@ -354,6 +354,15 @@ class OutputConfig:
     keep_checkpoints: int = F(
         2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1
     )
+    exit_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = F(
+        ["SIGTERM", "SIGUSR1"],
+        "Signals that stop the run cleanly: a rank that receives one finishes its iteration, all ranks "
+        "agree at the boundary, save a checkpoint of that step, log the signal and the step, and "
+        "launch/train.py exits with code 75 (EX_TEMPFAIL: requeue, continue with --resume; "
+        "launch/slurm.sbatch requeues on it). The ranks stop the same way when their DeepSpeed launcher "
+        "exits. Any of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP; [] turns the handlers off (a signal then kills "
+        "the rank at once; a launcher's exit still stops the ranks at the next boundary).",
+    )
     verify_on_resume: Literal["sizes", "checksums"] = F(
         "sizes",
         "What --resume checks against the checkpoint's manifest before loading it: 'sizes' (a stat per file: "
