@@ -195,6 +195,52 @@ def test_a_rank_notices_that_its_launcher_is_gone(tmp_path, kill):
         top.wait()
 
 
+# ---------------------------------------------------------------------------- the Slurm script
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+@pytest.mark.parametrize(
+    ("rc", "note", "requeued"), [(75, False, True), (137, True, True), (74, False, False), (0, False, False)]
+)
+def test_slurm_script_requeues_a_stopped_run_and_shields_the_launchers(tmp_path, repo_root, rc, note, requeued):
+    """launch/slurm.sbatch with stand-ins for srun, scontrol and the deepspeed launcher: it asks for
+    the warning signal, the launcher starts with SIGTERM and SIGUSR1 ignored, and exit code 75 (or
+    the trainer's STOPPED note, when srun reports a task it killed) requeues the job."""
+    script = open(os.path.join(repo_root, "launch", "slurm.sbatch")).read()
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
+    bin_dir, env_dir, run_dir = tmp_path / "bin", tmp_path / "venv", tmp_path / "run"
+    (env_dir / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+
+    def stub(path, body):
+        path.write_text("#!/bin/bash\n" + body + "\n")
+        path.chmod(0o755)
+
+    stub(bin_dir / "scontrol", f'if [ "$1" = show ]; then echo node0; else echo "scontrol $*" >> {calls}; fi')
+    # srun: run the task command once, as node 0
+    stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"')
+    stopped = f'echo "stopping at step 3 on SIGUSR1" > "{run_dir}/STOPPED"; ' if note else ""
+    stub(env_dir / "bin" / "deepspeed", f"grep SigIgn /proc/self/status > {tmp_path}/sigign.txt; {stopped}exit {rc}")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": repo_root,
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_CPUS_PER_TASK": "8",
+        "RUN_DIR": str(run_dir),
+        "PYTHON_ENV": str(env_dir),
+    }
+    out = subprocess.run(
+        ["bash", os.path.join(repo_root, "launch", "slurm.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
+    mask = int((tmp_path / "sigign.txt").read_text().split()[1], 16)
+    assert mask & (1 << (signal.SIGUSR1 - 1)) and mask & (1 << (signal.SIGTERM - 1))  # inherited by the launcher
+    assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 4242\n" if requeued else "")
+    assert out.returncode == (0 if requeued else rc), out.stdout + out.stderr
+    if requeued:
+        assert "requeueing" in out.stdout
+
+
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo")
 def test_loader_workers_outlast_the_clusters_signals_but_not_their_rank(tmp_path):
     """A loader worker ignores SIGTERM/SIGUSR1 from anyone but its rank (Slurm signals every process
