@@ -2,13 +2,20 @@
 
     deepspeed [--hostfile launch/hostfile] launch/train.py \
         --ds_config ds_configs/zero3_bf16.json --config <recipe.yaml | tiny | wan2.1-t2v-1.3b> \
-        [--resume] [--debug] [key.sub=value ...]
+        [--resume [--verify]] [--debug] [key.sub=value ...]
 
 Multi-node: a DeepSpeed hostfile (`launch/hostfile.example`) and a run directory
 (`output.run_dir`) on a filesystem every node sees.
 
-A bad setting, a missing or malformed file or missing weights end in one line on stderr
-and exit code 2 (`--debug` shows the traceback).
+Exit codes (docs/checkpoints.md, "Guarantees"):
+  0   the run reached train.max_steps and was exported
+  2   a bad setting, a missing or malformed file, missing weights, or --resume finding only
+      damaged checkpoints: one line on stderr (`--debug` shows the traceback)
+  74  a checkpoint could not be written (disk full, I/O error, permission): one line naming
+      the file, the error and the free space; the previous checkpoint is intact
+  75  stopped on request (output.exit_signals, default SIGTERM and SIGUSR1, or the launcher
+      exiting) with a complete checkpoint of that step, or the resumed checkpoint could not
+      be loaded and was marked damaged: run again with --resume (Slurm: requeue)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mogan_ds.cli.errors import add_debug_flag, user_errors
+from mogan_ds.cli.errors import EXIT_REQUEUE, EXIT_STORAGE, add_debug_flag, one_line, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="recipe YAML, or a shipped recipe name")
     ap.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint of output.run_dir"
+    )
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --resume: check every file's CRC-32 against the checkpoint's manifest, not only its size "
+        "(output.verify_on_resume=checksums)",
     )
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_debug_flag(ap)
@@ -43,19 +56,37 @@ def main(argv: list[str] | None = None) -> int:
     # Set-up mistakes (settings, missing weights/data/JSON, a run dir holding checkpoints)
     # are one line and exit 2 on every rank, before any weights load. Failures during
     # training are not input mistakes and keep their traceback.
-    with user_errors(args.debug, "train.py") as outcome:
-        from mogan_ds.config import load_config
-        from mogan_ds.train.roles import load_ds_config
+    from mogan_ds.checkpoint.storage import CheckpointReadError, CheckpointWriteError
 
-        cfg = load_config(args.config, args.overrides)
-        load_ds_config(args.ds_config)  # checked before the process group starts
-        from mogan_ds.train.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
+    try:
+        with user_errors(args.debug, "train.py") as outcome:
+            from mogan_ds.config import load_config
+            from mogan_ds.train.roles import load_ds_config
 
-        trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume)
+            cfg = load_config(
+                args.config, args.overrides + (["output.verify_on_resume=checksums"] if args.verify else [])
+            )
+            load_ds_config(args.ds_config)  # checked before the process group starts
+            from mogan_ds.train.preemption import StopRequest
+            from mogan_ds.train.trainer import MoGANTrainer  # heavy (deepspeed): after the cheap checks
+
+            # Before the set-up: a signal while the models load stops the run at its first boundary.
+            stop = StopRequest(cfg.output.exit_signals).install()
+            trainer = MoGANTrainer(cfg, args.ds_config, resume=args.resume, stop=stop)
+    except CheckpointReadError as e:
+        # The resumed checkpoint is now marked damaged; the next --resume takes an older one.
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        os._exit(EXIT_REQUEUE)  # peers may wait in a collective on this rank: nothing else is pending
     if outcome.exit_code:
         return outcome.exit_code
     try:
-        trainer.fit()
+        stopped = trainer.fit()
+    except CheckpointWriteError as e:
+        stop.ignore()
+        # Every rank raises it (the ranks agreed on the failure); one of them tells the user.
+        if trainer.rank0:
+            print(f"train.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_STORAGE
     except Exception as e:
         from mogan_ds.parallel.failures import is_peer_failure, peer_failure_message
 
@@ -66,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # os._exit: the interpreter's own teardown of the process groups can block on the
         # very peer that failed; the message is out, nothing else is pending.
         os._exit(1)
+    if stopped:
+        stop.ignore()  # saved and agreed: a further signal must not change the exit code
+        return EXIT_REQUEUE
     return 0
 
 

@@ -47,6 +47,7 @@ STEP_TIME = "step_time"
 SAMPLES_PER_S = "samples_per_s"
 PEAK_MEM_GIB = "peak_mem_gib"
 NONFINITE_TOTAL = "nonfinite_total"
+DATA_PREFIX = "data_"  # + a clip-stream counter (data.corpus.STAT_KEYS), summed over data-parallel ranks
 
 # What the tqdm bar shows, in this order (those present in a row).
 PROGRESS_BAR = (DMD_LOSS, FAKE_SCORE_LOSS, G_GAN_LOSS, D_LOSS)
@@ -62,6 +63,10 @@ def peak_mem_key(phase: str) -> str:
 
 def peak_reserved_key(phase: str) -> str:
     return PEAK_RESERVED_PREFIX + phase
+
+
+def data_key(counter: str) -> str:
+    return DATA_PREFIX + counter
 
 
 def lr_key(role: str) -> str:

@@ -4,6 +4,7 @@ outputs, and a run killed mid-way then resumed that must reproduce the uninterru
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -68,15 +69,24 @@ def check(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+def uninterrupted_run(tiny_workdir, tmp_path_factory):
+    """The reference run (`STEPS` steps), made once per test session and shared with
+    tests/test_preemption.py (cached under the base temp directory, `DONE` written last)."""
+    run = tmp_path_factory.getbasetemp() / "uninterrupted"
+    if not (run.parent / f"{run.name}.DONE").is_file():
+        shutil.rmtree(run, ignore_errors=True)  # an attempt that failed earlier in this session
+        port = free_port()
+        proc = launch(train_args(tiny_workdir, run), master_port=port)
+        check(proc)
+        (run.parent / f"{run.name}.console.txt").write_text(proc.stdout + proc.stderr)
+        (run.parent / f"{run.name}.port").write_text(str(port))
+        (run.parent / f"{run.name}.DONE").write_text("")
+    return run
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_workdir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("uninterrupted")
-    port = free_port()
-    proc = launch(train_args(tiny_workdir, run), master_port=port)
-    check(proc)
-    (run.parent / f"{run.name}.console.txt").write_text(proc.stdout + proc.stderr)
-    (run.parent / f"{run.name}.port").write_text(str(port))
-    return run
+    return uninterrupted_run(tiny_workdir, tmp_path_factory)
 
 
 def test_console_is_one_summary_and_the_rest_goes_to_the_log_files(uninterrupted):

@@ -48,6 +48,7 @@ import torch
 from ..parallel.ranks import barrier, process_rank
 from .consolidate import trainer_states
 from .manager import ENGINE_TAG, set_rng_state
+from .storage import CheckpointReadError, read_error_text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ def saved_layout(ckpt: Path) -> dict:
     f = ckpt / "trainer" / "rank_00000.pt"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no trainer state in {ckpt}")
-    return torch.load(f, map_location="cpu", weights_only=False)["layout"]
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)["layout"]
+    except Exception as e:  # truncated or damaged: say which file
+        raise CheckpointReadError(read_error_text(f, e)) from e
 
 
 def needs_reshape(ckpt: Path | None, topo) -> bool:

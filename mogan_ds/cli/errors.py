@@ -22,6 +22,11 @@ from ..errors import UserError
 
 USAGE_EXIT_CODE = 2
 
+# Exit codes of launch/train.py beyond 0, 1 and 2, from sysexits.h (docs/checkpoints.md, "Guarantees");
+# launch/slurm.sbatch requeues the job on EXIT_REQUEUE.
+EXIT_STORAGE = 74  # EX_IOERR: a checkpoint could not be written (disk full, I/O error, permission)
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; run again with --resume
+
 # FileNotFoundError covers models.builders.MissingWeightsError; FileExistsError the
 # trainer's refusal to overwrite a run directory. These OSErrors come from a path the
 # user named; other OSErrors (disk full, I/O errors) are not input mistakes and keep

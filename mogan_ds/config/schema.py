@@ -303,6 +303,15 @@ class DataConfig:
     shuffle_buffer: int = F(64, "webdataset shuffle buffer (samples).", ge=1)
     epoch_samples: int = F(100000, "Nominal samples per rank per epoch of the resampled stream.", ge=1)
     min_motion: float = F(0.0, "Skip corpus clips whose stored motion score is below this.", ge=0)
+    shard_retries: int = F(
+        3,
+        "Times a shard that cannot be opened or read (vanished, I/O error: a network filesystem's hiccup) "
+        "is reopened before it is skipped for this pass and counted (data_shard_errors in the metrics).",
+        ge=0,
+    )
+    shard_retry_wait: float = F(
+        1.0, "Seconds before the first reopening of a failed shard; doubled for each further one.", ge=0
+    )
 
 
 @dataclass
@@ -416,6 +425,22 @@ class OutputConfig:
     checkpoint_every: int = F(500, "Checkpoint every N iterations.", ge=1)
     keep_checkpoints: int = F(
         2, "Complete checkpoints kept (older ones are deleted after a new one is complete).", ge=1
+    )
+    exit_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = F(
+        ["SIGTERM", "SIGUSR1"],
+        "Signals that stop the run cleanly: a rank that receives one finishes its iteration, all ranks "
+        "agree at the boundary, save a checkpoint of that step, log the signal and the step, and "
+        "launch/train.py exits with code 75 (EX_TEMPFAIL: requeue, continue with --resume; "
+        "launch/slurm.sbatch requeues on it). The ranks stop the same way when their DeepSpeed launcher "
+        "exits. Any of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP; [] turns the handlers off (a signal then kills "
+        "the rank at once; a launcher's exit still stops the ranks at the next boundary).",
+    )
+    verify_on_resume: Literal["sizes", "checksums"] = F(
+        "sizes",
+        "What --resume checks against the checkpoint's manifest before loading it: 'sizes' (a stat per file: "
+        "finds truncated and missing files) or 'checksums' (also every file's CRC-32, read once across the "
+        "ranks: finds flipped bytes; launch/train.py --verify). A damaged checkpoint is reported, marked "
+        "DAMAGED and skipped for the newest intact one.",
     )
 
 

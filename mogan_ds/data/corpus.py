@@ -33,7 +33,15 @@ from .video import ClipTooShortError, VideoDecodeError, decode_clip, probe_video
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "skipped_short", "skipped_low_motion", "shard_errors")
+STAT_KEYS = (
+    "samples",
+    "decoded",
+    "skipped_corrupt",
+    "skipped_short",
+    "skipped_low_motion",
+    "shard_errors",
+    "shard_retries",
+)
 _TAG_CLIPS, _TAG_OFFSET = 0xC11B, 0x0FF5
 
 
@@ -57,12 +65,15 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
         min_motion,
         decode_threads,
         log_skips,
+        shard_retries=3,
+        shard_retry_wait=1.0,
     ):
         super().__init__()
         self.urls, self.num_frames, self.fps, self.height, self.width = urls, num_frames, fps, height, width
         self.dp_rank, self.dp_size, self.seed, self.logical_workers = dp_rank, dp_size, seed, logical_workers
         self.batch_size, self.shuffle_buffer, self.min_motion = batch_size, shuffle_buffer, min_motion
         self.decode_threads, self.log_skips = decode_threads, log_skips
+        self.shard_retries, self.shard_retry_wait = shard_retries, shard_retry_wait
         # set by the main process before each epoch's workers start (they get a copy)
         self.start_states: dict[int, dict] = {}
         self.rotation = 0
@@ -77,7 +88,15 @@ class _ClipWorkerDataset(torch.utils.data.IterableDataset):
         slot = slot_split(self.urls, self.dp_rank, self.dp_size, worker, self.logical_workers)
         seed_key = (self.seed, self.dp_rank, worker, _TAG_CLIPS)
         pipeline = wds.DataPipeline(
-            lambda: resumable_samples(slot, seed_key, state["cursor"], self.shuffle_buffer, stats),
+            lambda: resumable_samples(
+                slot,
+                seed_key,
+                state["cursor"],
+                self.shuffle_buffer,
+                stats,
+                retries=self.shard_retries,
+                retry_wait=self.shard_retry_wait,
+            ),
             lambda src: self._decoded(src, stats, seed_key),
             wds.batched(self.batch_size, collation_fn=lambda samples: self._collate(samples, worker), partial=False),
         )
@@ -195,6 +214,8 @@ class MotionClipStream:
             shuffle_buffer=data.shuffle_buffer,
             epoch_samples=data.epoch_samples,
             min_motion=data.min_motion,
+            shard_retries=data.shard_retries,
+            shard_retry_wait=data.shard_retry_wait,
             **kwargs,
         )
 
@@ -217,6 +238,8 @@ class MotionClipStream:
         decode_threads: int = 1,
         prefetch_factor: int = 2,
         log_skips: int = 10,
+        shard_retries: int = 3,
+        shard_retry_wait: float = 1.0,
         output_dtype: torch.dtype = torch.float32,
     ):
         if batch_size < 1 or num_frames < 1 or fps <= 0 or height < 1 or width < 1 or num_workers < 0:
@@ -244,6 +267,8 @@ class MotionClipStream:
             min_motion=min_motion,
             decode_threads=decode_threads,
             log_skips=log_skips,
+            shard_retries=shard_retries,
+            shard_retry_wait=shard_retry_wait,
         )
         self._identity = {
             "shards": shards_fingerprint(self.urls),

@@ -29,6 +29,7 @@ import glob
 import hashlib
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -172,6 +173,7 @@ class ShardErrorHandler:
     """webdataset exception handler for one shard: count, log with the shard's name, go on.
 
     A bad shard is drawn again once per cycle, so it is reported once per cycle.
+    (`shard_samples` first reopens a shard whose error looks transient.)
     """
 
     def __init__(self, url: str, stats: Counter):
@@ -185,6 +187,58 @@ class ShardErrorHandler:
         return True
 
 
+def shard_samples(
+    url: str, start: int, stats: Counter, retries: int = 3, wait: float = 1.0
+) -> Iterator[tuple[int, dict]]:
+    """``(j, sample)`` of one shard for j >= `start`, reopened after a transient error.
+
+    An ``OSError`` while opening or reading (the file vanished, an I/O error, a stale NFS
+    handle) reopens the shard up to `retries` times, after `wait` seconds doubling each
+    time (counted as ``shard_retries``), and goes on after the last sample handed out: a
+    sample is handed out only once the next one (or the shard's clean end) shows it whole,
+    so the one being read when the error came is read again. Any other error, and an
+    ``OSError`` after the last retry, is counted as ``shard_errors`` and logged, and the
+    rest of the shard is skipped (`ShardErrorHandler`): the stream goes on with the next draw.
+    """
+    nxt, attempt = start, 0
+    give_up = ShardErrorHandler(url, stats)
+    while True:
+        transient: list[Exception] = []
+
+        def handler(exn: Exception, attempt: int = attempt, transient: list = transient) -> bool:
+            if isinstance(exn, OSError) and attempt < retries:
+                transient.append(exn)
+                return False  # stop this pass; reopened below
+            return give_up(exn)
+
+        held = None
+        for j, sample in enumerate(wds.tarfile_samples([dict(url=url)], handler=handler)):
+            if j < nxt:
+                continue
+            if held is not None:
+                nxt = held[0] + 1
+                yield held
+            held = (j, sample)
+        if not transient:
+            if held is not None:
+                yield held
+            return
+        attempt += 1
+        stats["shard_retries"] += 1
+        delay = wait * 2 ** (attempt - 1)
+        exn = transient[0]
+        log.warning(
+            "shard %s: %s: %s; reopening in %.1f s (retry %d of %d)",
+            url,
+            type(exn).__name__,
+            getattr(exn, "strerror", None) or exn,
+            delay,
+            attempt,
+            retries,
+        )
+        time.sleep(delay)
+
+
 def resumable_samples(
     slot: Slot,
     seed_key: tuple[int, ...],
@@ -192,13 +246,16 @@ def resumable_samples(
     bufsize: int,
     stats: Counter,
     max_empty_draws: int | None = None,
+    retries: int = 3,
+    retry_wait: float = 1.0,
 ) -> Iterator[dict]:
     """Endless, block-shuffled raw samples of one slot; each carries ``__cursor__``.
 
     `seed_key` identifies the slot (seed, dp_rank, worker, stream tag); `cursor` is
     ``[block, draw, index, pos]`` as attached to the last consumed sample (``[0, 0, 0, 0]``
     for a fresh start). ``__sample_seed__`` is a per-sample key for any randomness the
-    consumer applies (clip offsets), so it is reproduced on resume too.
+    consumer applies (clip offsets), so it is reproduced on resume too. A shard that fails
+    to open or read is retried (`shard_samples`: `retries`, `retry_wait`), then skipped and counted.
     """
     urls, n = slot.urls, len(slot.urls)
     if n == 0:
@@ -221,11 +278,7 @@ def resumable_samples(
         empty = 0
         while True:
             i, got = shard_of(draw), 0
-            url = urls[i]
-            handler = ShardErrorHandler(url, fill_errors)
-            for j, sample in enumerate(wds.tarfile_samples([dict(url=url)], handler=handler)):
-                if j < skip:
-                    continue
+            for j, sample in shard_samples(urls[i], skip, fill_errors, retries, retry_wait):
                 if not slot.keeps(i, j):
                     continue
                 got += 1

@@ -31,6 +31,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (``[obj]`` in a single process). Collective."""
+    if not dist_ready():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (rendezvous of a local launch)."""
     with socket.socket() as s:

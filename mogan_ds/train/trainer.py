@@ -4,7 +4,9 @@
 `engines`, one `roles.RolePlan` per role), the data streams, the EMA, checkpoints, samples,
 evaluation and the export. The iteration itself, the paper's four phases, is a
 `step.MoGANStep` made by `step.build_step`, the same factory the planner and the GPU
-benchmark call; `fit` calls it once per step.
+benchmark call; `fit` calls it once per step. Between steps `fit` asks every rank whether
+to stop (`preemption.StopRequest`: a signal, or the launcher gone); then all ranks save a
+checkpoint of that step and `fit` returns the reason.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from ..checkpoint.consolidate import generator_folder
 from ..checkpoint.export import export_generator
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reshard import load_reshaped, needs_reshape, universal_ds_config
+from ..checkpoint.storage import CheckpointReadError
+from ..cli.errors import EXIT_REQUEUE
 from ..config import Config, dump_yaml, to_dict, validate
-from ..data.corpus import MotionClipStream
+from ..data.corpus import STAT_KEYS, MotionClipStream
 from ..data.prompts import PromptEmbeddings, load_special_embeddings
 from ..data.streaming import check_shard_source
 from ..eval.in_training import TrainingEval
@@ -38,11 +42,15 @@ from .ema import ShardedEMA
 from .engines import build_engines
 from .metrics import MetricsLogger, peak_memory_gib
 from .networks import build_networks, configure_trainable_attention
+from .preemption import StopRequest
 from .roles import load_ds_config, plan_roles
 from .run_logging import setup_run_logging
 from .step import NonFiniteLossError, build_step
 
 log = logging.getLogger("mogan_ds")
+
+#: Written into the run directory by rank 0 when a run stops early with a complete checkpoint.
+STOPPED = "STOPPED"
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -51,7 +59,9 @@ def _params(module: torch.nn.Module) -> int:
 
 
 class MoGANTrainer:
-    def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False):
+    def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False, stop: StopRequest | None = None):
+        # output.exit_signals: launch/train.py installs them before the set-up; otherwise fit does.
+        self.stop = stop if stop is not None else StopRequest(cfg.output.exit_signals)
         # A dead or hung rank ends every other rank's wait after parallel.timeout_minutes.
         init_distributed(timedelta(minutes=cfg.parallel.timeout_minutes))
         self.cfg = cfg
@@ -64,22 +74,28 @@ class MoGANTrainer:
         self.run_dir = Path(cfg.output.run_dir)
         base_ds = load_ds_config(ds_config)
         self.ckpt = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
-        if not resume and self.ckpt.latest() is not None:
+        existing = self.ckpt.complete(include_damaged=True)
+        if not resume and existing:
             # A fresh start would overwrite these step by step: refuse before anything is loaded.
             raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest {self.ckpt.latest().name}): pass --resume to "
+                f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): pass --resume to "
                 "continue that run, or choose another output.run_dir"
             )
         # From here on: one console summary on rank 0, everything else in <run_dir>/logs/rank_N.log.
         setup_run_logging(self.run_dir, self.topo.rank)
+        # The newest checkpoint that matches its manifest (a damaged one is reported and skipped).
+        self._resume_from = None
+        if resume:
+            self._resume_from = self.ckpt.choose_resume(checksums=cfg.output.verify_on_resume == "checksums")
         # A checkpoint written on another dp x sp loads through DeepSpeed's universal format,
         # which the engines must be built for (`reshard`).
-        self._reshape = resume and needs_reshape(self.ckpt.latest(), self.topo)
+        self._reshape = self._reading(lambda: needs_reshape(self._resume_from, self.topo))
         if self._reshape:
             base_ds = universal_ds_config(base_ds)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / STOPPED).unlink(missing_ok=True)  # a previous run's stop, now being continued
 
         if cfg.gan.enabled:
             check_shard_source(cfg.data.shards)  # a wrong data.shards fails here, before any weights load
@@ -121,7 +137,10 @@ class MoGANTrainer:
             )
         self.step, nonfinite_total = 0, 0
         if resume:
-            nonfinite_total = self._resume()
+            nonfinite_total = self._reading(self._resume)
+        self._saved_step = self.step  # nothing to save before the next step
+        # Its loader workers start with the first batch; `close` shuts them down.
+        self._clip_batches = iter(self.clips) if self.clips is not None else None
         self.iteration = build_step(
             cfg,
             self.topo,
@@ -132,7 +151,7 @@ class MoGANTrainer:
             raft=self.raft,
             negative=special["negative"].to(self.device),
             prompts=iter(self.prompts),
-            clips=iter(self.clips) if self.clips is not None else None,
+            clips=self._clip_batches,
             ema=self.ema,
             nonfinite_total=nonfinite_total,
         )
@@ -186,29 +205,67 @@ class MoGANTrainer:
         return "\n  ".join(lines)
 
     # ================================================================== the loop
-    def fit(self) -> None:
+    def fit(self) -> str | None:
+        """Train to `train.max_steps` and export; returns None.
+
+        Stopped early by `output.exit_signals` or the launcher's exit (`StopRequest`), it
+        saves a checkpoint of the step it stopped at (all ranks agree on that step) and
+        returns the reason; launch/train.py then exits with `EXIT_REQUEUE`.
+        """
         cfg = self.cfg
+        with self.stop.active():
+            try:
+                if self.rank0:
+                    log.info("training from step %d to %d", self.step, cfg.train.max_steps)
+                while self.step < cfg.train.max_steps:
+                    reason = self.stop.agreed(self.device)  # collective: the same on every rank
+                    if reason is not None:
+                        self._stop_here(reason)
+                        return reason
+                    self._iteration()
+                self.export()
+            finally:
+                self.metrics.close()
+                self.close_data()
+        return None
+
+    def close_data(self) -> None:
+        """Shut the clip loader's worker processes down now (they ignore the exit signals, so
+        they are not left for the interpreter's exit to terminate)."""
+        if self._clip_batches is not None:
+            self._clip_batches.close()
+
+    def _iteration(self) -> None:
+        """One training step and what follows it at that step: logs, evaluation, samples, checkpoint."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
         try:
-            while self.step < cfg.train.max_steps:
-                t0 = time.perf_counter()
-                try:
-                    logs = self.iteration.train_step(self.step)
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(f"{e}. The newest complete checkpoint is {self.ckpt.latest()}") from None
-                self.step += 1
-                dt = time.perf_counter() - t0
-                # The same decision on every rank: _scalars and the evaluation are collective.
-                evaluate = cfg.eval.every > 0 and self.step % cfg.eval.every == 0
-                evals = self.evaluate() if evaluate else {}
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps or evaluate:
-                    self.metrics.log(self.step, self._scalars(logs, dt) | evals)
-                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
-                    self.write_samples()
-                if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.max_steps:
-                    self.save_checkpoint()
-            self.export()
-        finally:
-            self.metrics.close()
+            logs = self.iteration.train_step(self.step)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e}. The newest complete checkpoint is {self.ckpt.latest()}") from None
+        self.step += 1
+        dt = time.perf_counter() - t0
+        # The same decision on every rank: _scalars and the evaluation are collective.
+        evaluate = cfg.eval.every > 0 and self.step % cfg.eval.every == 0
+        evals = self.evaluate() if evaluate else {}
+        if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps or evaluate:
+            self.metrics.log(self.step, self._scalars(logs, dt) | evals)
+        if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+            self.write_samples()
+        if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+            self.save_checkpoint()
+
+    def _stop_here(self, reason: str) -> None:
+        """Collective: the checkpoint of this step (unless it exists), one line, the STOPPED note."""
+        path = self.save_checkpoint() if self._saved_step != self.step else self.ckpt.latest()
+        if not self.rank0:
+            return
+        kept = f"checkpoint {path}" if path is not None else "no checkpoint (no step was taken)"
+        line = f"stopping at step {self.step} on {reason}: {kept}; exit code {EXIT_REQUEUE}, continue with --resume"
+        log.warning("%s", line)
+        # launch/slurm.sbatch requeues on this note as well as on the exit code (srun may report
+        # a task it killed after another one exited instead).
+        (self.run_dir / STOPPED).write_text(line + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -226,6 +283,7 @@ class MoGANTrainer:
             dist.all_reduce(vals)
             vals /= dist.get_world_size()
         out = dict(zip(keys, vals.tolist()))
+        out.update(self._data_counters())
         for role, engine in self.engines.items():
             out[M.lr_key(role)] = engine.get_lr()[0]
         out.update(
@@ -237,6 +295,18 @@ class MoGANTrainer:
             }
         )
         return out
+
+    def _data_counters(self) -> dict:
+        """The clip stream's counters (`corpus.STAT_KEYS`: skipped samples, unreadable shards and
+        their retries) summed over data-parallel ranks. Collective."""
+        if self.clips is None:
+            return {}
+        stats = self.clips.stats()
+        vals = torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vals)
+        vals /= self.topo.sp_size  # sequence-parallel peers read the same stream: count it once
+        return {M.data_key(k): v for k, v in zip(STAT_KEYS, vals.tolist())}
 
     # ================================================================== checkpoints, samples, export
     def _trainer_state(self) -> dict:
@@ -251,13 +321,22 @@ class MoGANTrainer:
 
     def save_checkpoint(self) -> Path:
         path = self.ckpt.save(self.step, self.engines, self._trainer_state())
+        self._saved_step = self.step
         if self.rank0:
-            log.info("checkpoint %s", path)
+            log.info("checkpoint %s", self.ckpt.summary(path))
         return path
+
+    def _reading(self, load):
+        """`load()` of the resumed checkpoint; a file it cannot read marks the checkpoint damaged
+        and the error says which checkpoint a restart uses instead."""
+        try:
+            return load()
+        except CheckpointReadError as e:
+            raise self.ckpt.unloadable(self._resume_from, e) from None
 
     def _resume(self) -> int:
         """Engines, streams, EMA and step from the newest complete checkpoint; returns its non-finite count."""
-        path = self.ckpt.latest()
+        path = self._resume_from
         if path is None:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", self.ckpt.root)
             return 0
