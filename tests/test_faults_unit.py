@@ -271,10 +271,12 @@ def test_loader_workers_outlast_the_clusters_signals_but_not_their_rank(tmp_path
         epoch_samples=100,
         output_dtype=torch.uint8,
     )
+    # Earlier tests of the session may have left children of this process: the worker is the new one.
+    before = {p.pid for p in psutil.Process().children()}
     with StopRequest(["SIGTERM", "SIGUSR1"], watch_launcher=False).active() as stop:
         batches = iter(stream)
         next(batches)
-        (worker,) = psutil.Process().children()
+        (worker,) = [p for p in psutil.Process().children() if p.pid not in before]
         for sig in ("TERM", "USR1"):  # as Slurm sends them: from another process
             subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
         time.sleep(0.5)
