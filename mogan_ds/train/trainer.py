@@ -278,7 +278,8 @@ class MoGANTrainer:
     def _scalars(self, logs: dict, dt: float) -> dict:
         # Losses are averaged over data-parallel ranks so the log describes the global batch.
         keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)))
-        vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+        # On the device: NCCL reduces accelerator tensors only.
+        vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and keys:
             dist.all_reduce(vals)
             vals /= dist.get_world_size()
