@@ -164,6 +164,7 @@ def orchestrate(args) -> int:
                 cmd = [sys.executable, __file__, "--part", part, "--out", str(out), "--work", str(work)]
                 cmd += ["--part-limit", str(int(limit) - 20)] + (["--cpu-smoke"] if mode.cpu_smoke else [])
                 cmd += [f"--tiny={t}" for t in args.tiny] + [f"--c-extra={c}" for c in args.c_extra]
+                cmd += [f"--c-rows={args.c_rows}", f"--c-profile={args.c_profile}"]
                 log.write(f"\n===== part {part} ({PART_NAMES[part]}), limit {limit:.0f} s\n")
                 log.flush()
                 t0 = time.monotonic()
@@ -213,6 +214,14 @@ def main(argv=None) -> int:
         "--tiny", action="append", default=[], help="b: a tiny-workdir override (tests pass their fixture's)"
     )
     ap.add_argument("--c-extra", action="append", default=[], help="c: an extra recipe override key=value")
+    ap.add_argument("--c-rows", type=int, default=0, help="c: metrics rows to wait for (0: the mode's, 4 on a GPU)")
+    ap.add_argument(
+        "--c-profile",
+        type=int,
+        default=0,
+        help="c: profile this step (logging.profile_step): its phase times and top kernels join c_paper.json, "
+        "its table is c_profile.txt; the row is left out of the timed comparison",
+    )
     ap.add_argument("--write-plans", action="store_true", help=f"recompute {PLANS_FILE.name} and exit")
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--part-limit", type=float, default=600, help=argparse.SUPPRESS)

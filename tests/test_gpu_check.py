@@ -142,6 +142,7 @@ def test_cpu_smoke_runs_every_part(tiny_workdir, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--work", str(work)]
     cmd += [f"--tiny={o}" for o in tiny_workdir]  # b reuses the session's tiny models, shards and prompts
+    cmd += ["--c-profile=3"]  # c's last row runs under torch.profiler (logging.profile_step)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").is_file() else ""
@@ -180,7 +181,10 @@ def test_cpu_smoke_runs_every_part(tiny_workdir, tmp_path):
     assert att["plan_source"] != "unavailable"
     assert att["status"] == "ok" and att["name"] == "recipe" and len(att["rows"]) == 3
     cmp_ = att["comparison"]
-    assert cmp_["timed_steps"] == [2, 3]
+    assert cmp_["timed_steps"] == [2]  # 1 is the warm-up, 3 the profiled row
+    prof = att["profile"]
+    assert prof["step"] == 3 and set(prof["phases_ms"]) == set(cmp_["phases"]) == set(prof["phase_top"])
+    assert prof["top"] and "Self CPU" in (out / "c_profile.txt").read_text()
     assert set(cmp_["phases"]) == {"generator_dmd", "fake_score", "generator_gan", "discriminator"}
     for row in cmp_["phases"].values():
         assert row["time_s"] > 0 and row["planned_tflop"] > 0 and row["achieved_tflops"] is not None

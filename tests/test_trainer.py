@@ -1,6 +1,8 @@
 """The trainer in one process (world 1, ZeRO-3 engines on CPU): each phase's effect, the
 discriminator's freeze during the generator's GAN step, non-finite handling, switches, export."""
 
+import contextlib
+import json
 import math
 
 import pytest
@@ -245,3 +247,24 @@ def test_motion_metrics_during_training_follow_the_ema(tiny_workdir, tmp_path):
     (row,) = read_metrics(tmp_path)
     assert row["eval_num_videos"] == 2 and 0.0 <= row["eval_dynamics_degree"] <= 1.0
     assert math.isfinite(row["dmd_loss"]) and "eval_motion_smoothness" not in row  # AMT-S weights not given: n/a
+
+
+def test_profile_step_writes_each_phase_and_its_top_operators(trainer, monkeypatch):
+    """logging.profile_step: that iteration runs under torch.profiler; its phase ranges match the step's own timings."""
+    lg = trainer.cfg.logging
+    monkeypatch.setattr(lg, "profile_step", trainer.step + 2)
+    assert isinstance(trainer._profiler(), contextlib.nullcontext)  # another iteration's
+    monkeypatch.setattr(lg, "profile_step", trainer.step + 1)
+    with trainer._profiler():
+        logs = trainer.iteration.train_step(trainer.step)
+    stem = trainer.run_dir / "logs" / f"profile_step_{trainer.step + 1}"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert "Self CPU" in stem.with_suffix(".txt").read_text()
+    assert set(data["phases_ms"]) == set(step_mod.PHASES) == set(data["phase_top"])
+    for phase in step_mod.PHASES:
+        measured_ms = logs[f"time_{phase}"] * 1e3
+        assert abs(data["phases_ms"][phase] - measured_ms) <= 0.1 * measured_ms + 5, phase
+        assert data["phase_top"][phase]["work_ms"] > 0 and data["phase_top"][phase]["top"]
+    assert 0 < len(data["top"]) <= lg.profile_rows
+    assert sum(r["share"] for r in data["top"]) <= 1.0 + 1e-6
+    assert any(r["name"].startswith("aten::") for r in data["top"])

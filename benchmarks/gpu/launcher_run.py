@@ -99,14 +99,19 @@ def build_fused_adam(work: Path) -> int:
     """DeepSpeed's FusedAdam, JIT-compiled as the trainer would (nvcc + ninja, TORCH_EXTENSIONS_DIR);
     the outcome goes to <work>/fused_adam.json. The orchestrator starts it beside parts a and d."""
     t0 = time.monotonic()
+    image_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     try:
         from deepspeed.accelerator import get_accelerator
 
+        from mogan_ds.train.op_builds import deepspeed_arch_list
+
+        arch_note = deepspeed_arch_list()  # as the trainer does before building its engines
         get_accelerator().create_op_builder("FusedAdamBuilder").load()
-        result = {"built": True}
+        result = {"built": True, "arch_note": arch_note}
     except BaseException as e:  # noqa: BLE001 - the failure is the finding; b falls back on it
         result = {"built": False, "error": f"{type(e).__name__}: {tail(str(e), 1500)}"}
     result["seconds"] = round(time.monotonic() - t0, 1)
+    result["arch_list_env"] = image_arch_list  # TORCH_CUDA_ARCH_LIST as the machine set it
     tmp = work / (FUSED_ADAM_RESULT + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, work / FUSED_ADAM_RESULT)

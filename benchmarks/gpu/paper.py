@@ -21,9 +21,12 @@ DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 (mogan_ds/plan/hardwar
 PEAK_ALLOC_PREFIX, PEAK_RESERVED_PREFIX = "peak_mem_gib_", "peak_reserved_gib_"
 
 
-def compare(rows: list[dict], plan: dict | None, ceiling_tflops: float | None, warmup: int = 1) -> dict:
-    """Measured (metrics rows after the warm-up) beside planned, per phase and for the iteration."""
-    timed = rows[warmup:]
+def compare(
+    rows: list[dict], plan: dict | None, ceiling_tflops: float | None, warmup: int = 1, skip: tuple = ()
+) -> dict:
+    """Measured (metrics rows after the warm-up, less the `skip` steps: a profiled one) beside planned,
+    per phase and for the iteration."""
+    timed = [r for r in rows[warmup:] if r.get("step") not in skip]
     if not timed:
         return {"note": "no timed iteration yet (the first is the warm-up)"}
     phases = list(plan["phase_flops"]) if plan else sorted(k[5:] for k in timed[0] if k.startswith("time_"))
@@ -93,6 +96,8 @@ def part_c(rep: Report, mode: Mode, args) -> None:
     from mogan_ds.config import load_config
     from mogan_ds.models.presets import PRESETS
 
+    if args.c_rows:
+        mode.c_rows = args.c_rows
     work = Path(args.work) / "c"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -210,7 +215,11 @@ def part_c(rep: Report, mode: Mode, args) -> None:
         "logging.wandb_mode=disabled",
         *adam,
         *args.c_extra,
+        *([f"logging.profile_step={args.c_profile}"] if args.c_profile else []),
     ]
+    skip = (args.c_profile,) if args.c_profile else ()
+    if args.c_profile:
+        rep.update(profile_step=args.c_profile, profile_note="that row is left out of the timed comparison")
     attempts = [("recipe", [], mode.paper_plan)]
     if not mode.cpu_smoke:
         attempts.append(("memory levers", MEMORY_LEVERS, f"{mode.paper_plan}+levers"))
@@ -228,7 +237,7 @@ def part_c(rep: Report, mode: Mode, args) -> None:
             env_extra,
             deadline,
             mode,
-            lambda rows, plan=plans[plan_name]["plan"]: compare(rows, plan, ceiling),
+            lambda rows, plan=plans[plan_name]["plan"]: compare(rows, plan, ceiling, skip=skip),
         )
         att |= res
         rep.update(attempts=results)
@@ -239,14 +248,18 @@ def part_c(rep: Report, mode: Mode, args) -> None:
                 shutil.copyfileobj(src, dst)
         plan, source = plan_for(plan_name)
         att["plan_source"] = source
-        att["comparison"] = compare(res.get("rows", []), plan, ceiling)
+        att["comparison"] = compare(res.get("rows", []), plan, ceiling, skip=skip)
+        profile = run_dir / "logs" / f"profile_step_{args.c_profile}"
+        if args.c_profile and profile.with_suffix(".json").is_file():
+            att["profile"] = read_json(profile.with_suffix(".json"))
+            shutil.copyfile(profile.with_suffix(".txt"), Path(args.out) / "c_profile.txt")
         rep.data.pop("current", None)
         rep.update(attempts=results)
         if res["status"] != "oom" or deadline - time.monotonic() < 120:
             break
         att["next"] = "repeated with the planner's memory levers"
     last = results[-1]
-    timed = len(last.get("rows", [])) - 1
+    timed = len([r for r in last.get("rows", [])[1:] if r.get("step") not in skip])
     rep.update(status="ok" if last["status"] in ("ok", "stopped") and timed >= 1 else last["status"])
     for proc, _ in planners.values():
         if proc.poll() is None:

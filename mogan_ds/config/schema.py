@@ -394,6 +394,18 @@ class LoggingConfig:
         "offline", "wandb mode; offline unless you configure a project."
     )
     wandb_project: str = F("mogan_ds", "wandb project.")
+    profile_step: int = F(
+        0,
+        "Profile the iteration of this metrics step with torch.profiler on rank 0: <run_dir>/logs/profile_step_<N>.txt "
+        "(the operator table) and .json (each phase's time and top kernels; train/profiling.py); 0 disables. "
+        "That row's times include the profiler's overhead.",
+        ge=0,
+    )
+    profile_rows: int = F(40, "Operators listed in the profile's table and JSON.", ge=1)
+    profile_trace: bool = F(
+        False,
+        "Also write the profiled iteration's Chrome trace (profile_step_<N>.trace.json; hundreds of MB at paper size).",
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 
+from .op_builds import prepare_op_builds
 from .roles import ROLES, RolePlan
 
 
@@ -67,6 +68,7 @@ def build_engines(roles: dict[str, RolePlan], topo, nets) -> Engines:
     `nets`: the `networks.Networks` built from the same `roles`; a partitioned teacher (its
     plan's ``partitioned``) gets its ZeRO-3 inference engine here, beside the trainable ones.
     """
+    prepare_op_builds()  # FusedAdam is compiled inside deepspeed.initialize
     engines = {}
     for role in ROLES:
         module = getattr(nets, role)

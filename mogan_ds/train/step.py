@@ -46,6 +46,7 @@ from ..motion.window import Window
 from ..sampling.samplers import transformer_velocity_fn
 from ..sampling.schedule import FlowMatchSchedule, randn
 from .engines import Engines, no_param_grads
+from .profiling import phase_range
 from .roles import gradient_accumulation_steps
 
 log = logging.getLogger("mogan_ds")
@@ -345,8 +346,9 @@ class MoGANStep:
         if on_device:
             acc.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        result = fn(*args)
-        acc.synchronize()
+        with phase_range(phase):  # a profiler's range (logging.profile_step); it closes after the sync
+            result = fn(*args)
+            acc.synchronize()
         self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
         if on_device:
             alloc, reserved = acc.max_memory_allocated() / 2**30, acc.max_memory_reserved() / 2**30

@@ -43,6 +43,7 @@ from .engines import build_engines
 from .metrics import MetricsLogger, peak_memory_gib
 from .networks import build_networks, configure_trainable_attention
 from .preemption import StopRequest
+from .profiling import profiled_iteration
 from .roles import load_ds_config, plan_roles
 from .run_logging import setup_run_logging
 from .step import NonFiniteLossError, build_step
@@ -240,7 +241,8 @@ class MoGANTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         try:
-            logs = self.iteration.train_step(self.step)
+            with self._profiler():
+                logs = self.iteration.train_step(self.step)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}. The newest complete checkpoint is {self.ckpt.latest()}") from None
         self.step += 1
@@ -254,6 +256,15 @@ class MoGANTrainer:
             self.write_samples()
         if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.max_steps:
             self.save_checkpoint()
+
+    def _profiler(self):
+        """torch.profiler around the iteration that `logging.profile_step` names (its row is step + 1), rank 0 only."""
+        lg = self.cfg.logging
+        if not (self.rank0 and lg.profile_step and self.step + 1 == lg.profile_step):
+            return contextlib.nullcontext()
+        return profiled_iteration(
+            self.run_dir / "logs", lg.profile_step, self.device, lg.profile_rows, lg.profile_trace
+        )
 
     def _stop_here(self, reason: str) -> None:
         """Collective: the checkpoint of this step (unless it exists), one line, the STOPPED note."""
