@@ -268,3 +268,41 @@ def test_profile_step_writes_each_phase_and_its_top_operators(trainer, monkeypat
     assert 0 < len(data["top"]) <= lg.profile_rows
     assert sum(r["share"] for r in data["top"]) <= 1.0 + 1e-6
     assert any(r["name"].startswith("aten::") for r in data["top"])
+
+
+def test_train_deterministic_is_applied_before_the_set_up(tiny_workdir, tmp_path, monkeypatch):
+    import mogan_ds.train.trainer as trainer_mod
+
+    seen = []
+
+    class ReachedError(Exception):
+        pass
+
+    def record(enabled):
+        seen.append(enabled)
+        raise ReachedError
+
+    monkeypatch.setattr(trainer_mod, "set_deterministic", record)
+    with pytest.raises(ReachedError):
+        make_trainer(tiny_workdir, tmp_path, "train.deterministic=true")
+    assert seen == [True]
+
+
+def test_set_deterministic_switches_torch_to_deterministic_kernels(monkeypatch):
+    from mogan_ds.train.determinism import CUBLAS_WORKSPACE, set_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    set_deterministic(False)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic = before[1]

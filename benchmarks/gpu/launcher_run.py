@@ -243,6 +243,18 @@ def part_b(rep: Report, mode: Mode, args) -> None:
             "tolerance": tol,
             "missing": missing,
             "reproduces": ok,
+            # the largest differences, key by key, with both values: which loss moved, and by how much
+            "worst": [
+                {
+                    "key": k,
+                    "rel_diff": v,
+                    "uninterrupted": ref[int(k.split(":")[0])].get(k.split(":")[1]),
+                    "resumed": resumed[int(k.split(":")[0])].get(k.split(":")[1]),
+                }
+                for k, v in sorted(((k, v) for k, v in diffs.items() if isinstance(v, float)), key=lambda kv: -kv[1])[
+                    :6
+                ]
+            ],
             **({"console_tail": file_tail(work / "resumed.console.txt")} if rc != 0 else {}),
         }
     )

@@ -367,6 +367,11 @@ class TrainConfig:
         1, "Clips per data-parallel rank per micro step; accumulation = batch / (micro * dp).", ge=1
     )
     seed: int = F(0, "Global seed (per-rank streams derive from it).", ge=0)
+    deterministic: bool = F(
+        False,
+        "torch's deterministic algorithms (warn-only), cuDNN deterministic and its autotuner off, a fixed cuBLAS "
+        "workspace: repeated and resumed runs give the same losses on a GPU too, at some speed (train/determinism.py).",
+    )
     ema_decay: float = F(
         0.0,
         "Generator EMA decay: an EMA of the optimizer's fp32 master weights, exported instead of them when > 0; 0 disables the EMA.",

@@ -25,10 +25,14 @@ GIB = 2**30
 # GiB on an H100 with NCCL initialised); not measured here (no GPU).
 RESERVED_BYTES = 4 * GIB
 
-# Model-FLOP utilisation assumed for the time estimate: an assumption, not a measurement.
-# Large bf16 DiT training on H100s commonly reports 35-50%; the VAE convolutions and RAFT
-# run well below the DiT's utilisation, so 0.35 is used for the whole iteration.
-DEFAULT_MFU = 0.35
+# Model-FLOP utilisation for the time estimate, measured: the paper's iteration (wan2.1-t2v-1.3b,
+# 49x480x832, batch 1, world size 1, ds_configs/zero3_bf16.json) ran at 199.3 TFLOP/s of its
+# planned 8,278 TFLOP on one H200 (41.5 s per iteration), 20.2% of the 989 TFLOP/s datasheet peak,
+# on 2026-12-04 (`python3 benchmarks/gpu_check.py`, benchmarks/results/2026-12-04_h200_1/c_paper.json).
+# Per phase 0.24 (generator DMD), 0.27 (fake score), 0.28 (discriminator) and 0.11 (the generator's
+# GAN phase: VAE decode and RAFT); the DiT alone, forward + backward at that shape, reached 0.45.
+# It was 0.35, an assumption, before that run; tests/test_gpu_results.py holds it to the file.
+DEFAULT_MFU = 0.20
 
 
 # Per-GPU inter-node bandwidth (one 400 Gb/s NIC per GPU), bytes/s per direction.

@@ -38,6 +38,7 @@ from ..models.lora import AdapterOff, adapter_count
 from ..models.presets import transformer_limits
 from ..parallel import Topology, init_distributed, resolve_attention_backend
 from ..sampling.training_samples import render_samples
+from .determinism import set_deterministic
 from .ema import ShardedEMA
 from .engines import build_engines
 from .metrics import MetricsLogger, peak_memory_gib
@@ -63,6 +64,7 @@ class MoGANTrainer:
     def __init__(self, cfg: Config, ds_config: str | Path, resume: bool = False, stop: StopRequest | None = None):
         # output.exit_signals: launch/train.py installs them before the set-up; otherwise fit does.
         self.stop = stop if stop is not None else StopRequest(cfg.output.exit_signals)
+        set_deterministic(cfg.train.deterministic)  # before any CUDA library handle exists
         # A dead or hung rank ends every other rank's wait after parallel.timeout_minutes.
         init_distributed(timedelta(minutes=cfg.parallel.timeout_minutes))
         self.cfg = cfg
