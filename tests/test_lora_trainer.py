@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAST
 from safetensors.torch import load_file
 
 from mogan_ds.cli.launcher import REPO
@@ -22,14 +23,6 @@ from mogan_ds.models.lora import is_adapter_param
 
 DS_CPU = str(REPO / "ds_configs" / "zero3_cpu.json")
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
-FAST = [
-    "train.batch_size=1",
-    "dmd.critic_updates=1",
-    "logging.sample_every=0",
-    "logging.wandb_mode=disabled",
-    "data.num_workers=0",
-    "train.max_steps=1",
-]
 RANK, ALPHA = 4, 8.0  # scaling alpha / r = 2: a factor a wrong merge would show
 LORA = [
     f"models.lora.{r}.{k}={v}"

@@ -82,7 +82,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     if num_layers is None:
         return WanTransformer3DModel.from_pretrained(p, torch_dtype=dtype)
     model = WanTransformer3DModel.from_config(transformer_config(p, num_layers))
-    state = _read_safetensors_folder(p, keep=lambda k: not is_block_at_or_after(k, num_layers))
+    state = read_safetensors_folder(p, keep=lambda k: not is_block_at_or_after(k, num_layers))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{p}: truncated load mismatched, missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -122,7 +122,7 @@ def is_block_at_or_after(key: str, n: int) -> bool:
     return bool(m) and int(m.group(1)) >= n
 
 
-def _read_safetensors_folder(folder: Path, keep) -> dict[str, torch.Tensor]:
+def read_safetensors_folder(folder: str | os.PathLike, keep=lambda k: True) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors folder whose key passes `keep`."""
     by_file: dict[Path, list[str]] = {}
     for k, f in safetensors_index(folder).items():

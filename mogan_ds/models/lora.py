@@ -210,19 +210,9 @@ def merge_lora(
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a diffusers weights folder (single file or sharded)."""
-    from safetensors import safe_open
+    from .builders import read_safetensors_folder
 
-    from .builders import safetensors_index
-
-    by_file: dict[Path, list[str]] = {}
-    for k, f in safetensors_index(folder).items():
-        by_file.setdefault(f, []).append(k)
-    state = {}
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as fh:
-            for k in keys:
-                state[k] = fh.get_tensor(k)
-    return state
+    return read_safetensors_folder(folder)
 
 
 def write_peft_adapter(folder: str | os.PathLike, adapters: dict[str, torch.Tensor], lora, dtype=torch.float32) -> Path:
