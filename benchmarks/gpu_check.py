@@ -25,9 +25,9 @@ it has ended, is printed as one JSON line (also appended to --out/gpu_check.json
               tokens, 512 text tokens), bf16, gradient checkpointing, forward + backward: TFLOP/s per
               attention backend that runs (FLOPs counted by torch's FlopCounterMode in the warm-up).
   b_launcher  the real launcher end to end on the tiny recipe (`deepspeed --num_gpus 1 launch/train.py
-              --ds_config ds_configs/zero3_bf16.json --config tiny ...`): DeepSpeed's FusedAdam is
-              JIT-compiled in the background from the start (nvcc + ninja on the CPUs while a and d use
-              the GPU), b waits for it (if it cannot build, torch's AdamW through optim.fused_adam=false for
+              --ds_config ds_configs/zero3_bf16.json --config tiny ...`): its tiny workdir is made and
+              DeepSpeed's FusedAdam JIT-compiled in the background from the start (on the CPUs while a
+              and d use the GPU), b waits for both (if it cannot build, torch's AdamW through optim.fused_adam=false for
               b and c, said so); then 4 steps with checkpoints at 2 and 4 (CUDA RNG in them), samples and
               the export; then a copy of the run cut back to its step-2 checkpoint resumes, and its steps
               3-4 must give the same losses.
@@ -78,7 +78,14 @@ if str(HERE) not in sys.path:  # benchmarks/, for the gpu package, when this fil
 from gpu.common import PART_NAMES, Mode, Report, kill_group, read_json, tail  # noqa: E402 - after sys.path
 from gpu.dit import part_d  # noqa: E402
 from gpu.env import part_a  # noqa: E402
-from gpu.launcher_run import FUSED_ADAM_RESULT, build_fused_adam, part_b, watch_builder  # noqa: E402
+from gpu.launcher_run import (  # noqa: E402
+    FUSED_ADAM_RESULT,
+    TINY_RESULT,
+    build_fused_adam,
+    part_b,
+    prepare_tiny,
+    watch_builder,
+)
 from gpu.paper import part_c  # noqa: E402
 from gpu.plans import PLAN_SPECS, PLANS_FILE, compute_plan, write_plans  # noqa: E402
 
@@ -138,19 +145,26 @@ def orchestrate(args) -> int:
     parts = [p for p in ORDER if p in args.parts]
     t_start = time.monotonic()
     status = {}
-    builder = None
     (work / FUSED_ADAM_RESULT).unlink(missing_ok=True)
-    if not mode.cpu_smoke and "b" in parts:
-        # FusedAdam's JIT build (CPU: nvcc, ninja) runs while parts a and d use the GPU; b waits for it.
-        builder = subprocess.Popen(
-            [sys.executable, __file__, "--build-fused-adam", "--work", str(work)],
+    (work / TINY_RESULT).unlink(missing_ok=True)
+    # CPU work for part b, started now on the CPUs that parts a and d leave idle; b waits for each.
+    jobs = []
+    if "b" in parts and not args.tiny:
+        jobs.append(("--prepare-tiny", TINY_RESULT, "tiny_workdir.log"))  # models, shards, prompts
+    if "b" in parts and not mode.cpu_smoke:
+        jobs.append(("--build-fused-adam", FUSED_ADAM_RESULT, "fused_adam.log"))  # nvcc + ninja
+    background = []
+    for flag, result, log_name in jobs:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, flag, "--work", str(work)],
             cwd=REPO,
             env=env,
-            stdout=open(work / "fused_adam.log", "w"),  # noqa: SIM115 - closed with the process
+            stdout=open(work / log_name, "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        threading.Thread(target=watch_builder, args=(builder, work), daemon=True).start()
+        threading.Thread(target=watch_builder, args=(proc, work / result, log_name), daemon=True).start()
+        background.append(proc)
     with open(out / "gpu_check.log", "a") as log:
         for part in parts:
             left = args.budget - (time.monotonic() - t_start)
@@ -165,6 +179,7 @@ def orchestrate(args) -> int:
                 cmd += ["--part-limit", str(int(limit) - 20)] + (["--cpu-smoke"] if mode.cpu_smoke else [])
                 cmd += [f"--tiny={t}" for t in args.tiny] + [f"--c-extra={c}" for c in args.c_extra]
                 cmd += [f"--c-rows={args.c_rows}", f"--c-profile={args.c_profile}"]
+                cmd += ["--tiny-in-background"] if any(job[0] == "--prepare-tiny" for job in jobs) else []
                 log.write(f"\n===== part {part} ({PART_NAMES[part]}), limit {limit:.0f} s\n")
                 log.flush()
                 t0 = time.monotonic()
@@ -192,8 +207,9 @@ def orchestrate(args) -> int:
             with open(out / "gpu_check.jsonl", "a") as fh:
                 fh.write(line + "\n")
             status[part] = data["status"]
-    if builder is not None and builder.poll() is None:
-        kill_group(builder.pid, grace=5, proc=builder)
+    for proc in background:
+        if proc.poll() is None:
+            kill_group(proc.pid, grace=5, proc=proc)
     for tmp in out.glob("*.tmp"):  # a part killed while rewriting its JSON: at most 8 files come back
         tmp.unlink()
     total = {"check": "summary", "status": status, "wall_s": round(time.monotonic() - t_start, 1)}
@@ -227,12 +243,16 @@ def main(argv=None) -> int:
     ap.add_argument("--part-limit", type=float, default=600, help=argparse.SUPPRESS)
     ap.add_argument("--compute-plan", choices=sorted(PLAN_SPECS), help=argparse.SUPPRESS)
     ap.add_argument("--build-fused-adam", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare-tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny-in-background", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plan-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_plans:
         return write_plans()
     if args.build_fused_adam:
         return build_fused_adam(Path(args.work))
+    if args.prepare_tiny:
+        return prepare_tiny(Path(args.work))
     if args.compute_plan:
         Path(args.plan_out).write_text(json.dumps(compute_plan(args.compute_plan), indent=1) + "\n")
         return 0

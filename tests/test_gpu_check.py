@@ -205,3 +205,24 @@ def test_the_planners_figures_can_be_recomputed():
     assert fresh["sources_sha256"] == plans.plan_sources_sha()
     assert fresh["peak_bytes"] > fresh["model_state_bytes"] > 0
     assert set(fresh["phase_flops"]) == {"generator_dmd", "fake_score", "generator_gan", "discriminator"}
+
+
+def test_background_jobs_report_a_crash_and_b_waits_for_their_results(tmp_path, monkeypatch):
+    """Part b's CPU work (the tiny workdir, FusedAdam's build) runs beside parts a and d: a job that dies
+    without its result still leaves one (b stops waiting), and the script's hidden modes reach the jobs."""
+    run = load_part("launcher_run")
+    result = tmp_path / run.TINY_RESULT
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    run.watch_builder(proc, result, "tiny_workdir.log")
+    made, waited = run.wait_result(result, 5)
+    assert made["built"] is False and "exited with 3" in made["error"] and "tiny_workdir.log" in made["error"]
+    assert waited < 5
+    assert run.wait_result(tmp_path / "never.json", 1.2) == (None, pytest.approx(1.2, abs=1.0))
+
+    script = load_script()
+    seen = []
+    monkeypatch.setattr(script, "prepare_tiny", lambda work: seen.append(("tiny", work)) or 0)
+    monkeypatch.setattr(script, "build_fused_adam", lambda work: seen.append(("adam", work)) or 0)
+    assert script.main(["--prepare-tiny", "--work", str(tmp_path)]) == 0
+    assert script.main(["--build-fused-adam", "--work", str(tmp_path)]) == 0
+    assert seen == [("tiny", tmp_path), ("adam", tmp_path)]

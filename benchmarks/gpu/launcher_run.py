@@ -112,19 +112,48 @@ def build_fused_adam(work: Path) -> int:
         result = {"built": False, "error": f"{type(e).__name__}: {tail(str(e), 1500)}"}
     result["seconds"] = round(time.monotonic() - t0, 1)
     result["arch_list_env"] = image_arch_list  # TORCH_CUDA_ARCH_LIST as the machine set it
-    tmp = work / (FUSED_ADAM_RESULT + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, work / FUSED_ADAM_RESULT)
+    _write_result(work / FUSED_ADAM_RESULT, result)
     return 0 if result["built"] else 1
 
 
-def watch_builder(proc: subprocess.Popen, work: Path) -> None:
-    """If the background build dies without its result file (a crash), write one: b stops waiting."""
+TINY_RESULT = "tiny.json"  # in --work: the tiny workdir's overrides, written by prepare_tiny (in the background)
+TINY_WAIT_S = 150
+
+
+def prepare_tiny(work: Path) -> int:
+    """Part b's tiny models, shards and prompts (~70 s of CPU on the GPU machine, mostly imports and
+    subprocesses), prepared while parts a and d use the GPU; the overrides go to <work>/tiny.json."""
+    t0 = time.monotonic()
+    try:
+        from mogan_ds.cli.demo import prepare_tiny_workdir, tiny_overrides
+
+        result = {"overrides": tiny_overrides(prepare_tiny_workdir(work / "tiny", clips=12, frames=16))}
+    except BaseException as e:  # noqa: BLE001 - b reports it
+        result = {"error": f"{type(e).__name__}: {tail(str(e), 1500)}"}
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    _write_result(work / TINY_RESULT, result)
+    return 0 if "overrides" in result else 1
+
+
+def _write_result(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
+def wait_result(path: Path, limit_s: float) -> tuple[dict | None, float]:
+    """A background job's result file, waited for at most `limit_s`; (None, waited) if it never came."""
+    t0 = time.monotonic()
+    while not path.is_file() and time.monotonic() - t0 < limit_s:
+        time.sleep(1.0)
+    return read_json(path), round(time.monotonic() - t0, 1)
+
+
+def watch_builder(proc: subprocess.Popen, result: Path, log_name: str) -> None:
+    """If a background job dies without its result file (a crash), write one: b stops waiting."""
     rc = proc.wait()
-    if not (work / FUSED_ADAM_RESULT).is_file():
-        (work / FUSED_ADAM_RESULT).write_text(
-            json.dumps({"built": False, "error": f"the build process exited with {rc} (see fused_adam.log)"})
-        )
+    if not result.is_file():
+        _write_result(result, {"built": False, "error": f"the background job exited with {rc} (see {log_name})"})
 
 
 def part_b(rep: Report, mode: Mode, args) -> None:
@@ -135,18 +164,22 @@ def part_b(rep: Report, mode: Mode, args) -> None:
     if args.tiny:
         overrides = list(args.tiny)
     else:
-        from mogan_ds.cli.demo import prepare_tiny_workdir, tiny_overrides
-
-        overrides = tiny_overrides(prepare_tiny_workdir(Path(args.work) / "tiny", clips=12, frames=16))
+        tiny = Path(args.work) / TINY_RESULT
+        if not tiny.is_file() and not args.tiny_in_background:
+            prepare_tiny(Path(args.work))
+        made, waited = wait_result(tiny, TINY_WAIT_S)
+        if not made or "overrides" not in made:
+            rep.update(status="failed", error=f"the tiny workdir: {(made or {}).get('error', 'not made in time')}")
+            return
+        overrides = made["overrides"]
+        rep.update(tiny_workdir={"seconds": made["seconds"], "waited_s": waited})
     rep.update(ds_config=mode.tiny_ds, tiny_workdir_s=round(time.monotonic() - t0, 1))
 
     env_extra, adam = {}, []
     if mode.device == "cuda":
-        t0, result = time.monotonic(), Path(args.work) / FUSED_ADAM_RESULT
-        while not result.is_file() and time.monotonic() - t0 < FUSED_ADAM_WAIT_S:
-            time.sleep(1.0)
-        fused = read_json(result) or {"built": False, "error": f"no result after {FUSED_ADAM_WAIT_S} s more"}
-        fused["waited_s"] = round(time.monotonic() - t0, 1)
+        fused, waited = wait_result(Path(args.work) / FUSED_ADAM_RESULT, FUSED_ADAM_WAIT_S)
+        fused = fused or {"built": False, "error": f"no result after {FUSED_ADAM_WAIT_S} s more"}
+        fused["waited_s"] = waited
         if not fused["built"]:
             # The same maths; the fallback is stated here and used by part c too.
             (Path(args.work) / "torch_adamw").write_text(fused.get("error", ""))
