@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mogan_ds.__main__ import main
 from mogan_ds.cli.info import plan_networks
@@ -89,3 +90,45 @@ def test_info_cli_bad_key_exits_2(repo_root, overrides, key):
     )
     assert r.returncode == 2 and key in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_lora_roles_are_sized_as_adapters_on_frozen_bases():
+    """models.lora.<role>: only the adapters (and D's fresh heads) carry train state; the fake score's base
+    is the teacher's own (share_teacher_base), so it adds no second base."""
+    lora = [f"models.lora.{r}.enabled=true" for r in ("generator", "fake_score", "discriminator")]
+    full = {p.name: p for p in plan_networks(load_config("wan2.1-t2v-1.3b"))[0]}
+    by = {p.name: p for p in plan_networks(load_config("wan2.1-t2v-1.3b", [*lora, "models.lora.generator.rank=16"]))[0]}
+
+    # the generator's adapters, counted from the DiT's own Linear shapes: r * (in + out) per adapted projection
+    from diffusers import WanTransformer3DModel
+
+    from mogan_ds.models.presets import architecture
+
+    cfg = load_config("wan2.1-t2v-1.3b")
+    targets = cfg.models.lora.generator.target_modules
+    with torch.device("meta"):
+        dit = WanTransformer3DModel.from_config(
+            {k: v for k, v in architecture(cfg.models)[0]["transformer"].items() if not k.startswith("_")}
+        )
+    expected = sum(
+        16 * (m.in_features + m.out_features)
+        for n, m in dit.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    )
+    g = by["generator"]
+    assert g.trained == expected and g.params == WAN_1_3B_PARAMS + expected
+    assert g.train_state_bytes == expected * 16
+    assert g.resident_bytes == expected * 16 + WAN_1_3B_PARAMS * 2  # + the frozen bf16 base
+    fs = by["fake_score"]
+    assert fs.shares_base and fs.resident_bytes == fs.train_state_bytes == fs.trained * 16
+    d = by["discriminator"]
+    assert 0 < d.trained < full["discriminator"].params < d.params  # adapters + heads train, the blocks do not
+    assert by["teacher"].resident_bytes == full["teacher"].resident_bytes
+    # the rank: the generator (r=16) has a quarter of the fake score's (r=64) adapters
+    assert fs.trained == 4 * g.trained
+
+
+def test_info_prints_lora_roles(capsys):
+    assert main(["info", "--config", "wan2.1-t2v-1.3b", "models.lora.generator.enabled=true"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=64" in out and "adapter parameters on frozen bf16 base" in out

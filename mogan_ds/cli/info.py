@@ -15,6 +15,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ..config import Config, dump_yaml, field_help, validate
 from ..models.builders import DTYPES, build_raft
+from ..models.lora import add_lora
 from ..models.presets import architecture, transformer_limits
 from ..motion.discriminator import MotionDiscriminator
 
@@ -30,6 +31,15 @@ class NetworkPlan:
     dtype: str
     trainable: bool
     source: str
+    # A LoRA role (models.lora.<role>): the parameters that train (its adapters; the discriminator's
+    # fresh heads too), the rest a frozen base in `dtype`. None: every parameter trains.
+    trained_params: int | None = None
+    # The fake score's adapters on the teacher's own base (share_teacher_base): the base is the teacher's row.
+    shares_base: bool = False
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trained_params is None else self.trained_params
 
     @property
     def weight_bytes(self) -> int:
@@ -37,7 +47,15 @@ class NetworkPlan:
 
     @property
     def train_state_bytes(self) -> int:
-        return self.params * TRAIN_STATE_BYTES if self.trainable else 0
+        return self.trained * TRAIN_STATE_BYTES if self.trainable else 0
+
+    @property
+    def resident_bytes(self) -> int:
+        """Train state plus a LoRA role's frozen base (none when the base is the teacher's), or a frozen network's weights."""
+        if not self.trainable:
+            return self.weight_bytes
+        base = 0 if self.shares_base else (self.params - self.trained) * torch.finfo(DTYPES[self.dtype]).bits // 8
+        return self.train_state_bytes + base
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -59,23 +77,42 @@ def plan_networks(cfg: Config, trainable_dtype: str = "bf16") -> tuple[list[Netw
         enc_cfg = {k: v for k, v in _strip_meta_keys(arch["text_encoder"]).items() if k in UMT5Config().to_dict()}
         text = _count(UMT5EncoderModel(UMT5Config(**enc_cfg)))
         raft = _count(build_raft(arch["raft_arch"]))
-        disc = _count(_meta_discriminator(cfg, tcfg))
+        disc_module = _meta_discriminator(cfg, tcfg)
+        disc = _count(disc_module)
+        lora = {r: _lora_counts(cfg, r, tcfg, disc_module) for r in ("generator", "fake_score", "discriminator")}
+
+    def trainable(name: str, params: int, enabled: bool, src: str) -> NetworkPlan:
+        counts = lora[name]
+        if counts is None:
+            return NetworkPlan(name, params, trainable_dtype, enabled, src)
+        adapters, trained = counts
+        settings = getattr(cfg.models.lora, name)
+        shared = name == "fake_score" and settings.share_teacher_base
+        base = "the teacher's base (shared)" if shared else f"frozen {trainable_dtype} base"
+        note = f"{src}; LoRA r={settings.rank}: {adapters:,} adapter parameters on {base}"
+        return NetworkPlan(name, params + adapters, trainable_dtype, enabled, note, trained, shared)
+
     plans = [
-        NetworkPlan("generator", dit, trainable_dtype, True, source),
-        NetworkPlan("fake_score", dit, trainable_dtype, cfg.dmd.enabled, source),
+        trainable("generator", dit, True, source),
+        trainable("fake_score", dit, cfg.dmd.enabled, source),
         NetworkPlan("teacher", dit, frozen, False, source),
-        NetworkPlan(
-            "discriminator",
-            disc,
-            trainable_dtype,
-            cfg.gan.enabled,
-            f"{source}, first {cfg.gan.disc_blocks} blocks + heads",
-        ),
+        trainable("discriminator", disc, cfg.gan.enabled, f"{source}, first {cfg.gan.disc_blocks} blocks + heads"),
         NetworkPlan("vae", vae, frozen, False, source),
         NetworkPlan("raft", raft, "fp32", False, arch["raft_arch"]),  # RAFT always runs in fp32 (networks.py)
         NetworkPlan("text_encoder", text, frozen, False, f"{source} (offline: data_tools/encode_prompts.py only)"),
     ]
     return plans, source
+
+
+def _lora_counts(cfg: Config, role: str, tcfg: dict, disc: torch.nn.Module) -> tuple[int, int] | None:
+    """(adapter parameters, trained parameters) of a LoRA role, injected as the trainer does (on the meta
+    device), or None when the role trains in full. The discriminator's trained parameters include its heads."""
+    settings = getattr(cfg.models.lora, role)
+    if not settings.enabled:
+        return None
+    module = disc if role == "discriminator" else WanTransformer3DModel.from_config(tcfg)
+    adapters = add_lora(module.backbone if role == "discriminator" else module, settings, cfg.train.seed, role)
+    return adapters, sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _meta_discriminator(cfg: Config, tcfg: dict) -> torch.nn.Module:
@@ -95,7 +132,7 @@ def format_plan(plans: list[NetworkPlan]) -> str:
         rows.append(f"{p.name:<14} {p.params:>15,} {p.dtype:>5} {_gib(p.weight_bytes):>11} {state:>12}  {p.source}")
     resident = [p for p in plans if p.name != "text_encoder"]
     # train state already includes the trainable weights (TRAIN_STATE_BYTES)
-    total = sum(p.train_state_bytes if p.trainable else p.weight_bytes for p in resident)
+    total = sum(p.resident_bytes for p in resident)
     rows.append(
         f"training job total (text encoder excluded; ZeRO-3 divides train state, and the teacher's weights when it "
         f"is a ZeRO-3 inference engine - parallel.zero_stage.teacher, the default with ZeRO-3 JSONs - by the DP "
