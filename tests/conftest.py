@@ -24,6 +24,27 @@ FAST = [
 ]
 
 
+def clip_stream(shards, **kw):
+    """A MotionClipStream over small test shards (64x64, 5 frames at 8 fps, one rank); `kw` overrides."""
+    from mogan_ds.data.corpus import MotionClipStream
+
+    args = dict(
+        num_frames=5,
+        fps=8,
+        height=64,
+        width=64,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_workers=0,
+        batch_size=2,
+        shuffle_buffer=4,
+        epoch_samples=6,
+    )
+    args.update(kw)
+    return MotionClipStream(shards, **args)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Folder with wan/ (WanPipeline layout), generator/ and raft_small.pth."""

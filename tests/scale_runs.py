@@ -57,3 +57,23 @@ def reference_run(tiny_workdir, tmp_path_factory):
         )
         (run / "DONE").write_text("")
     return run
+
+
+def assert_restored_from(ckpt, role: str, engine, params: dict) -> None:
+    """`engine` (resumed from `ckpt`) holds the checkpoint's fp32 masters (zero_to_fp32 of its partitions)
+    and full Adam moments (DeepSpeed's universal conversion of the same checkpoint) for each of `params`."""
+    import torch
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from mogan_ds.checkpoint.consolidate import engine_fp32_state_dict
+    from mogan_ds.checkpoint.export import full_fp32_state_dict
+
+    saved = engine_fp32_state_dict(ckpt, role)
+    live = full_fp32_state_dict(engine.module)  # this rank's fp32 masters
+    assert params.keys() <= saved.keys()
+    for name, p in params.items():
+        assert torch.equal(live[name], saved[name]), (role, name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            uni = torch.load(ckpt / "universal" / role / "state" / "zero" / name / f"{key}.pt", weights_only=False)
+            uni = uni["param"] if isinstance(uni, dict) else uni
+            assert torch.equal(safe_get_full_optimizer_state(p, key), uni.view(p.ds_shape)), (role, name)

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import clip_stream as stream
 
 import mogan_ds.train.networks as networks_mod
 import mogan_ds.train.trainer as trainer_mod
@@ -45,24 +46,6 @@ def corpus(tmp_path_factory):
         echo=lambda s: None,
     )
     return str(d / "shards")
-
-
-def stream(shards, **kw):
-    args = dict(
-        num_frames=5,
-        fps=8,
-        height=64,
-        width=64,
-        dp_rank=0,
-        dp_size=1,
-        seed=0,
-        num_workers=0,
-        batch_size=2,
-        shuffle_buffer=4,
-        epoch_samples=6,
-    )
-    args.update(kw)
-    return MotionClipStream(shards, **args)
 
 
 def take(s, n):

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+from conftest import clip_stream
 from webdataset.tariterators import gopen as wds_gopen  # the module url_opener calls
 
 from mogan_ds.data.shard_build import write_tar_atomic
@@ -249,22 +250,14 @@ def test_loader_workers_outlast_the_clusters_signals_but_not_their_rank(tmp_path
     import psutil
     import torch
 
-    from mogan_ds.data.corpus import MotionClipStream
     from mogan_ds.data.synthetic import write_synthetic_corpus
     from mogan_ds.train.preemption import StopRequest
 
     write_synthetic_corpus(
         str(tmp_path / "shards"), num_clips=4, frames=12, size=(64, 64), shards=2, echo=lambda *a: None
     )
-    stream = MotionClipStream(
+    stream = clip_stream(
         str(tmp_path / "shards"),
-        num_frames=5,
-        fps=8,
-        height=64,
-        width=64,
-        dp_rank=0,
-        dp_size=1,
-        seed=0,
         num_workers=1,
         batch_size=1,
         shuffle_buffer=1,

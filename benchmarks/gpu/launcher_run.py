@@ -247,7 +247,7 @@ def part_b(rep: Report, mode: Mode, args) -> None:
     rc, sec = launch(rep, [*common, f"output.run_dir={run_b}", "--resume"], work / "resumed.console.txt", env_extra)
     resumed = {r["step"]: r for r in read_rows(run_b)}
     ref = {r["step"]: r for r in rows}
-    diffs, exact = {}, True
+    measured, missing, exact = {}, [], True  # measured: (step, key) -> relative difference
     for step in range(3, steps + 1):
         for k in COMPARED:
             a, b = ref.get(step, {}).get(k), resumed.get(step, {}).get(k)
@@ -255,12 +255,11 @@ def part_b(rep: Report, mode: Mode, args) -> None:
                 continue
             if a is None or b is None:
                 exact = False
-                diffs[f"{step}:{k}"] = "missing"
+                missing.append(f"{step}:{k}")
                 continue
             exact &= a == b
-            diffs[f"{step}:{k}"] = abs(a - b) / max(abs(a), 1e-12)
-    worst = max((v for v in diffs.values() if isinstance(v, float)), default=0.0)
-    missing = [k for k, v in diffs.items() if v == "missing"]
+            measured[step, k] = abs(a - b) / max(abs(a), 1e-12)
+    worst = max(measured.values(), default=0.0)
     # fp32 on the CPU: bit-identical (as tests/test_train_launch.py holds it); bf16 on a GPU may differ
     # by the order of its atomics, so 1e-3 relative.
     tol = 1e-5 if mode.device == "cpu" else 1e-3
@@ -278,15 +277,8 @@ def part_b(rep: Report, mode: Mode, args) -> None:
             "reproduces": ok,
             # the largest differences, key by key, with both values: which loss moved, and by how much
             "worst": [
-                {
-                    "key": k,
-                    "rel_diff": v,
-                    "uninterrupted": ref[int(k.split(":")[0])].get(k.split(":")[1]),
-                    "resumed": resumed[int(k.split(":")[0])].get(k.split(":")[1]),
-                }
-                for k, v in sorted(((k, v) for k, v in diffs.items() if isinstance(v, float)), key=lambda kv: -kv[1])[
-                    :6
-                ]
+                {"key": f"{step}:{k}", "rel_diff": v, "uninterrupted": ref[step][k], "resumed": resumed[step][k]}
+                for (step, k), v in sorted(measured.items(), key=lambda kv: -kv[1])[:6]
             ],
             **({"console_tail": file_tail(work / "resumed.console.txt")} if rc != 0 else {}),
         }

@@ -205,14 +205,7 @@ def zero_model_states(
             cpu_offload_params=offload_param,
             zero_init=True,
         )
-        breakdown = {
-            "bf16 params": 0 if offload_param else 2 * total // world,
-            "bf16 grads": 2 * total // world if on_gpu else 0,
-            "fp32 master": 4 * total // world if on_gpu else 0,
-            "adam moments": 8 * total // world if on_gpu else 0,
-            "fp32 grad (step)": 2 * total // world if on_gpu else 0,
-            "largest layer": largest_mem,
-        }
+        breakdown = {**_zero3_breakdown(total, world, on_gpu, offload_param), "largest layer": largest_mem}
         source = f"DeepSpeed estimate_zero3_model_states_mem_needs, ZeRO-3 over {world} ranks"
     else:
         raise ValueError(f"{name}: ZeRO stage {stage} is not modelled (the planner models stages 2 and 3)")
@@ -226,6 +219,17 @@ def zero_model_states(
         stage,
         int(cpu_bytes) if offload else 0,
     )
+
+
+def _zero3_breakdown(n: int, world: int, on_gpu: bool, offload_param: bool, prefix: str = "") -> dict[str, int]:
+    """Per-rank bytes of `n` trainable parameters' ZeRO-3 states by kind (what DeepSpeed's estimator sums)."""
+    return {
+        f"{prefix}bf16 params": 0 if offload_param else 2 * n // world,
+        f"{prefix}bf16 grads": 2 * n // world if on_gpu else 0,
+        f"{prefix}fp32 master": 4 * n // world if on_gpu else 0,
+        f"{prefix}adam moments": 8 * n // world if on_gpu else 0,
+        f"{prefix}fp32 grad (step)": 2 * n // world if on_gpu else 0,
+    }
 
 
 def lora_model_states(
@@ -262,11 +266,7 @@ def lora_model_states(
     shard = -(-base_bytes // world)
     breakdown = {
         "frozen base (partition)": 0 if offload_param else shard,
-        "adapter bf16 params": 0 if offload_param else 2 * adapters // world,
-        "adapter bf16 grads": 2 * adapters // world if on_gpu else 0,
-        "adapter fp32 master": 4 * adapters // world if on_gpu else 0,
-        "adapter adam moments": 8 * adapters // world if on_gpu else 0,
-        "adapter fp32 grad (step)": 2 * adapters // world if on_gpu else 0,
+        **_zero3_breakdown(adapters, world, on_gpu, offload_param, prefix="adapter "),
         "largest layer": largest_mem,
     }
     dtypes = "/".join(sorted({str(p.dtype).replace("torch.", "") for p in base}))

@@ -83,18 +83,17 @@ def summarize(prof, rows: int, on_device: bool) -> dict:
             for n in ranked
         ]
 
-    phases_ms, phase_top = defaultdict(float), {}
+    ranges = defaultdict(list)  # phase -> its (start, end) ranges: the fake score runs once per critic update
     for m in markers:
-        name = m.name[len(PHASE_PREFIX) :]
-        phases_ms[name] += m.time_range.elapsed_us() / 1e3
-    for name in phases_ms:
-        ranges = [(m.time_range.start, m.time_range.end) for m in markers if m.name == PHASE_PREFIX + name]
-        inside = [e for e in work if any(a <= e.time_range.start < b for a, b in ranges)]
+        ranges[m.name[len(PHASE_PREFIX) :]].append((m.time_range.start, m.time_range.end))
+    phase_top = {}
+    for name, spans in ranges.items():
+        inside = [e for e in work if any(a <= e.time_range.start < b for a, b in spans)]
         phase_top[name] = {"work_ms": round(sum(self_us(e) for e in inside) / 1e3, 3), "top": top(inside)[:10]}
     return {
         "kind": "device kernels" if on_device else "CPU operators (self time)",
         "work_ms_total": round(total_us / 1e3, 3),
-        "phases_ms": {k: round(v, 3) for k, v in phases_ms.items()},
+        "phases_ms": {k: round(sum(b - a for a, b in spans) / 1e3, 3) for k, spans in ranges.items()},
         "top": top(work),
         "phase_top": phase_top,
     }
